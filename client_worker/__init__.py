@@ -1,0 +1,1 @@
+"""A client worker: one shard of clients behind TFF's C++ executor service."""

@@ -1,0 +1,1 @@
+"""The coordinator: composes the learning algorithm and drives rounds across workers."""

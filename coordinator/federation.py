@@ -1,0 +1,177 @@
+"""The federation as the coordinator sees it: workers, their clients, sampling.
+
+The coordinator never opens a shard file. It learns what each worker hosts by
+running a tiny computation on that worker which reads the worker's own
+manifest and `worker.json`, then checks that the workers form one federation.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from concurrent import futures
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from coordinator import remote
+from shared import shard_format
+
+log = logging.getLogger("fedcompose.coordinator")
+
+
+class FederationError(RuntimeError):
+    """The workers do not form one consistent federation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerDescription:
+    address: str
+    manifest: shard_format.Manifest
+    info: dict
+
+    @property
+    def tff_version(self) -> str:
+        return str(self.info.get("tff_version", "unknown"))
+
+
+def _describe_computation() -> tff.Computation:
+    @tff.tensorflow.computation
+    def describe():
+        # Relative paths resolve in the worker's working directory.
+        return tf.io.read_file("shard/manifest.json"), tf.io.read_file("worker.json")
+
+    return describe
+
+
+_DESCRIBE: remote.PreparedComputation | None = None
+
+
+def describe_worker(worker: remote.RemoteWorker) -> WorkerDescription:
+    global _DESCRIBE
+    if _DESCRIBE is None:
+        _DESCRIBE = remote.PreparedComputation(_describe_computation(), "describe")
+    try:
+        manifest_bytes, info_bytes = worker.call(_DESCRIBE, None)
+    except remote.WorkerError as e:
+        if "NOT_FOUND" in str(e) or "No such file" in str(e) or "not found" in str(e).lower():
+            raise remote.WorkerError(
+                worker.label,
+                "is a TFF executor service but serves no fedcompose shard; "
+                "start it with `fedcompose worker --shard DIR`",
+            ) from None
+        raise
+    try:
+        manifest = shard_format.Manifest.from_json(
+            manifest_bytes, origin=f"{worker.label} manifest"
+        )
+    except shard_format.ShardError as e:
+        raise FederationError(f"worker {worker.label}: {e}") from None
+    try:
+        info = json.loads(info_bytes)
+    except ValueError:
+        info = {}
+    return WorkerDescription(worker.address, manifest, info)
+
+
+@dataclasses.dataclass
+class Federation:
+    workers: list[remote.RemoteWorker]
+    descriptions: list[WorkerDescription]
+    task: shard_format.Task
+    client_ids: list[str]
+    """All hosted client ids, sorted."""
+    client_worker: dict[str, int]
+    """Index into `workers` of the worker hosting each client."""
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    def clients_of(self, worker_index: int) -> list[str]:
+        return [c.id for c in self.descriptions[worker_index].manifest.clients]
+
+    def sample(self, round_num: int, clients_per_round: int, seed: int) -> dict[int, list[str]]:
+        """Clients of a round, grouped by worker; a pure function of its arguments."""
+        rng = np.random.default_rng([seed, round_num])
+        chosen = np.sort(rng.choice(self.num_clients, size=clients_per_round, replace=False))
+        by_worker: dict[int, list[str]] = collections.defaultdict(list)
+        for i in chosen:
+            cid = self.client_ids[i]
+            by_worker[self.client_worker[cid]].append(cid)
+        return dict(by_worker)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+def check_consistency(descriptions: Sequence[WorkerDescription]) -> shard_format.Task:
+    """Returns the common task; raises `FederationError` naming the conflict."""
+    first = descriptions[0]
+    for other in descriptions[1:]:
+        if other.manifest.task != first.manifest.task:
+            raise FederationError(
+                f"workers serve different tasks: {first.address} has "
+                f"{first.manifest.task.describe()}, {other.address} has "
+                f"{other.manifest.task.describe()}; every worker must serve a shard of "
+                "the same dataset"
+            )
+        if other.manifest.build_id != first.manifest.build_id:
+            raise FederationError(
+                f"workers serve shards of different builds: {first.address} has build "
+                f"{first.manifest.build_id}, {other.address} has build "
+                f"{other.manifest.build_id}; serve shards made by one `fedcompose data` run"
+            )
+    owner: dict[str, str] = {}
+    for d in descriptions:
+        for client in d.manifest.clients:
+            if client.id in owner:
+                raise FederationError(
+                    f"client {client.id!r} is hosted twice, by {owner[client.id]} and by "
+                    f"{d.address}; each client must live on exactly one worker"
+                )
+            owner[client.id] = d.address
+    versions = {d.tff_version for d in descriptions}
+    if len(versions) > 1:
+        log.warning("workers run different TFF versions: %s", ", ".join(sorted(versions)))
+    return first.manifest.task
+
+
+def connect(
+    addresses: Sequence[str],
+    *,
+    rpc_timeout: float,
+    connect_timeout: float,
+) -> Federation:
+    """Reaches every worker (in parallel), reads what it hosts, checks the whole."""
+    if not addresses:
+        raise FederationError("no worker addresses given")
+    if len(set(addresses)) != len(addresses):
+        dup = next(a for a in addresses if list(addresses).count(a) > 1)
+        raise FederationError(f"worker address {dup} is listed twice")
+    workers = [
+        remote.RemoteWorker(a, rpc_timeout=rpc_timeout, connect_timeout=connect_timeout)
+        for a in addresses
+    ]
+    try:
+        with futures.ThreadPoolExecutor(len(workers)) as pool:
+            list(pool.map(lambda w: w.wait_ready(), workers))
+            descriptions = list(pool.map(lambda w: describe_worker(w), workers))
+        task = check_consistency(descriptions)
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
+    client_worker = {c.id: i for i, d in enumerate(descriptions) for c in d.manifest.clients}
+    return Federation(
+        workers=workers,
+        descriptions=descriptions,
+        task=task,
+        client_ids=sorted(client_worker),
+        client_worker=client_worker,
+    )

@@ -1,0 +1,1 @@
+"""Code used by both the coordinator and the client workers."""

@@ -1,0 +1,95 @@
+"""Starting and stopping child processes so that none outlives its owner.
+
+Every child is started with PR_SET_PDEATHSIG, so the kernel kills it when the
+thread that started it dies, even by SIGKILL. Owners also stop children
+explicitly (SIGTERM, then SIGKILL after a grace period) on normal exit and on
+signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def _prctl_pdeathsig(sig: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Asks the kernel to send `sig` to this process when its parent dies."""
+    parent = os.getppid()
+    _prctl_pdeathsig(sig)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+def spawn(
+    args: Sequence[str],
+    *,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    stdout=None,
+    stderr=None,
+    death_signal: int = signal.SIGKILL,
+) -> subprocess.Popen:
+    """Starts `args` as a child that the kernel kills when we die."""
+
+    def preexec() -> None:
+        _prctl_pdeathsig(death_signal)
+        # A child of ours ignores Ctrl-C in the terminal; we stop it ourselves,
+        # in order, instead of racing the terminal's SIGINT.
+        os.setpgrp()
+
+    return subprocess.Popen(
+        list(args),
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=preexec,
+        close_fds=True,
+    )
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) -> int | None:
+    """Stops `proc` (and its process group): `sig`, then SIGKILL after `grace` s."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    return proc.wait()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
