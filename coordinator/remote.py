@@ -194,14 +194,13 @@ class RemoteWorker:
         return comp.deserialize_result(response.value)
 
     def _dispose(self, executor: executor_pb2.ExecutorId, refs: list) -> None:
-        try:
+        # If the call already failed or the worker is gone, there is nothing to free.
+        with contextlib.suppress(WorkerError):
             self._rpc(
                 "Dispose",
                 executor_pb2.DisposeRequest(executor=executor, value_ref=refs),
                 timeout=min(self.rpc_timeout, 10.0),
             )
-        except WorkerError:
-            pass  # The call already failed or the worker is gone; nothing to free.
 
     def close(self) -> None:
         for executor in self._executors.values():

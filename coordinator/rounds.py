@@ -81,19 +81,30 @@ class _MergeableRunner:
             for index, tokens in sorted(tokens_by_worker.items())
             if tokens
         ]
+        # Partials are merged in worker order, each as soon as all before it are
+        # in, so that float sums (and thus whole runs) are reproducible.
+        arrived: dict[int, object] = {}
+        order = [index for index, tokens in sorted(tokens_by_worker.items()) if tokens]
+        next_to_merge = 0
         merged = None
         try:
             for done in futures.as_completed(pending):
                 index, partial, seconds = done.result()
-                timing.per_worker[federation.workers[index].label] = WorkerTiming(
+                timing.per_worker[f"worker{index}"] = WorkerTiming(
                     len(tokens_by_worker[index]), seconds
                 )
                 timing.workers_wall = time.perf_counter() - started
-                t0 = time.perf_counter()
-                merged = (
-                    partial if merged is None else server.worker.call(self.merge, (merged, partial))
-                )
-                timing.merge += time.perf_counter() - t0
+                arrived[index] = partial
+                while next_to_merge < len(order) and order[next_to_merge] in arrived:
+                    partial = arrived.pop(order[next_to_merge])
+                    next_to_merge += 1
+                    t0 = time.perf_counter()
+                    merged = (
+                        partial
+                        if merged is None
+                        else server.worker.call(self.merge, (merged, partial))
+                    )
+                    timing.merge += time.perf_counter() - t0
         except BaseException:
             for p in pending:
                 p.cancel()

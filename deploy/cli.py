@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before anything imports TensorFlow: its C++ log level is read once, at load.
+    from shared.quiet import quiet_tensorflow
+
+    quiet_tensorflow(verbose="--verbose" in argv)
     parser = argparse.ArgumentParser(
         prog="fedcompose",
         description="A multi-process federated-learning simulator on TFF's remote executors.",

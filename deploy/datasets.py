@@ -51,9 +51,7 @@ def _partition_info(spec: DataSpec, num_shards: int) -> dict:
     }
 
 
-def build_shards(
-    spec: DataSpec, out_dir: Path, num_shards: int, reuse: bool = True
-) -> list[Path]:
+def build_shards(spec: DataSpec, out_dir: Path, num_shards: int, reuse: bool = True) -> list[Path]:
     """Writes `num_shards` shards under `out_dir` (or reuses identical ones)."""
     recorded = out_dir / SPEC_FILE
     wanted = {"spec": dataclasses.asdict(spec), "num_shards": num_shards}

@@ -9,7 +9,7 @@ import tensorflow_federated as tff
 
 from shared import preprocessing, shard_format
 
-MODELS = ("linear", "cnn")
+from shared.model_names import MODELS  # noqa: F401  (re-exported)
 
 
 def linear_keras_model(num_classes: int) -> tf.keras.Model:

@@ -1,0 +1,245 @@
+"""The training loop: rounds, evaluation, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from coordinator import algorithm as algorithm_lib
+from coordinator import federation as federation_lib
+from coordinator.config import ConfigError, RunConfig, resume_conflicts
+from coordinator.rounds import RoundExecutor, RoundResult
+from coordinator.run_dir import RunDirectory, RunDirError
+from coordinator.server import ServerExecutor
+
+log = logging.getLogger("fedcompose.coordinator")
+
+
+@dataclasses.dataclass
+class TrainSummary:
+    run_dir: Path
+    rounds_completed: int
+    final_eval: dict | None
+    resumed_from: int | None
+    already_finished: bool = False
+
+
+def shuffle_seed(seed: int, round_num: int) -> int:
+    return seed * 1_000_003 + round_num
+
+
+def algorithm_spec(config: RunConfig, num_classes: int) -> algorithm_lib.AlgorithmSpec:
+    t = config.training
+    return algorithm_lib.AlgorithmSpec(
+        model=config.model.model,
+        num_classes=num_classes,
+        client_learning_rate=t.client_learning_rate,
+        server_learning_rate=t.server_learning_rate,
+        clip_norm=t.clip_norm,
+        batch_size=t.batch_size,
+        local_epochs=t.local_epochs,
+        shuffle_buffer=t.shuffle_buffer,
+    )
+
+
+def _check_resume(run: RunDirectory, config: RunConfig) -> None:
+    saved = run.saved_config()
+    if saved is None:
+        return
+    conflicts = resume_conflicts(saved, config)
+    if conflicts:
+        raise ConfigError(
+            f"{run.path} holds a run with other settings ({'; '.join(conflicts)}); "
+            "resume it with its own config (--config "
+            f"{run.config_path}) or use a new --run-dir"
+        )
+
+
+def _round_line(row: dict) -> str:
+    parts = [
+        f"round {row['round']:>4}",
+        f"clients {row['clients']:>4}",
+        f"examples {row['examples']:>6}",
+        f"loss {row['train']['loss']:.4f}",
+        f"acc {row['train']['accuracy']:.4f}",
+        f"{row['round_seconds']:.2f}s",
+    ]
+    if "eval" in row:
+        parts.append(f"| held-out loss {row['eval']['loss']:.4f} acc {row['eval']['accuracy']:.4f}")
+    return "  ".join(parts)
+
+
+def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
+    row = {
+        "round": round_num,
+        "clients": result.metrics["clients"],
+        "examples": result.metrics["examples"],
+        "train": {"loss": result.metrics["loss"], "accuracy": result.metrics["accuracy"]},
+        "round_seconds": result.timing.total,
+        "timing": {
+            "workers_wall": result.timing.workers_wall,
+            "merge": result.timing.merge,
+            "finalize": result.timing.finalize,
+            "coordinator": result.timing.coordinator,
+        },
+        "workers": {
+            label: {"clients": t.clients, "seconds": t.seconds}
+            for label, t in sorted(result.timing.per_worker.items())
+        },
+        "wire": {
+            "bytes_sent": result.wire.bytes_sent,
+            "bytes_received": result.wire.bytes_received,
+        },
+        "update_non_finite": result.metrics["update_non_finite"],
+    }
+    if evaluation is not None:
+        row["eval"] = evaluation
+    return row
+
+
+def train(
+    config: RunConfig, addresses: list[str], run_dir: Path, show_progress: bool | None = None
+) -> TrainSummary:
+    """Trains over the workers at `addresses`, writing everything to `run_dir`."""
+    t = config.training
+    run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
+    _check_resume(run, config)
+    status = run.status()
+    latest = run.latest_checkpoint()
+    if latest is not None and latest >= t.rounds and status.get("state") == "finished":
+        log.info(
+            "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
+            "or use a new --run-dir)",
+            run_dir,
+            latest,
+        )
+        return TrainSummary(
+            run_dir, latest, status.get("final_eval"), latest, already_finished=True
+        )
+    run.write_config(config.to_toml())
+
+    server = ServerExecutor.start(
+        rpc_timeout=config.federation.rpc_timeout, log_path=run.logs_dir / "server-executor.log"
+    )
+    federation = None
+    executor = None
+    try:
+        server.install_as_default_context()
+        federation = federation_lib.connect(
+            addresses,
+            rpc_timeout=config.federation.rpc_timeout,
+            connect_timeout=config.federation.connect_timeout,
+        )
+        log.info(
+            "federation: %d workers, %d clients, %d train / %d test examples, task %s",
+            len(federation.workers),
+            federation.num_clients,
+            sum(d.manifest.train_examples for d in federation.descriptions),
+            sum(d.manifest.test_examples for d in federation.descriptions),
+            federation.task.describe(),
+        )
+        if t.clients_per_round > federation.num_clients:
+            raise ConfigError(
+                f"--clients-per-round {t.clients_per_round} is more than the "
+                f"{federation.num_clients} clients the workers host"
+            )
+        started = time.perf_counter()
+        algorithm = algorithm_lib.build(algorithm_spec(config, federation.task.num_classes))
+        executor = RoundExecutor(algorithm, federation, server)
+        log.info(
+            "composed %s model algorithm in %.1fs",
+            config.model.model,
+            time.perf_counter() - started,
+        )
+
+        state = executor.initialize()
+        start_round = 1
+        if latest is not None:
+            state = run.load_checkpoint(latest, state)
+            start_round = latest + 1
+            run.truncate_metrics_after(latest)
+            log.info("resuming %s after round %d", run_dir, latest)
+        elif status:
+            run.truncate_metrics_after(0)
+        run.write_status(state="running", completed_rounds=start_round - 1, target_rounds=t.rounds)
+        final_eval = _loop(config, run, executor, federation, state, start_round, show_progress)
+        return TrainSummary(run_dir, t.rounds, final_eval, latest)
+    except KeyboardInterrupt:
+        run.write_status(state="interrupted")
+        raise
+    except BaseException as exc:
+        run.write_status(
+            state="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        )
+        raise
+    finally:
+        if executor is not None:
+            executor.close()
+        if federation is not None:
+            federation.close()
+        server.stop()
+
+
+def _loop(config, run, executor, federation, state, start_round, show_progress) -> dict | None:
+    t, e = config.training, config.evaluation
+    bar = tqdm(
+        total=t.rounds,
+        initial=start_round - 1,
+        unit="round",
+        dynamic_ncols=True,
+        disable=(not sys.stderr.isatty()) if show_progress is None else not show_progress,
+        file=sys.stderr,
+    )
+    # A crash after the last checkpoint but before the end leaves no rounds to run.
+    evaluation = executor.evaluate(state) if start_round > t.rounds else None
+    try:
+        for round_num in range(start_round, t.rounds + 1):
+            sampled = federation.sample(round_num, t.clients_per_round, t.seed)
+            result = executor.train_round(state, sampled, shuffle_seed(t.seed, round_num))
+            state = result.state
+            last = round_num == t.rounds
+            evaluation = None
+            if last or (e.eval_every and round_num % e.eval_every == 0):
+                evaluation = executor.evaluate(state)
+            row = _row(round_num, result, evaluation)
+            run.record_round(row)
+            if last or (
+                config.output.checkpoint_every and round_num % config.output.checkpoint_every == 0
+            ):
+                run.save_checkpoint(round_num, state)
+            run.write_status(completed_rounds=round_num)
+            tqdm.write(_round_line(row), file=sys.stderr)
+            postfix = {
+                "loss": f"{row['train']['loss']:.3f}",
+                "acc": f"{row['train']['accuracy']:.3f}",
+            }
+            if evaluation:
+                postfix["held-out acc"] = f"{evaluation['accuracy']:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    run.write_model(executor.model_weights(state))
+    plot = run.write_plot(f"{config.model.model} model, {len(federation.workers)} workers")
+    run.write_status(state="finished", final_eval=evaluation)
+    if evaluation is not None:
+        log.info(
+            "final model on all %d held-out examples: loss %.4f, accuracy %.4f",
+            evaluation["examples"],
+            evaluation["loss"],
+            evaluation["accuracy"],
+        )
+    log.info(
+        "run directory: %s (metrics.csv, metrics.png%s, tensorboard/, checkpoints/)",
+        run.path,
+        "" if plot else " missing",
+    )
+    return evaluation
+
+
+__all__ = ["RunDirError", "TrainSummary", "train"]

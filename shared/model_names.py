@@ -1,0 +1,3 @@
+"""Names of the models fedcompose offers (importable without TensorFlow)."""
+
+MODELS = ("linear", "cnn")
