@@ -78,6 +78,16 @@ def describe_worker(worker: remote.RemoteWorker) -> WorkerDescription:
     return WorkerDescription(worker.address, manifest, info)
 
 
+def sample_clients(
+    client_ids: Sequence[str], round_num: int, clients_per_round: int, seed: int
+) -> list[str]:
+    """A round's clients, uniformly without replacement; a pure function of its
+    arguments, so a resumed run samples exactly what the original would have."""
+    rng = np.random.default_rng([seed, round_num])
+    chosen = np.sort(rng.choice(len(client_ids), size=clients_per_round, replace=False))
+    return [client_ids[i] for i in chosen]
+
+
 @dataclasses.dataclass
 class Federation:
     workers: list[remote.RemoteWorker]
@@ -96,12 +106,9 @@ class Federation:
         return [c.id for c in self.descriptions[worker_index].manifest.clients]
 
     def sample(self, round_num: int, clients_per_round: int, seed: int) -> dict[int, list[str]]:
-        """Clients of a round, grouped by worker; a pure function of its arguments."""
-        rng = np.random.default_rng([seed, round_num])
-        chosen = np.sort(rng.choice(self.num_clients, size=clients_per_round, replace=False))
+        """Clients of a round, grouped by worker."""
         by_worker: dict[int, list[str]] = collections.defaultdict(list)
-        for i in chosen:
-            cid = self.client_ids[i]
+        for cid in sample_clients(self.client_ids, round_num, clients_per_round, seed):
             by_worker[self.client_worker[cid]].append(cid)
         return dict(by_worker)
 

@@ -1,0 +1,128 @@
+"""`fedcompose status`: is each worker up, and what does it host?
+
+Runs only the tiny describe computation on each worker (no training), in
+parallel, each within the connect deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent import futures
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="fedcompose status")
+    parser.description = (
+        "Show, for each worker address, whether it is up, what shard it serves (dataset, "
+        "clients, examples) and its TFF version, without running any training. "
+        "Exits 1 if any worker is down."
+    )
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument(
+        "--addresses", required=True, help="worker addresses host:port, comma separated"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each worker"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per worker instead of a table"
+    )
+    return parser
+
+
+def _probe(address: str, timeout: float) -> dict:
+    from coordinator import federation, remote
+
+    started = time.perf_counter()
+    worker = remote.RemoteWorker(address, rpc_timeout=timeout, connect_timeout=timeout)
+    try:
+        worker.wait_ready()
+        description = federation.describe_worker(worker)
+    except (remote.WorkerError, federation.FederationError) as e:
+        return {"address": address, "up": False, "error": str(e)}
+    finally:
+        worker.close()
+    m = description.manifest
+    info = description.info
+    return {
+        "address": address,
+        "up": True,
+        "dataset": m.task.dataset,
+        "num_classes": m.task.num_classes,
+        "shard": f"{m.shard_index + 1}/{m.num_shards}",
+        "build": m.build_id,
+        "clients": len(m.clients),
+        "train_examples": m.train_examples,
+        "test_examples": m.test_examples,
+        "tff_version": description.tff_version,
+        "host": info.get("host", "?"),
+        "uptime_s": round(time.time() - info["started_at"]) if "started_at" in info else None,
+        "latency_ms": round((time.perf_counter() - started) * 1000),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
+    if not addresses:
+        print("fedcompose status: error: --addresses is empty", file=sys.stderr)
+        return 2
+    if args.timeout <= 0:
+        print("fedcompose status: error: --timeout must be > 0", file=sys.stderr)
+        return 2
+    with futures.ThreadPoolExecutor(len(addresses)) as pool:
+        rows = list(pool.map(lambda a: _probe(a, args.timeout), addresses))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        _print_table(rows)
+    return 0 if all(r["up"] for r in rows) else 1
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = (
+        "ADDRESS",
+        "STATUS",
+        "DATASET",
+        "SHARD",
+        "CLIENTS",
+        "TRAIN",
+        "TEST",
+        "TFF",
+        "HOST",
+        "UPTIME",
+    )
+    table = [header]
+    for r in rows:
+        if r["up"]:
+            table.append(
+                (
+                    r["address"],
+                    "up",
+                    f"{r['dataset']} ({r['num_classes']})",
+                    r["shard"],
+                    str(r["clients"]),
+                    str(r["train_examples"]),
+                    str(r["test_examples"]),
+                    r["tff_version"],
+                    r["host"],
+                    f"{r['uptime_s']}s" if r["uptime_s"] is not None else "?",
+                )
+            )
+        else:
+            table.append((r["address"], "DOWN", "", "", "", "", "", "", "", ""))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in rows:
+        if not r["up"]:
+            print(f"  {r['error']}")
+    up = [r for r in rows if r["up"]]
+    if up:
+        train = sum(r["train_examples"] for r in up)
+        test = sum(r["test_examples"] for r in up)
+        clients = sum(r["clients"] for r in up)
+        print(f"{len(up)}/{len(rows)} up: {clients} clients, {train} train / {test} test examples")

@@ -1,0 +1,148 @@
+"""Shared fixtures: real shards, real worker processes, and a guard that no
+process started by a test outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Every process a test starts inherits this marker, so the guard below finds
+# exactly ours (workers, their executors, TFF's own executors), nobody else's.
+TEST_TAG = f"fedcompose-test-{uuid.uuid4().hex[:12]}"
+os.environ["FEDCOMPOSE_TEST_TAG"] = TEST_TAG
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def tagged_processes() -> list[psutil.Process]:
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            if (
+                proc.environ().get("FEDCOMPOSE_TEST_TAG") == TEST_TAG
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:160]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+@pytest.fixture(autouse=True)
+def no_orphaned_processes() -> Iterator[None]:
+    """Fails a test that leaves any worker, executor or coordinator behind."""
+    yield
+    deadline = time.monotonic() + 15
+    leftovers = tagged_processes()
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = tagged_processes()
+    for proc in leftovers:  # clean up so one failure does not cascade
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    assert not leftovers, "processes outlived the test:\n" + "\n".join(map(describe, leftovers))
+
+
+def fedcompose(
+    *args: str, timeout: float = 600, check: bool = False, **kwargs
+) -> subprocess.CompletedProcess:
+    """Runs the real `fedcompose` command line in a subprocess."""
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args],
+        cwd=kwargs.pop("cwd", ROOT),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"fedcompose {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def start_fedcompose(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", *args],
+        cwd=kwargs.pop("cwd", ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def default_source():
+    from deploy import default_data
+
+    return default_data.load()
+
+
+def build_default_shards(root: Path, num_shards: int) -> list[Path]:
+    from deploy import datasets
+
+    return datasets.build_shards(datasets.DataSpec(), root, num_shards)
+
+
+@pytest.fixture(scope="session")
+def shards3(tmp_path_factory) -> list[Path]:
+    return build_default_shards(tmp_path_factory.mktemp("shards3"), 3)
+
+
+@pytest.fixture(scope="session")
+def shards2(tmp_path_factory) -> list[Path]:
+    return build_default_shards(tmp_path_factory.mktemp("shards2"), 2)
+
+
+@pytest.fixture
+def workers3(shards3, tmp_path):
+    from deploy import workers as workers_lib
+
+    started = workers_lib.start_workers(shards3, tmp_path / "worker-logs", check="quick")
+    try:
+        yield started
+    finally:
+        workers_lib.stop_workers(started)
+
+
+@pytest.fixture
+def workers2(shards2, tmp_path):
+    from deploy import workers as workers_lib
+
+    started = workers_lib.start_workers(shards2, tmp_path / "worker-logs", check="quick")
+    try:
+        yield started
+    finally:
+        workers_lib.stop_workers(started)
