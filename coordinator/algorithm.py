@@ -92,6 +92,10 @@ def build(spec: AlgorithmSpec) -> Algorithm:
         train_dataset_computation(spec), build_learning_process(spec)
     )
     evaluation = tff.simulation.compose_dataset_computation_with_learning_process(
-        test_dataset_computation(spec), tff.learning.algorithms.build_fed_eval(model_fn)
+        test_dataset_computation(spec),
+        # An iterator loop, not dataset.reduce: see shared/client_update.py.
+        tff.learning.algorithms.build_fed_eval(
+            model_fn, loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR
+        ),
     )
     return Algorithm(spec=spec, model_fn=model_fn, process=process, evaluation=evaluation)

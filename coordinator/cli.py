@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from coordinator import session
 
     try:
-        config = config_lib.resolve(args)
+        config = config_lib.resolve(args, TRAIN_SECTIONS)
     except config_lib.ConfigError as e:
         print(f"fedcompose train: error: {e}", file=sys.stderr)
         return 2

@@ -225,8 +225,9 @@ def load_file(path: Path) -> dict[str, dict[str, Any]]:
     return raw
 
 
-def resolve(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then the config file, then flags; then validation."""
+def resolve(args: argparse.Namespace, sections: Iterable[str] = SECTIONS) -> RunConfig:
+    """Defaults, then the config file, then flags; then validation of the
+    sections the command uses."""
     overrides: dict[str, dict[str, Any]] = {}
     config_path = getattr(args, "config", None)
     if config_path is not None:
@@ -240,7 +241,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         target = getattr(config, section)
         for name, value in values.items():
             setattr(target, name, _coerce(section, name, value, type(getattr(target, name))))
-    validate(config)
+    validate(config, uses_data="data" in tuple(sections))
     return config
 
 
@@ -268,7 +269,7 @@ def _coerce(section: str, name: str, value: Any, kind: type) -> Any:
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, uses_data: bool = True) -> None:
     """Rejects impossible settings before anything starts."""
     t, d, f, e, o = (
         config.training,
@@ -316,7 +317,7 @@ def validate(config: RunConfig) -> None:
         match = _ADDRESS.match(address)
         if not match or not 0 < int(match.group(2)) < 65536:
             raise ConfigError(f"--addresses: {address!r} is not host:port")
-    if d.source == "default" and t.clients_per_round > d.writers and not d.shards_dir:
+    if uses_data and d.source == "default" and t.clients_per_round > d.writers and not d.shards_dir:
         raise ConfigError(
             f"--clients-per-round {t.clients_per_round} is more than the {d.writers} writers "
             "of the default data; lower it or raise --writers"

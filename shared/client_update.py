@@ -36,34 +36,31 @@ def client_update(
     """Trains `model` from `server_weights` on `dataset` with clipped gradients."""
     client_weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, w: v.assign(w), client_weights, server_weights)
-    trainable = client_weights.trainable
+    trainable = tuple(client_weights.trainable)
     opt_state = optimizer.initialize(tuple(tf.TensorSpec(v.shape, v.dtype) for v in trainable))
-
-    def train_step(carry, batch):
-        opt_state, num_examples, loss_sum, correct = carry
+    num_examples = tf.constant(0.0)
+    loss_sum = tf.constant(0.0)
+    correct = tf.constant(0.0)
+    # A loop over an iterator, not `dataset.reduce`: the loop body is then
+    # instantiated once per worker session instead of once per client, which
+    # is most of a client's cost for small models (see README, Benchmark).
+    for batch in iter(dataset):
         with tf.GradientTape() as tape:
             outputs = model.forward_pass(batch, training=True)
         grads = tape.gradient(outputs.loss, trainable)
         grads, _ = clip_gradients(grads, clip_norm)
-        opt_state, new_weights = optimizer.next(opt_state, tuple(trainable), tuple(grads))
-        tf.nest.map_structure(lambda v, w: v.assign(w), tuple(trainable), new_weights)
+        opt_state, new_weights = optimizer.next(opt_state, trainable, tuple(grads))
+        tf.nest.map_structure(lambda v, w: v.assign(w), trainable, new_weights)
         batch_size = tf.cast(outputs.num_examples, tf.float32)
         predicted = tf.cast(tf.argmax(outputs.predictions, axis=-1), tf.int32)
-        batch_correct = tf.reduce_sum(
+        correct += tf.reduce_sum(
             tf.cast(tf.equal(predicted, tf.reshape(batch["y"], [-1])), tf.float32)
         )
-        return (
-            opt_state,
-            num_examples + batch_size,
-            loss_sum + outputs.loss * batch_size,
-            correct + batch_correct,
-        )
-
-    zero = tf.constant(0.0)
-    _, num_examples, loss_sum, correct = dataset.reduce((opt_state, zero, zero, zero), train_step)
+        num_examples += batch_size
+        loss_sum += outputs.loss * batch_size
     # Initial minus trained weights, as TFF's FedAvg does: the server optimizer
     # treats the delta as a gradient, so server SGD with rate 1 is plain FedAvg.
-    delta = tf.nest.map_structure(tf.subtract, server_weights.trainable, trainable)
+    delta = tf.nest.map_structure(tf.subtract, server_weights.trainable, list(trainable))
     result = tff.learning.templates.ClientResult(update=delta, update_weight=num_examples)
     metrics = collections.OrderedDict(loss_sum=loss_sum, correct=correct, num_examples=num_examples)
     return ClientOutput(result=result, metrics=metrics)

@@ -33,17 +33,22 @@ def make_token(client_id: str, seed: int) -> str:
     return f"{client_id}{TOKEN_SEPARATOR}{seed}"
 
 
-def _decode(record: tf.Tensor) -> collections.OrderedDict:
-    pixels = tf.io.decode_raw(
-        tf.strings.substr(record, 0, shard_format.PIXEL_BYTES), tf.float32, little_endian=True
-    )
-    label = tf.io.decode_raw(
-        tf.strings.substr(record, shard_format.PIXEL_BYTES, 4), tf.int32, little_endian=True
-    )
+def _read_client_file(path: tf.Tensor) -> collections.OrderedDict:
+    """All of a client's examples as model inputs, decoded in the graph.
+
+    Reading the whole (small) file and slicing it keeps the dataset free of
+    per-example functions, which the executor would otherwise instantiate
+    anew for every client in every round.
+    """
+    raw = tf.io.decode_raw(tf.io.read_file(path), tf.uint8)
+    records = tf.reshape(raw, [-1, shard_format.RECORD_BYTES])
+    pixel_bytes = tf.reshape(records[:, : shard_format.PIXEL_BYTES], [-1, shard_format.PIXELS, 4])
+    # bitcast reads host byte order; the format is little-endian, as are the
+    # x86-64 and ARM machines TF runs on.
+    pixels = tf.bitcast(pixel_bytes, tf.float32)
+    labels = tf.bitcast(records[:, shard_format.PIXEL_BYTES :], tf.int32)
     # EMNIST stores ink as 0 on a background of 1; the models want ink high.
-    return collections.OrderedDict(
-        x=tf.reshape(1.0 - pixels, [shard_format.PIXELS]), y=tf.reshape(label, [1])
-    )
+    return collections.OrderedDict(x=1.0 - pixels, y=tf.reshape(labels, [-1, 1]))
 
 
 def client_dataset(
@@ -58,12 +63,23 @@ def client_dataset(
     client_id = parts[0]
     seed = tf.strings.to_number(parts[1], out_type=tf.int64)
     path = tf.strings.join([SHARD_LINK, "/", split, "/", client_id, ".bin"])
-    ds = tf.data.FixedLengthRecordDataset(path, shard_format.RECORD_BYTES).map(_decode)
+    ds = tf.data.Dataset.from_tensor_slices(_read_client_file(path))
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if epochs > 1:
         ds = ds.repeat(epochs)
-    return ds.batch(batch_size)
+    return ds.batch(batch_size).with_options(_lean_options())
+
+
+def _lean_options() -> tf.data.Options:
+    # Each client's pipeline is built, run once and dropped, inside a worker
+    # that serves many clients per round: tf.data's graph rewrites and
+    # autotuning cost more per client than they save on a few small batches.
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.autotune.enabled = False
+    options.threading.private_threadpool_size = 1
+    return options
 
 
 def batches_from_arrays(pixels: np.ndarray, labels: np.ndarray, batch_size: int):
