@@ -8,6 +8,7 @@ import sys
 from coordinator import config as config_lib
 
 TRAIN_SECTIONS = ("federation", "model", "training", "evaluation", "output")
+LAUNCHER_ONLY = ("workers", "base_port", "worker_check")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "what each worker hosts from the worker itself and never reads shard files. "
         "Restarting with the same --run-dir resumes after the last checkpoint."
     )
-    config_lib.add_arguments(parser, TRAIN_SECTIONS)
+    config_lib.add_arguments(parser, TRAIN_SECTIONS, exclude=LAUNCHER_ONLY)
     return parser
 
 

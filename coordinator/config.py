@@ -163,9 +163,14 @@ def _flag(section_field: dataclasses.Field) -> str:
     return "--" + section_field.name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = SECTIONS) -> None:
-    """Adds a flag per config field; defaults are left out so that only flags
-    actually given override the config file."""
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    sections: Iterable[str] = SECTIONS,
+    exclude: Iterable[str] = (),
+) -> None:
+    """Adds a flag per config field (but those in `exclude`); defaults are left
+    out so that only flags actually given override the config file."""
+    excluded = set(exclude)
     parser.add_argument(
         "--config",
         type=Path,
@@ -176,6 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = SEC
     for section in sections:
         group = parser.add_argument_group(f"[{section}]")
         for f in dataclasses.fields(SECTIONS[section]):
+            if f.name in excluded:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f"{f.metadata['help']} (default: {_toml_value(default)})"
             kwargs: dict[str, Any] = {
@@ -185,6 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = SEC
             }
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
+                kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
             if isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, list):
@@ -192,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Iterable[str] = SEC
                 kwargs["metavar"] = "A,B,..."
             else:
                 kwargs["type"] = type(default)
-                kwargs["metavar"] = type(default).__name__.upper()
+                kwargs.setdefault("metavar", type(default).__name__.upper())
             group.add_argument(_flag(f), **kwargs)
 
 

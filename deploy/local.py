@@ -25,7 +25,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "processes, train with the coordinator, and stop everything at the end. "
         "Re-running with the same --run-dir resumes after the last checkpoint."
     )
-    config_lib.add_arguments(parser)
+    config_lib.add_arguments(parser, exclude=("addresses",))
     return parser
 
 
