@@ -6,6 +6,7 @@ the problem, not fail a training round later on some other machine.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,37 @@ def check_shard(shard_dir: Path, deep: bool = True) -> shard_format.Manifest:
     return manifest
 
 
+def _square_image_side(record_bytes: int) -> int | None:
+    """The side of the square float32 image a record of this size would hold, if any."""
+    pixels, rest = divmod(record_bytes - 4, 4)
+    side = math.isqrt(max(pixels, 0))
+    return side if rest == 0 and side > 0 and side * side == pixels else None
+
+
+def _size_problem(size: int, expected: int) -> str:
+    record = shard_format.RECORD_BYTES
+    wanted = expected * record
+    per_example = size // expected if expected and size % expected == 0 else 0
+    side = _square_image_side(per_example) if per_example not in (0, record) else None
+    if side is not None:
+        # The manifest's count fits a different record length exactly: most
+        # likely images of another size, not a damaged file.
+        return (
+            f"{expected} examples of {per_example} bytes, i.e. {side}x{side} pixels; a shard "
+            f"record is {record} bytes ({shard_format.IMAGE_SHAPE[0]}x"
+            f"{shard_format.IMAGE_SHAPE[1]} float32 pixels + int32 label): wrong image shape"
+        )
+    if size < wanted:
+        return (
+            f"{size} bytes, the manifest says {expected} examples ({wanted} bytes); "
+            "the file is truncated"
+        )
+    return (
+        f"{size} bytes, the manifest says {expected} examples ({wanted} bytes); "
+        "the file is stale or not from this shard's build"
+    )
+
+
 def _check_client_file(
     shard_dir: Path,
     manifest: shard_format.Manifest,
@@ -69,10 +101,7 @@ def _check_client_file(
     except FileNotFoundError:
         raise ShardError(f"{path}: missing (listed in the manifest)") from None
     if size != expected * shard_format.RECORD_BYTES:
-        raise ShardError(
-            f"{path}: {size} bytes, the manifest says {expected} examples "
-            f"({expected * shard_format.RECORD_BYTES} bytes); the file is truncated or stale"
-        )
+        raise ShardError(f"{path}: {_size_problem(size, expected)}")
     if not deep:
         return
     try:

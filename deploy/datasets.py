@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from deploy import default_data, partition, shards
-from deploy.sources import FederatedSource
+from deploy.sources import FederatedSource, Progress, no_progress
 from shared import shard_format
 
 log = logging.getLogger("fedcompose.data")
@@ -35,24 +35,44 @@ class DataSpec:
     """Synthetic writers of the default source."""
 
 
-def load_source(spec: DataSpec) -> FederatedSource:
+def load_source(spec: DataSpec, progress: Progress = no_progress) -> FederatedSource:
+    """The spec's data with its natural writers; raises `DataSourceError` if unreadable."""
     if spec.source == "default":
         return default_data.load(num_writers=spec.writers, alpha=0.5, seed=spec.seed)
+    if spec.source == "emnist":
+        from deploy import emnist
+
+        return emnist.load(spec.emnist_path, only_digits=spec.only_digits, progress=progress)
     raise ValueError(f"unknown data source {spec.source!r}; choose one of {', '.join(SOURCES)}")
 
 
-def _partition_info(spec: DataSpec, num_shards: int) -> dict:
+def partition_info(spec: DataSpec, num_shards: int, source: FederatedSource) -> dict:
+    """What the manifests record about how the shards were made."""
     return {
         "scheme": spec.partition,
-        "alpha": spec.alpha,
+        "alpha": spec.alpha if spec.partition == "dirichlet" else None,
         "seed": spec.seed,
         "num_shards": num_shards,
         "source": spec.source,
+        "source_description": source.description,
+        "clients": len(source.clients),
+        "writers_left_out": source.writers_left_out,
+        "examples_left_out": source.examples_left_out,
     }
 
 
-def build_shards(spec: DataSpec, out_dir: Path, num_shards: int, reuse: bool = True) -> list[Path]:
-    """Writes `num_shards` shards under `out_dir` (or reuses identical ones)."""
+def build_shards(
+    spec: DataSpec,
+    out_dir: Path,
+    num_shards: int,
+    reuse: bool = True,
+    progress: Progress = no_progress,
+) -> list[Path]:
+    """Writes `num_shards` shards under `out_dir` (or reuses identical ones).
+
+    Raises `DataSourceError` if the data cannot be read and `ValueError` for a
+    spec the data cannot meet (say more shards than writers).
+    """
     recorded = out_dir / SPEC_FILE
     wanted = {"spec": dataclasses.asdict(spec), "num_shards": num_shards}
     existing = shards.existing_shards(out_dir)
@@ -65,10 +85,14 @@ def build_shards(spec: DataSpec, out_dir: Path, num_shards: int, reuse: bool = T
                 return existing
         except (ValueError, shard_format.ShardError):
             pass
-    source = load_source(spec)
-    if spec.partition != "natural":
-        raise ValueError(f"partition {spec.partition!r} is not available yet")
+    source = load_source(spec, progress)
+    source = partition.repartition(source, spec.partition, spec.alpha, spec.seed)
     assignment = partition.balanced_writer_assignment(source, num_shards, spec.seed)
-    shards.write_shards(source, assignment, out_dir, _partition_info(spec, num_shards))
+    # Forget the old spec first: an interrupted rebuild must never look reusable.
+    recorded.unlink(missing_ok=True)
+    with progress("writing shards", len(source.clients), "clients") as advance:
+        shards.write_shards(
+            source, assignment, out_dir, partition_info(spec, num_shards, source), advance
+        )
     recorded.write_text(json.dumps(wanted, indent=1))
     return shards.existing_shards(out_dir)

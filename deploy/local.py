@@ -8,8 +8,10 @@ end, on Ctrl-C, on SIGTERM and on errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from coordinator import config as config_lib
@@ -43,7 +45,26 @@ def _shard_dirs(config: config_lib.RunConfig, run_dir: Path) -> list[Path]:
     log.info(
         "building %d worker shards from the %s data", config.federation.workers, config.data.source
     )
-    return datasets.build_shards(config.data_spec(), run_dir / "shards", config.federation.workers)
+    return datasets.build_shards(
+        config.data_spec(), run_dir / "shards", config.federation.workers, progress=_progress
+    )
+
+
+@contextlib.contextmanager
+def _progress(description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        desc=description,
+        unit=f" {unit}",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=None,
+        dynamic_ncols=True,
+        leave=False,
+    ) as bar:
+        yield bar.update
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
 
     from coordinator import session
     from deploy import workers as workers_lib
+    from deploy.sources import DataSourceError
     from shared import logs
+    from shared.shard_format import ShardError
 
     run_dir = session.prepare_run_dir(config)
     logs.setup(
@@ -76,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     except config_lib.ConfigError as e:
         print(f"fedcompose run: error: {e}", file=sys.stderr)
         return 2
-    except (workers_lib.LaunchError, ValueError, OSError) as e:
+    except (workers_lib.LaunchError, DataSourceError, ShardError, ValueError, OSError) as e:
         print(f"fedcompose run: error: {e}", file=sys.stderr)
         return 1
     finally:

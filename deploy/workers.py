@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shared import processes
@@ -69,8 +69,13 @@ def start_workers(
     check: str = "full",
     ready_timeout: float = 120.0,
     verbose: bool = False,
+    prefix: Callable[[int], list[str]] | None = None,
 ) -> list[LocalWorker]:
-    """Starts one worker per shard and waits until every one serves, or fails."""
+    """Starts one worker per shard and waits until every one serves, or fails.
+
+    `prefix(i)` is put before worker i's command, e.g. `ip netns exec HOST`
+    to run it on another (simulated) network host.
+    """
     ports = (
         [base_port + i for i in range(len(shard_dirs))]
         if base_port
@@ -97,6 +102,8 @@ def start_workers(
             ]
             if verbose:
                 args.append("--verbose")
+            if prefix is not None:
+                args = [*prefix(i), *args]
             # SIGTERM on our death lets the worker stop its executor in order.
             process = processes.spawn(
                 args,
