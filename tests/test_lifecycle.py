@@ -1,0 +1,80 @@
+"""Every process stops with its owner: Ctrl-C, SIGTERM, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from deploy.workers import free_ports
+from tests.conftest import fedcompose, kill_tree, start_fedcompose
+
+
+def _wait_for_round(run_dir, proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((run_dir / "status.json").read_text()).get("completed_rounds", 0) >= 1:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    raise AssertionError("no round completed")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_a_run_stops_every_process(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    proc = start_fedcompose("run", "--rounds", "500", "--workers", "2", "--run-dir", str(run_dir))
+    try:
+        _wait_for_round(run_dir, proc)
+        children = _descendants(proc.pid)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert names.count("client_worker") == 2 and names.count("worker_binary") >= 3
+        os.kill(proc.pid, sig)  # what Ctrl-C or `kill` sends to the launcher
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [c.cmdline() for c in alive]
+
+
+def test_sigkilled_worker_takes_its_executor_with_it(workers2):
+    worker = workers2[0]
+    executors = [
+        c for c in _descendants(worker.process.pid) if "worker_binary" in " ".join(c.cmdline())
+    ]
+    assert len(executors) == 1
+    worker.process.kill()  # SIGKILL to the worker alone, not its process group
+    worker.process.wait(timeout=10)
+    _, alive = psutil.wait_procs(executors, timeout=10)
+    assert not alive, "worker_binary outlived its worker"
+
+
+def test_status_reports_up_and_down_workers(workers2):
+    (down_port,) = free_ports(1)
+    addresses = [w.address for w in workers2] + [f"localhost:{down_port}"]
+    result = fedcompose("status", "--addresses", ",".join(addresses), "--timeout", "3", timeout=120)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ADDRESS", "STATUS", "DATASET", "SHARD"]
+    up = [line for line in lines if " up " in line]
+    assert len(up) == 2 and all("sklearn-digits (10)" in line and "0.87.0" in line for line in up)
+    assert any(f"localhost:{down_port}" in line and "DOWN" in line for line in lines)
+    assert "not reachable within 3s" in result.stdout
+    assert "2/3 up: 60 clients, 1437 train / 360 test examples" in result.stdout
