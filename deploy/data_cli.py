@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy import datasets
+from deploy import datasets, progress
 from deploy.sources import DataSourceError
 from shared import logs, shard_format
 from shared.quiet import quiet_tensorflow
@@ -256,20 +256,9 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-        from tqdm import tqdm
-
         began = time.monotonic()
-        with tqdm(
-            total=total,
-            desc=description,
-            unit=f" {unit}",  # "12.3k examples/s", not "12.3kexamples/s"
-            unit_scale=True,
-            file=sys.stderr,
-            disable=None,
-            dynamic_ncols=True,
-            leave=False,
-        ) as bar:
-            yield bar.update
+        with progress.bar(description, total, unit) as advance:
+            yield advance
         self.phases[description] = self.phases.get(description, 0.0) + time.monotonic() - began
 
     def report(self) -> str:

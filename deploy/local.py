@@ -8,10 +8,8 @@ end, on Ctrl-C, on SIGTERM and on errors.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from coordinator import config as config_lib
@@ -32,7 +30,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def _shard_dirs(config: config_lib.RunConfig, run_dir: Path) -> list[Path]:
-    from deploy import datasets, shards
+    from deploy import datasets, progress, shards
 
     if config.data.shards_dir:
         found = shards.existing_shards(Path(config.data.shards_dir))
@@ -46,25 +44,8 @@ def _shard_dirs(config: config_lib.RunConfig, run_dir: Path) -> list[Path]:
         "building %d worker shards from the %s data", config.federation.workers, config.data.source
     )
     return datasets.build_shards(
-        config.data_spec(), run_dir / "shards", config.federation.workers, progress=_progress
+        config.data_spec(), run_dir / "shards", config.federation.workers, progress=progress.bar
     )
-
-
-@contextlib.contextmanager
-def _progress(description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total,
-        desc=description,
-        unit=f" {unit}",
-        unit_scale=True,
-        file=sys.stderr,
-        disable=None,
-        dynamic_ncols=True,
-        leave=False,
-    ) as bar:
-        yield bar.update
 
 
 def run(args: argparse.Namespace) -> int:

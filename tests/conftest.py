@@ -126,23 +126,30 @@ def shards2(tmp_path_factory) -> list[Path]:
     return build_default_shards(tmp_path_factory.mktemp("shards2"), 2)
 
 
-@pytest.fixture
-def workers3(shards3, tmp_path):
+def _serving(shard_dirs: list[Path], tmp_path: Path) -> Iterator[list]:
     from deploy import workers as workers_lib
 
-    started = workers_lib.start_workers(shards3, tmp_path / "worker-logs", check="quick")
+    started = workers_lib.start_workers(shard_dirs, tmp_path / "worker-logs", check="quick")
     try:
         yield started
     finally:
         workers_lib.stop_workers(started)
+
+
+@pytest.fixture
+def workers3(shards3, tmp_path):
+    yield from _serving(shards3, tmp_path)
 
 
 @pytest.fixture
 def workers2(shards2, tmp_path):
-    from deploy import workers as workers_lib
+    yield from _serving(shards2, tmp_path)
 
-    started = workers_lib.start_workers(shards2, tmp_path / "worker-logs", check="quick")
-    try:
-        yield started
-    finally:
-        workers_lib.stop_workers(started)
+
+def pytest_sessionfinish(session, exitstatus):
+    # TFF's import-time default context owns a service manager whose __del__
+    # fails noisily at interpreter exit; drop it while modules are alive.
+    if "tensorflow_federated" in sys.modules:
+        from tensorflow_federated.python.core.impl.context_stack import set_default_context
+
+        set_default_context.set_no_default_context()

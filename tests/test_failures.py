@@ -8,6 +8,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from deploy.workers import free_ports
 from tests.conftest import fedcompose, kill_tree, start_fedcompose
@@ -22,6 +23,14 @@ def _wait_for_rounds(run_dir, count: int, proc, timeout: float = 300) -> None:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.2)
     raise AssertionError(f"no {count} rounds within {timeout}s")
+
+
+def _endless_training(workers, run_dir, rpc_timeout: int):
+    addresses = ",".join(w.address for w in workers)
+    return start_fedcompose(
+        "train", "--addresses", addresses, "--rounds", "500", "--eval-every", "0",
+        "--rpc-timeout", str(rpc_timeout), "--run-dir", str(run_dir),
+    )  # fmt: skip
 
 
 def _executor_of(worker) -> psutil.Process:
@@ -50,19 +59,7 @@ def test_unreachable_worker_at_start(tmp_path):
 
 def test_worker_killed_during_a_round(workers2, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_fedcompose(
-        "train",
-        "--addresses",
-        ",".join(w.address for w in workers2),
-        "--rounds",
-        "500",
-        "--eval-every",
-        "0",
-        "--rpc-timeout",
-        "30",
-        "--run-dir",
-        str(run_dir),
-    )
+    proc = _endless_training(workers2, run_dir, rpc_timeout=30)
     try:
         _wait_for_rounds(run_dir, 2, proc)
         victim = workers2[1]
@@ -80,21 +77,10 @@ def test_worker_killed_during_a_round(workers2, tmp_path):
     assert status["state"] == "failed" and status["completed_rounds"] >= 2
 
 
+@pytest.mark.slow
 def test_stuck_worker_hits_the_deadline(workers2, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_fedcompose(
-        "train",
-        "--addresses",
-        ",".join(w.address for w in workers2),
-        "--rounds",
-        "500",
-        "--eval-every",
-        "0",
-        "--rpc-timeout",
-        "5",
-        "--run-dir",
-        str(run_dir),
-    )
+    proc = _endless_training(workers2, run_dir, rpc_timeout=5)
     stuck = _executor_of(workers2[0])
     try:
         _wait_for_rounds(run_dir, 2, proc)

@@ -34,6 +34,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_a_run_stops_every_process(tmp_path, sig):
     run_dir = tmp_path / "run"

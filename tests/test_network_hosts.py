@@ -48,6 +48,7 @@ def hosts() -> Iterator[list[tuple[str, str]]]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+@pytest.mark.slow
 def test_training_over_workers_on_two_network_hosts(hosts, shards2, tmp_path):
     started = workers_lib.start_workers(
         shards2,

@@ -64,6 +64,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     fedcompose("run", "--rounds", "2", "--workers", "2", "--run-dir", str(run_dir), check=True)
