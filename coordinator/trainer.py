@@ -86,9 +86,17 @@ def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
             "merge": result.timing.merge,
             "finalize": result.timing.finalize,
             "coordinator": result.timing.coordinator,
+            "worker_compute": result.timing.worker_compute,
+            "waiting": result.timing.waiting,
+            "warm_up": result.timing.warm_up,
         },
         "workers": {
-            label: {"clients": t.clients, "seconds": t.seconds}
+            label: {
+                "clients": t.clients,
+                "padded_to": t.padded_to,
+                "seconds": t.seconds,
+                "compute": t.compute,
+            }
             for label, t in sorted(result.timing.per_worker.items())
         },
         "wire": {

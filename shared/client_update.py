@@ -66,6 +66,24 @@ def client_update(
     return ClientOutput(result=result, metrics=metrics)
 
 
+def _zero_initialized(next_creator, **kwargs):
+    """A variable creator that starts numeric variables at zero, not at their
+    initializer's value.
+
+    TFF runs a computation's variable initializers on every call, so once per
+    client. `client_update` overwrites every model weight with the server's
+    before using it (and metric variables start at zero anyway), so the
+    initial values are never seen; for the CNN, drawing its 1.2 M Glorot-normal
+    initial weights took about 20 ms of a client's 60-70 ms.
+    """
+    shape, dtype = kwargs.get("shape"), kwargs.get("dtype")
+    if shape is not None and dtype is not None:
+        shape, dtype = tf.TensorShape(shape), tf.as_dtype(dtype)
+        if shape.is_fully_defined() and (dtype.is_floating or dtype.is_integer):
+            kwargs["initial_value"] = tf.zeros(shape, dtype)
+    return next_creator(**kwargs)
+
+
 def build_clipped_client_work(
     model_fn: Callable[[], tff.learning.models.VariableModel],
     client_learning_rate: float,
@@ -86,7 +104,9 @@ def build_clipped_client_work(
     @tff.tensorflow.computation(weights_type, data_type)
     def client_update_computation(weights, dataset):
         optimizer = tff.learning.optimizers.build_sgdm(learning_rate=client_learning_rate)
-        return client_update(model_fn(), dataset, weights, optimizer, clip_norm)
+        with tf.variable_creator_scope(_zero_initialized):
+            model = model_fn()
+        return client_update(model, dataset, weights, optimizer, clip_norm)
 
     metrics_sum_type = tff.StructType(
         [("loss_sum", np.float32), ("correct", np.float32), ("num_examples", np.float32)]

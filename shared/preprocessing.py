@@ -20,6 +20,15 @@ SHARD_LINK = "shard"
 
 TOKEN_SEPARATOR = "|"
 
+EMPTY_CLIENT_TOKEN = f"{TOKEN_SEPARATOR}0"
+"""A client without examples (its id is empty, which no real client's can be).
+
+The coordinator pads a worker's clients with it up to a count the worker has
+already served: the worker then reuses the executor it built for that count
+instead of building one for a new count. An empty client's update has weight
+zero and its metrics are zero, so it changes no sum.
+"""
+
 
 def element_spec() -> collections.OrderedDict:
     return collections.OrderedDict(
@@ -33,14 +42,18 @@ def make_token(client_id: str, seed: int) -> str:
     return f"{client_id}{TOKEN_SEPARATOR}{seed}"
 
 
-def _read_client_file(path: tf.Tensor) -> collections.OrderedDict:
+def _read_client_file(path: tf.Tensor, empty: tf.Tensor) -> collections.OrderedDict:
     """All of a client's examples as model inputs, decoded in the graph.
 
     Reading the whole (small) file and slicing it keeps the dataset free of
     per-example functions, which the executor would otherwise instantiate
-    anew for every client in every round.
+    anew for every client in every round. An `empty` client reads nothing.
     """
-    raw = tf.io.decode_raw(tf.io.read_file(path), tf.uint8)
+    raw = tf.cond(
+        empty,
+        lambda: tf.zeros([0], tf.uint8),
+        lambda: tf.io.decode_raw(tf.io.read_file(path), tf.uint8),
+    )
     records = tf.reshape(raw, [-1, shard_format.RECORD_BYTES])
     pixel_bytes = tf.reshape(records[:, : shard_format.PIXEL_BYTES], [-1, shard_format.PIXELS, 4])
     # bitcast reads host byte order; the format is little-endian, as are the
@@ -63,7 +76,7 @@ def client_dataset(
     client_id = parts[0]
     seed = tf.strings.to_number(parts[1], out_type=tf.int64)
     path = tf.strings.join([SHARD_LINK, "/", split, "/", client_id, ".bin"])
-    ds = tf.data.Dataset.from_tensor_slices(_read_client_file(path))
+    ds = tf.data.Dataset.from_tensor_slices(_read_client_file(path, tf.equal(client_id, "")))
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if epochs > 1:
