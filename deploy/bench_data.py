@@ -59,9 +59,7 @@ def _writer(
     mix = rng.dirichlet(np.full(len(by_label), spec.label_alpha))
     labels = rng.choice(len(by_label), size=num_train + spec.test_examples, p=mix)
     rows = np.array([rng.choice(by_label[k]) for k in labels], dtype=np.int64)
-    images = pixels[rows] + rng.normal(0.0, spec.pixel_noise, pixels[rows].shape).astype(
-        np.float32
-    )
+    images = pixels[rows] + rng.normal(0.0, spec.pixel_noise, pixels[rows].shape).astype(np.float32)
     images = np.clip(images, 0.0, 1.0, out=images)
     labels = labels.astype(np.int32)
     return ClientData(
@@ -136,9 +134,7 @@ def client_ids(spec: SyntheticSpec) -> list[str]:
     return sorted(f"synth_{w:05d}" for w in range(spec.writers))
 
 
-def read_clients(
-    shard_dirs: Sequence[Path], ids: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray]:
+def read_clients(shard_dirs: Sequence[Path], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """The training examples of `ids`, concatenated in the given order."""
     where: dict[str, Path] = {}
     for d in shard_dirs:
@@ -151,3 +147,9 @@ def read_clients(
         pixels.append(p)
         labels.append(y)
     return np.concatenate(pixels), np.concatenate(labels)
+
+
+def is_built(spec: SyntheticSpec, data_dir: Path, num_shards: int) -> bool:
+    out_dir = data_dir / spec.key() / f"workers-{num_shards}"
+    wanted = {"spec": dataclasses.asdict(spec), "num_shards": num_shards}
+    return _reusable(out_dir, wanted, num_shards) is not None

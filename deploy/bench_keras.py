@@ -1,0 +1,94 @@
+"""Compute floor: plain Keras training over the union of a round's clients.
+
+For each round of the plan, the examples of all sampled clients are put in
+memory, preprocessed as the workers do, batched with the same batch size and
+trained on for `local_epochs` passes, twice: with `model.fit`, and with
+Keras' own train step compiled once as a loop over the whole dataset (no
+per-call Python, but a slower start on small data). The faster of the two is
+the round's floor. Nothing federated happens: this is how fast the same model
+learns from the same examples on this machine, the floor that any federated
+runtime's round time is measured against.
+
+    python -m deploy.bench_keras CONFIG_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from deploy import bench_protocol
+from deploy.bench_plan import Plan
+
+
+def _train_pass_fn(model):
+    import tensorflow as tf
+
+    # Keras' own train step inside one tf.function over the whole dataset:
+    # `model.fit` adds tens of milliseconds of Python per call (callbacks, data
+    # adapters), a large part of a round of a few thousand examples.
+    @tf.function
+    def train_pass(dataset):
+        for batch in dataset:
+            model.train_step(batch)
+
+    return train_pass
+
+
+def main(config_path: str) -> int:
+    bench_protocol.take_stdout()
+    from shared.quiet import quiet_tensorflow
+
+    quiet_tensorflow()
+    import tensorflow as tf
+
+    from deploy import bench_data
+    from shared import models, preprocessing
+
+    config = json.loads(Path(config_path).read_text())
+    plan = Plan.from_json(config["plan"])
+    shard_dirs = [Path(p) for p in config["shard_dirs"]]
+    for model_name in plan.models:
+        model = models.keras_model(model_name, 10)
+        model.compile(
+            optimizer=tf.keras.optimizers.SGD(learning_rate=plan.client_learning_rate),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+        )
+        train_pass = _train_pass_fn(model)
+        for clients in plan.clients_for(model_name):
+            key = bench_protocol.workload_key(model_name, clients)
+            bench_protocol.emit("start", workload=key)
+            for round_num in plan.round_numbers():
+                pixels, labels = bench_data.read_clients(
+                    shard_dirs, plan.sampled(round_num, clients)
+                )
+                batches = preprocessing.batches_from_arrays(pixels, labels, plan.batch_size)
+                dataset = batches.map(lambda b: (b["x"], b["y"])).cache()
+                # Materialize the batches first: the floor is training, not input.
+                for _ in dataset:
+                    pass
+                started = time.perf_counter()
+                model.fit(dataset, epochs=plan.local_epochs, verbose=0, shuffle=False)
+                fit_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                for _ in range(plan.local_epochs):
+                    train_pass(dataset)
+                loop_seconds = time.perf_counter() - started
+                bench_protocol.emit(
+                    "round",
+                    workload=key,
+                    round=round_num,
+                    seconds=min(fit_seconds, loop_seconds),
+                    fit_seconds=fit_seconds,
+                    loop_seconds=loop_seconds,
+                    examples=len(labels) * plan.local_epochs,
+                    clients=clients,
+                )
+            bench_protocol.emit("end", workload=key)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,382 @@
+"""Turning measured rounds into the benchmark's rows, ratios, targets and table.
+
+Every figure of a row is a median over the measured rounds (the warm-up
+round is reported but never enters a median). Ratios compare medians of
+systems that ran the same workload: the same model, the same sampled clients
+and the same data in every round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Iterable, Sequence
+
+from deploy.bench_plan import WARMUP_ROUND
+
+KERAS = "keras"
+TFF = "tff_local"
+FEDCOMPOSE = "fedcompose"
+SYSTEM_NAMES = {KERAS: "Keras floor", TFF: "TFF 1 process", FEDCOMPOSE: "fedcompose"}
+
+OVERHEAD_TARGET_S = 0.100
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    clients_per_round: int
+    system: str
+    workers: int | None = None
+    rounds: list[dict] = dataclasses.field(default_factory=list)
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Peak resident bytes per role during this workload (sampled)."""
+    memory_hwm: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Kernel high-water marks of the same processes at the end of this workload."""
+    model_bytes: int | None = None
+    error: str | None = None
+    load_average_at_start: float | None = None
+    load_average_at_end: float | None = None
+    """The machine's 1-minute load average (the highest over passes): above the
+    core count, other processes were competing with the measurement."""
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.clients_per_round, self.system, self.workers)
+
+    def measured(self) -> list[dict]:
+        return [r for r in self.rounds if r.get("round") != WARMUP_ROUND]
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _role_max(memory: dict[str, int], prefix: str, executor: bool) -> int | None:
+    values = [
+        v
+        for role, v in memory.items()
+        if role.startswith(prefix) and role.endswith("_executor") == executor
+    ]
+    return max(values) if values else None
+
+
+def summarize(row: Row) -> dict:
+    rounds = row.measured()
+    summary: dict = {
+        "measured_rounds": len(rounds),
+        "seconds_per_round": _median(r["seconds"] for r in rounds),
+        "examples_per_round": _median(r["examples"] for r in rounds),
+        "examples_per_second": _median(
+            r["examples"] / r["seconds"] for r in rounds if r["seconds"] > 0
+        ),
+    }
+    warmup = [r for r in row.rounds if r.get("round") == WARMUP_ROUND]
+    summary["warmup_seconds"] = warmup[0]["seconds"] if warmup else None
+    if row.system == FEDCOMPOSE:
+        for name in (
+            "worker_compute",
+            "coordinator",
+            "waiting",
+            "overhead",
+            "sample",
+            "prepare",
+            "first_partial",
+            "merge",
+            "finalize",
+            "bytes_sent",
+            "bytes_received",
+            "server_bytes_sent",
+            "server_bytes_received",
+        ):
+            summary[name] = _median(r.get(name) for r in rounds)
+        summary["rounds_with_new_executors"] = sum(1 for r in rounds if r.get("new_executors"))
+        summary["rounds_without_new_executors_seconds"] = _median(
+            r["seconds"] for r in rounds if not r.get("new_executors")
+        )
+        sent, received = summary["bytes_sent"], summary["bytes_received"]
+        server_sent = summary["server_bytes_sent"] or 0
+        server_received = summary["server_bytes_received"] or 0
+        if sent is not None and received is not None:
+            summary["worker_bytes_sent"] = sent - server_sent
+            summary["worker_bytes_received"] = received - server_received
+        summary["model_bytes"] = row.model_bytes
+        if row.model_bytes and sent is not None and received is not None:
+            summary["wire_bytes_per_model_size"] = (sent + received) / row.model_bytes
+            summary["wire_bytes_per_client"] = (sent + received) / row.clients_per_round
+        summary["coordinator_rss"] = row.memory.get("coordinator")
+        summary["server_executor_rss"] = row.memory.get("server_executor")
+        summary["worker_rss_max"] = _role_max(row.memory, "worker", executor=False)
+        summary["worker_executor_rss_max"] = _role_max(row.memory, "worker", executor=True)
+        summary["coordinator_hwm"] = row.memory_hwm.get("coordinator")
+        summary["server_executor_hwm"] = row.memory_hwm.get("server_executor")
+        summary["worker_executor_hwm_max"] = _role_max(row.memory_hwm, "worker", executor=True)
+    else:
+        summary["process_rss"] = row.memory.get("process")
+        summary["executor_rss"] = row.memory.get("process_executor")
+    return summary
+
+
+def _find(rows: Sequence[Row], model: str, clients: int, system: str) -> Row | None:
+    for row in rows:
+        if (row.model, row.clients_per_round, row.system) == (model, clients, system):
+            return row
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def add_ratios(rows: Sequence[Row], summaries: dict[tuple, dict]) -> None:
+    """Time ratios against the baselines of the same workload (below 1: faster)."""
+    for row in rows:
+        summary = summaries[row.key]
+        floor = _find(rows, row.model, row.clients_per_round, KERAS)
+        tff = _find(rows, row.model, row.clients_per_round, TFF)
+        seconds = summary["seconds_per_round"]
+        summary["ratio_vs_tff"] = (
+            _ratio(seconds, summaries[tff.key]["seconds_per_round"]) if tff else None
+        )
+        summary["ratio_vs_floor"] = (
+            _ratio(seconds, summaries[floor.key]["seconds_per_round"]) if floor else None
+        )
+
+
+def targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
+    """The issue's targets, each with the figures that decide it."""
+    found: list[dict] = []
+    fed = [r for r in rows if r.system == FEDCOMPOSE and not r.error]
+    models = sorted({r.model for r in fed})
+    for model in models:
+        mine = [r for r in fed if r.model == model]
+        # Wire bytes: for a fixed W, how much do they grow from the fewest to
+        # the most clients per round? For a fixed client count, across W?
+        for workers in sorted({r.workers for r in mine}):
+            series = sorted(
+                (
+                    r.clients_per_round,
+                    summaries[r.key]["bytes_sent"],
+                    summaries[r.key]["bytes_received"],
+                )
+                for r in mine
+                if r.workers == workers
+            )
+            if len(series) > 1 and series[0][1] and series[0][2]:
+                low, high = series[0], series[-1]
+                growth = (high[1] + high[2]) / (low[1] + low[2])
+                found.append(
+                    {
+                        "target": "wire bytes do not grow with clients",
+                        "model": model,
+                        "workers": workers,
+                        "clients": [low[0], high[0]],
+                        "bytes_per_round": [low[1] + low[2], high[1] + high[2]],
+                        "growth": growth,
+                        "met": growth < 1.5,
+                    }
+                )
+            rss = [
+                (r.clients_per_round, summaries[r.key]["coordinator_rss"])
+                for r in sorted(mine, key=lambda r: r.clients_per_round)
+                if r.workers == workers and summaries[r.key]["coordinator_rss"]
+            ]
+            if len(rss) > 1:
+                growth = rss[-1][1] / rss[0][1]
+                found.append(
+                    {
+                        "target": "coordinator memory does not grow with clients",
+                        "model": model,
+                        "workers": workers,
+                        "clients": [rss[0][0], rss[-1][0]],
+                        "rss": [rss[0][1], rss[-1][1]],
+                        "growth": growth,
+                        "met": growth < 1.1,
+                    }
+                )
+        for r in mine:
+            s = summaries[r.key]
+            if r.clients_per_round == 100 and s.get("ratio_vs_tff") is not None:
+                found.append(
+                    {
+                        "target": "faster than TFF in one process at 100 clients/round",
+                        "model": model,
+                        "workers": r.workers,
+                        "ratio_vs_tff": s["ratio_vs_tff"],
+                        "met": s["ratio_vs_tff"] < 1.0,
+                    }
+                )
+            if s.get("overhead") is not None:
+                found.append(
+                    {
+                        "target": "overhead beyond worker compute under 100 ms",
+                        "model": model,
+                        "workers": r.workers,
+                        "clients": r.clients_per_round,
+                        "overhead_s": s["overhead"],
+                        "coordinator_s": s["coordinator"],
+                        "waiting_s": s["waiting"],
+                        "met": s["overhead"] < OVERHEAD_TARGET_S,
+                    }
+                )
+    return found
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value * scale:{spec}}{suffix}"
+
+
+COLUMNS = (
+    ("model", "<6"),
+    ("clients", ">7"),
+    ("system", "<14"),
+    ("W", ">2"),
+    ("s/round", ">8"),
+    ("ex/s", ">7"),
+    ("compute", ">8"),
+    ("coord", ">7"),
+    ("wait", ">7"),
+    ("overhd", ">7"),
+    ("sent KB", ">8"),
+    ("recv KB", ">8"),
+    ("coord MB", ">9"),
+    ("wrk MB", ">7"),
+    ("xTFF", ">6"),
+    ("xfloor", ">7"),
+    ("load", ">5"),
+)
+
+
+def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
+    """The table the command prints: one line per system and workload."""
+    header = "  ".join(f"{name:{align}}" for name, align in COLUMNS)
+    lines = [header, "-" * len(header)]
+    order = {KERAS: 0, TFF: 1, FEDCOMPOSE: 2}
+    for row in sorted(
+        rows, key=lambda r: (r.model, r.clients_per_round, order[r.system], r.workers or 0)
+    ):
+        s = summaries[row.key]
+        if row.error:
+            cells = [row.model, str(row.clients_per_round), SYSTEM_NAMES[row.system]]
+            cells += [str(row.workers or ""), f"error: {row.error[:80]}"]
+            lines.append("  ".join(cells))
+            continue
+        fed = row.system == FEDCOMPOSE
+        coord_mb = s.get("coordinator_rss") if fed else s.get("process_rss")
+        if coord_mb and fed and s.get("server_executor_rss"):
+            coord_text = f"{coord_mb / 2**20:.0f}+{s['server_executor_rss'] / 2**20:.0f}"
+        elif coord_mb and s.get("executor_rss"):
+            coord_text = f"{coord_mb / 2**20:.0f}+{s['executor_rss'] / 2**20:.0f}"
+        else:
+            coord_text = _fmt(coord_mb, ".0f", 1 / 2**20)
+        worker_text = "-"
+        if fed and s.get("worker_rss_max") and s.get("worker_executor_rss_max"):
+            worker_text = (
+                f"{s['worker_rss_max'] / 2**20:.0f}+{s['worker_executor_rss_max'] / 2**20:.0f}"
+            )
+        values = [
+            row.model,
+            str(row.clients_per_round),
+            SYSTEM_NAMES[row.system],
+            str(row.workers) if row.workers else "",
+            _fmt(s["seconds_per_round"], ".3f"),
+            _fmt(s["examples_per_second"], ".0f"),
+            _fmt(s.get("worker_compute"), ".3f"),
+            _fmt(s.get("coordinator"), ".3f"),
+            _fmt(s.get("waiting"), ".3f"),
+            _fmt(s.get("overhead"), ".3f"),
+            _fmt(s.get("bytes_sent"), ".0f", 1e-3),
+            _fmt(s.get("bytes_received"), ".0f", 1e-3),
+            coord_text,
+            worker_text,
+            _fmt(s.get("ratio_vs_tff"), ".2f"),
+            _fmt(s.get("ratio_vs_floor"), ".1f"),
+            _fmt(row.load_average_at_end, ".1f"),
+        ]
+        lines.append(
+            "  ".join(f"{v:{align}}" for v, (_, align) in zip(values, COLUMNS, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def targets_text(found: Sequence[dict]) -> str:
+    lines = []
+    for t in found:
+        verdict = "met" if t["met"] else "NOT met"
+        if t["target"].startswith("wire"):
+            detail = (
+                f"{t['model']} W={t['workers']}: {t['bytes_per_round'][0] / 1e3:.0f} KB at "
+                f"{t['clients'][0]} clients, {t['bytes_per_round'][1] / 1e3:.0f} KB at "
+                f"{t['clients'][1]} (x{t['growth']:.2f})"
+            )
+        elif t["target"].startswith("coordinator memory"):
+            detail = (
+                f"{t['model']} W={t['workers']}: {t['rss'][0] / 2**20:.0f} MB at "
+                f"{t['clients'][0]} clients, {t['rss'][1] / 2**20:.0f} MB at {t['clients'][1]}"
+            )
+        elif t["target"].startswith("faster"):
+            detail = f"{t['model']} W={t['workers']}: x{t['ratio_vs_tff']:.2f} of TFF's time"
+        else:
+            detail = (
+                f"{t['model']} W={t['workers']} {t['clients']} clients: "
+                f"{t['overhead_s'] * 1000:.0f} ms (coordinator {t['coordinator_s'] * 1000:.0f}, "
+                f"waiting {t['waiting_s'] * 1000:.0f})"
+            )
+        lines.append(f"[{verdict:>7}] {t['target']}: {detail}")
+    return "\n".join(lines)
+
+
+def assemble(rows: Sequence[Row], meta: dict, elapsed_seconds: float) -> dict:
+    """Everything the benchmark writes as JSON."""
+    summaries = {row.key: summarize(row) for row in rows}
+    add_ratios(rows, summaries)
+    found = targets(rows, summaries)
+    return {
+        "meta": {**meta, "elapsed_seconds": elapsed_seconds},
+        "rows": [
+            {
+                "model": row.model,
+                "clients_per_round": row.clients_per_round,
+                "system": row.system,
+                "workers": row.workers,
+                "error": row.error,
+                "load_average": [row.load_average_at_start, row.load_average_at_end],
+                "summary": summaries[row.key],
+                "memory_peak_bytes": row.memory,
+                "memory_hwm_bytes": row.memory_hwm,
+                "rounds": row.rounds,
+            }
+            for row in rows
+        ],
+        "targets": found,
+        "table": table(rows, summaries),
+    }
+
+
+def render(results: dict) -> str:
+    m = results["meta"]["machine"]
+    head = (
+        f"fedcompose bench, {results['meta']['date']}: {m['cores']} cores, "
+        f"{m['memory_gib']:g} GiB, {m['cpu']}, Python {m['python']}, TFF {m['tff']}, "
+        f"TF {m['tensorflow']}"
+    )
+    legend = (
+        "medians over the measured rounds after one warm-up round; s/round and ex/s: whole "
+        "rounds; compute = the slowest worker's computing (from starting its call to its "
+        "partial being done); wait = the rest of the wait for workers (serializing and "
+        "sending the state, set-up); coord = the rest of the round (sampling, merges and "
+        "finalizer still pending after the last partial, fetching and decoding the new "
+        "state); overhd = round minus compute; KB = bytes the coordinator sent and received "
+        "per round; MB = peak RSS, process+executor child (coordinator+its server executor, "
+        "largest worker+its executor); "
+        "xTFF / xfloor = round time over TFF's / Keras' for the same examples; load = the "
+        "machine's 1-minute load average at the workload's end, highest over passes (above "
+        "the core count, other processes competed with the measurement)"
+    )
+    parts = [head, legend, "", results["table"]]
+    if results["targets"]:
+        parts += ["", targets_text(results["targets"])]
+    return "\n".join(parts)

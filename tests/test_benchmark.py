@@ -1,0 +1,76 @@
+"""`fedcompose bench` runs end to end on a tiny grid and writes complete results.
+
+A smoke test of the command, not a timed test: it checks that every system
+and workload produced a row with sane figures, never how fast they were.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import fedcompose
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_grid_writes_every_row_and_column(tmp_path):
+    out = tmp_path / "bench.json"
+    result = fedcompose(
+        "bench",
+        "--quick",
+        "--clients-per-round",
+        "3,6",
+        "--workers",
+        "1,2",
+        "--hosted-clients",
+        "24",
+        "--examples-per-client",
+        "6",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(tmp_path / "data"),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads(out.read_text())
+
+    rows = {(r["system"], r["workers"], r["clients_per_round"]): r for r in results["rows"]}
+    systems = (("keras", None), ("tff_local", None), ("fedcompose", 1), ("fedcompose", 2))
+    expected = {(system, workers, clients) for clients in (3, 6) for system, workers in systems}
+    assert set(rows) == expected
+    for key, row in rows.items():
+        assert row["error"] is None, key
+        s = row["summary"]
+        # One warm-up round and one measured round, on the same clients everywhere.
+        assert [r["round"] for r in row["rounds"]] == [0, 1], key
+        assert s["measured_rounds"] == 1
+        assert s["seconds_per_round"] > 0 and s["examples_per_second"] > 0, key
+        floor = rows[("keras", None, key[2])]["summary"]
+        assert s["examples_per_round"] == floor["examples_per_round"], key
+        assert s["ratio_vs_tff"] > 0 and s["ratio_vs_floor"] > 0, key
+    for key, row in rows.items():
+        if key[0] != "fedcompose":
+            assert row["summary"]["process_rss"] > 0, key
+            continue
+        s = row["summary"]
+        for name in ("worker_compute", "coordinator", "waiting", "overhead"):
+            assert s[name] >= 0, (key, name)
+        assert 0 < s["worker_compute"] <= s["seconds_per_round"]
+        assert s["bytes_sent"] > 0 and s["bytes_received"] > 0
+        assert s["worker_bytes_sent"] > 0 and s["server_bytes_sent"] >= 0
+        # The linear model is 7,850 float32: 31,400 bytes.
+        assert s["model_bytes"] == 31_400
+        assert s["coordinator_rss"] > 0 and s["server_executor_rss"] > 0
+        assert s["worker_rss_max"] > 0 and s["worker_executor_rss_max"] > 0
+        per_worker = row["rounds"][-1]["per_worker"]
+        assert len(per_worker) <= key[1]
+        assert sum(w["clients"] for w in per_worker.values()) == key[2]
+    assert results["meta"]["machine"]["cores"] >= 1
+    assert results["targets"], "the targets are evaluated"
+    # The table reaches the terminal.
+    assert "fedcompose" in result.stdout and "Keras floor" in result.stdout
