@@ -300,14 +300,40 @@ class RemoteWorker:
 
     def executor(self, num_clients: int) -> executor_pb2.ExecutorId:
         """The worker's executor for `num_clients` clients, made on first use."""
-        executor = self._executors.get(num_clients)
+        executor = self._executors.pop(num_clients, None)
         if executor is None:
             request = executor_pb2.GetExecutorRequest(
                 cardinalities=_clients_cardinality(num_clients)
             )
             executor = self._rpc("GetExecutor", request, timeout=self.connect_timeout).executor
-            self._executors[num_clients] = executor
+        # Most recently used last, for `release_executors`.
+        self._executors[num_clients] = executor
         return executor
+
+    def release_executors(self, keep: int, budget: int) -> None:
+        """Disposes of the least recently used executors, but never the one for
+        `keep` clients, until those left serve at most `budget` clients in all.
+
+        A worker's executor holds its clients' TensorFlow state: for the CNN,
+        about 16 MB per client; unbounded, executors kept for reuse run a
+        worker out of memory.
+        """
+        for count in list(self._executors):
+            if sum(self._executors) <= budget:
+                break
+            if count == keep:
+                continue
+            executor = self._executors.pop(count)
+            for key in [k for k in self._loaded if k[1] == count]:
+                del self._loaded[key]
+            if self.unresponsive:
+                continue
+            with contextlib.suppress(WorkerError):
+                self._rpc(
+                    "DisposeExecutor",
+                    executor_pb2.DisposeExecutorRequest(executor=executor),
+                    timeout=min(self.rpc_timeout, _DISPOSE_TIMEOUT),
+                )
 
     def client_counts(self) -> set[int]:
         """The client counts this worker already has an executor for."""

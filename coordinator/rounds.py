@@ -47,6 +47,12 @@ from coordinator.federation import Federation
 from coordinator.server import ServerExecutor
 from shared import preprocessing
 
+EXECUTOR_BUDGET = 256
+"""Clients a worker's kept executors may serve in all. An executor holds its
+clients' TensorFlow state (about 16 MB per client for the CNN, measured with
+`fedcompose bench`); without a bound, executors kept for reuse ran four CNN
+workers at 1,000 clients per round out of memory on a 24 GiB machine."""
+
 
 def padded_count(clients: int) -> int:
     """The client count a worker runs `clients` clients at.
@@ -378,7 +384,9 @@ class RoundExecutor:
         server: ServerExecutor,
         pad_clients: bool = True,
         warm_up_executors: bool = True,
+        executor_budget: int = EXECUTOR_BUDGET,
     ):
+        self.executor_budget = executor_budget
         self.algorithm = algorithm
         self.pad_clients = pad_clients
         self.warm_up_executors = warm_up_executors
@@ -441,6 +449,15 @@ class RoundExecutor:
         # as without them (adding zeros changes no float).
         return tokens + [preprocessing.EMPTY_CLIENT_TOKEN] * (target - len(tokens))
 
+    def _make_room(self, index: int, clients: int) -> None:
+        """Frees the worker's least recently used executors so that, with the one
+        for `clients`, they serve at most `executor_budget` clients."""
+        if not clients:
+            return
+        worker = self.federation.workers[index]
+        kept = self.executor_budget - (0 if clients in worker.client_counts() else clients)
+        worker.release_executors(keep=clients, budget=max(0, kept))
+
     def warm_up(self, state_proto: executor_pb2.Value, clients_per_round: int) -> None:
         """Builds, on every worker at once, the executors for the (padded) client
         counts that sampling `clients_per_round` clients will likely give it.
@@ -454,10 +471,15 @@ class RoundExecutor:
         def warm(index: int) -> None:
             worker = self.federation.workers[index]
             hosted = len(self.federation.descriptions[index].manifest.clients)
-            counts = likely_counts(clients_per_round, hosted, total)
-            if self.pad_clients and len(counts) > 1:
-                counts = sorted({padded_count(n) for n in counts})
-            for clients in counts:
+            likely = likely_counts(clients_per_round, hosted, total)
+            counts = {padded_count(n) for n in likely} if self.pad_clients else set(likely)
+            mean = clients_per_round * hosted / total
+            # The likeliest counts first, as many as the budget holds.
+            budget = self.executor_budget
+            for clients in sorted(counts, key=lambda c: (abs(c - mean), c)):
+                if clients > budget:
+                    break
+                budget -= clients
                 if not worker.is_loaded(self._train.after_merge, clients):
                     self._train.warm_up(worker, state_proto, clients)
 
@@ -481,6 +503,8 @@ class RoundExecutor:
             i: self._padded(i, [preprocessing.make_token(c, shuffle_seed) for c in ids])
             for i, ids in sampled.items()
         }
+        for i, worker_tokens in tokens.items():
+            self._make_room(i, len(worker_tokens))
         result_proto = self._train.run(
             self.federation, self._pool, state_proto, tokens, timing, run_started
         )
@@ -523,6 +547,8 @@ class RoundExecutor:
             i: [preprocessing.make_token(c, 0) for c in self.federation.clients_of(i)]
             for i in range(len(self.federation.workers))
         }
+        for i, worker_tokens in tokens.items():
+            self._make_room(i, len(worker_tokens))
         timing = RoundTiming()
         started = time.perf_counter()
         result_proto = self._eval.run(
