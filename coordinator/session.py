@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from coordinator import config as config_lib
-from shared import logs
+from shared import interrupts, logs
 from shared.quiet import quiet_tensorflow
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -23,11 +22,7 @@ def prepare_run_dir(config: config_lib.RunConfig) -> Path:
 
 def sigterm_as_interrupt() -> None:
     """SIGTERM stops a run like Ctrl-C does: cleanly, through `finally` blocks."""
-
-    def handler(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+    interrupts.install()
 
 
 def run_training(config: config_lib.RunConfig, addresses: list[str], command: str) -> int:

@@ -16,6 +16,7 @@ from coordinator.config import ConfigError, RunConfig, resume_conflicts
 from coordinator.rounds import RoundExecutor, RoundResult
 from coordinator.run_dir import RunDirectory, RunDirError
 from coordinator.server import ServerExecutor
+from shared import interrupts
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -207,6 +208,7 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
     evaluation = executor.evaluate(state) if start_round > t.rounds else None
     try:
         for round_num in range(start_round, t.rounds + 1):
+            interrupts.raise_if_requested()
             sampled = federation.sample(round_num, t.clients_per_round, t.seed)
             result = executor.train_round(state, sampled, shuffle_seed(t.seed, round_num))
             state = result.state
