@@ -23,7 +23,7 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -65,6 +65,15 @@ class WireStats:
 
     def snapshot(self) -> WireStats:
         return dataclasses.replace(self)
+
+    @staticmethod
+    def total(parts: Iterable[WireStats]) -> WireStats:
+        total = WireStats()
+        for part in parts:
+            total.bytes_sent += part.bytes_sent
+            total.bytes_received += part.bytes_received
+            total.calls += part.calls
+        return total
 
     def since(self, earlier: WireStats) -> WireStats:
         return WireStats(
@@ -191,10 +200,6 @@ _METHODS = {
     "CreateValue": (executor_pb2.CreateValueRequest, executor_pb2.CreateValueResponse),
     "CreateCall": (executor_pb2.CreateCallRequest, executor_pb2.CreateCallResponse),
     "CreateStruct": (executor_pb2.CreateStructRequest, executor_pb2.CreateStructResponse),
-    "CreateSelection": (
-        executor_pb2.CreateSelectionRequest,
-        executor_pb2.CreateSelectionResponse,
-    ),
     "Compute": (executor_pb2.ComputeRequest, executor_pb2.ComputeResponse),
     "Dispose": (executor_pb2.DisposeRequest, executor_pb2.DisposeResponse),
     "DisposeExecutor": (
@@ -323,17 +328,20 @@ class RemoteWorker:
                 break
             if count == keep:
                 continue
-            executor = self._executors.pop(count)
             for key in [k for k in self._loaded if k[1] == count]:
                 del self._loaded[key]
-            if self.unresponsive:
-                continue
-            with contextlib.suppress(WorkerError):
-                self._rpc(
-                    "DisposeExecutor",
-                    executor_pb2.DisposeExecutorRequest(executor=executor),
-                    timeout=min(self.rpc_timeout, _DISPOSE_TIMEOUT),
-                )
+            self._dispose_executor(self._executors.pop(count), _DISPOSE_TIMEOUT)
+
+    def _dispose_executor(self, executor: executor_pb2.ExecutorId, timeout: float) -> None:
+        """Frees an executor; one that is gone with its worker has nothing to free."""
+        if self.unresponsive:
+            return
+        with contextlib.suppress(WorkerError):
+            self._rpc(
+                "DisposeExecutor",
+                executor_pb2.DisposeExecutorRequest(executor=executor),
+                timeout=min(self.rpc_timeout, timeout),
+            )
 
     def client_counts(self) -> set[int]:
         """The client counts this worker already has an executor for."""
@@ -365,12 +373,6 @@ class RemoteWorker:
             ],
         )
         return self._rpc("CreateStruct", request).value_ref
-
-    def create_selection(self, source: ValueRef, index: int, num_clients: int = 0) -> ValueRef:
-        request = executor_pb2.CreateSelectionRequest(
-            executor=self.executor(num_clients), source_ref=source, index=index
-        )
-        return self._rpc("CreateSelection", request).value_ref
 
     def create_call(
         self, comp: PreparedComputation, arg: ValueRef | None, num_clients: int = 0
@@ -442,21 +444,9 @@ class RemoteWorker:
         arg_proto = comp.serialize_arg(arg) if comp.parameter_type is not None else None
         return comp.deserialize_result(self.call_proto(comp, arg_proto, num_clients))
 
-    def call_serialized(
-        self, comp: PreparedComputation, arg_proto: executor_pb2.Value | None, num_clients: int
-    ) -> object:
-        return comp.deserialize_result(self.call_proto(comp, arg_proto, num_clients))
-
     def close(self) -> None:
         for executor in self._executors.values():
-            if self.unresponsive:
-                break
-            with contextlib.suppress(WorkerError):
-                self._rpc(
-                    "DisposeExecutor",
-                    executor_pb2.DisposeExecutorRequest(executor=executor),
-                    timeout=2.0,
-                )
+            self._dispose_executor(executor, 2.0)
         self._executors.clear()
         self._loaded.clear()
         self._channel.close()

@@ -31,7 +31,6 @@ running the round's computations once on empty clients only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -257,19 +256,45 @@ class _MergeableRunner:
         try:
             partial = self._partial_on_finisher(worker, -1, state, tokens, clients, kept)
             assert partial.ref is not None and partial.original_arg is not None
-            pair = worker.create_struct([("", partial.ref), ("", partial.ref)], clients)
-            merged = worker.create_call(self.merge, pair, clients)
-            arg = worker.create_struct(
-                list(zip(self.after_merge_names, [partial.original_arg, merged], strict=True)),
-                clients,
-            )
-            result = worker.create_call(self.after_merge, arg, clients)
-            kept += [pair, merged, arg, result]
+            merged = self._merge_on(worker, partial.ref, partial.ref, clients, kept)
             # No weight at all: the mean is 0/0. Harmless, and never used.
-            worker.compute(result, clients)
+            self._finish_on(worker, partial.original_arg, merged, clients, kept)
         finally:
-            with contextlib.suppress(remote.WorkerError):
-                worker.dispose(kept, clients)
+            worker.dispose(kept, clients)
+
+    def _merge_on(
+        self,
+        worker: remote.RemoteWorker,
+        a: remote.ValueRef,
+        b: remote.ValueRef,
+        clients: int,
+        kept: list[remote.ValueRef],
+    ) -> remote.ValueRef:
+        """Starts `merge(a, b)` on `worker`; what it makes is added to `kept`."""
+        pair = worker.create_struct([("", a), ("", b)], clients)
+        merged = worker.create_call(self.merge, pair, clients)
+        kept += [pair, merged]
+        return merged
+
+    def _finish_on(
+        self,
+        worker: remote.RemoteWorker,
+        original_arg: remote.ValueRef,
+        merged: remote.ValueRef,
+        clients: int,
+        kept: list[remote.ValueRef],
+    ) -> executor_pb2.Value:
+        """Runs `after_merge` on `worker` and fetches the serialized result.
+
+        The finisher's `up_to_merge` argument (state and clients) is the
+        original argument `after_merge` wants.
+        """
+        arg = worker.create_struct(
+            list(zip(self.after_merge_names, [original_arg, merged], strict=True)), clients
+        )
+        result = worker.create_call(self.after_merge, arg, clients)
+        kept += [arg, result]
+        return worker.compute(result, clients)
 
     def run(
         self,
@@ -346,31 +371,22 @@ class _MergeableRunner:
                 while next_to_merge < len(order) and order[next_to_merge] in on_finisher:
                     ref = on_finisher[order[next_to_merge]]
                     next_to_merge += 1
-                    if merged is None:
-                        merged = ref
-                    else:
-                        pair = finisher.create_struct([("", merged), ("", ref)], clients)
-                        merged = finisher.create_call(self.merge, pair, clients)
-                        kept += [pair, merged]
+                    merged = (
+                        ref
+                        if merged is None
+                        else self._merge_on(finisher, merged, ref, clients, kept)
+                    )
                 timing.merge += time.perf_counter() - t0
             assert merged is not None and original_arg is not None
             t0 = time.perf_counter()
-            # The finisher's `up_to_merge` argument (state and clients) is the
-            # original argument `after_merge` wants.
-            arg = finisher.create_struct(
-                list(zip(self.after_merge_names, [original_arg, merged], strict=True)), clients
-            )
-            result_ref = finisher.create_call(self.after_merge, arg, clients)
-            kept += [arg, result_ref]
-            result = finisher.compute(result_ref, clients)
+            result = self._finish_on(finisher, original_arg, merged, clients, kept)
             timing.finalize = time.perf_counter() - t0
         except BaseException:
             for p in pending:
                 p.cancel()
             raise
         finally:
-            with contextlib.suppress(remote.WorkerError):
-                finisher.dispose(kept_by_call + kept, clients)
+            finisher.dispose(kept_by_call + kept, clients)
         return result
 
 
@@ -383,13 +399,11 @@ class RoundExecutor:
         federation: Federation,
         server: ServerExecutor,
         pad_clients: bool = True,
-        warm_up_executors: bool = True,
         executor_budget: int = EXECUTOR_BUDGET,
     ):
         self.executor_budget = executor_budget
         self.algorithm = algorithm
         self.pad_clients = pad_clients
-        self.warm_up_executors = warm_up_executors
         self.federation = federation
         self.server = server
         self._train = _MergeableRunner(algorithm.process.next, "train")
@@ -493,7 +507,7 @@ class RoundExecutor:
         started = time.perf_counter()
         state_proto = self._state_proto(state)
         clients_per_round = sum(len(ids) for ids in sampled.values())
-        if self.warm_up_executors and clients_per_round not in self._warmed_for:
+        if clients_per_round not in self._warmed_for:
             self._warmed_for.add(clients_per_round)
             t0 = time.perf_counter()
             self.warm_up(state_proto, clients_per_round)
@@ -519,11 +533,6 @@ class RoundExecutor:
         metrics = output.metrics["client_work"]["train"]
         wire_after = self._wire()
         by_peer = {label: wire_after[label].since(wire_before[label]) for label in wire_after}
-        total = remote.WireStats()
-        for stats in by_peer.values():
-            total.bytes_sent += stats.bytes_sent
-            total.bytes_received += stats.bytes_received
-            total.calls += stats.calls
         return RoundResult(
             state=output.state,
             metrics={
@@ -534,7 +543,7 @@ class RoundExecutor:
                 "update_non_finite": int(output.metrics["finalizer"]["update_non_finite"]),
             },
             timing=timing,
-            wire=total,
+            wire=remote.WireStats.total(by_peer.values()),
             wire_by_peer=by_peer,
         )
 

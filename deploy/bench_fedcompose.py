@@ -11,7 +11,6 @@ measured by the benchmark itself.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,31 +19,22 @@ from deploy import bench_protocol
 from deploy.bench_plan import Plan
 
 
-def _sigterm_as_interrupt(signum, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _round_event(key: str, round_num: int, sample_seconds: float, result) -> dict:
     timing = result.timing
     per_worker = {
         label: {
             "clients": t.clients,
             "seconds": t.seconds,
-            "compute": getattr(t, "compute", None),
-            "upload": getattr(t, "upload", None),
-            "setup": getattr(t, "setup", None),
-            "new_executor": getattr(t, "new_executor", None),
+            "compute": t.compute,
+            "upload": t.upload,
+            "setup": t.setup,
+            "new_executor": t.new_executor,
         }
         for label, t in sorted(timing.per_worker.items())
     }
-    computes = [w["compute"] for w in per_worker.values() if w["compute"] is not None]
-    # Without per-call timing (older coordinators) the slowest worker's whole
-    # call stands in for its compute.
-    worker_compute = max(computes) if computes else max(w["seconds"] for w in per_worker.values())
+    # Sampling happens outside `train_round`; it is coordinator work too.
     total = timing.total + sample_seconds
-    warm_up = getattr(timing, "warm_up", 0.0)
-    by_peer = getattr(result, "wire_by_peer", {}) or {}
-    server = by_peer.get("server")
+    server = result.wire_by_peer.get("server")
     return {
         "workload": key,
         "round": round_num,
@@ -53,16 +43,16 @@ def _round_event(key: str, round_num: int, sample_seconds: float, result) -> dic
         "clients": result.metrics["clients"],
         "loss": result.metrics["loss"],
         "sample": sample_seconds,
-        "prepare": getattr(timing, "prepare", None),
-        "first_partial": getattr(timing, "first_partial", None),
+        "prepare": timing.prepare,
+        "first_partial": timing.first_partial,
         "workers_wall": timing.workers_wall,
         "merge": timing.merge,
         "finalize": timing.finalize,
-        "worker_compute": worker_compute,
-        "warm_up": warm_up,
-        "coordinator": total - warm_up - timing.workers_wall,
-        "waiting": max(0.0, timing.workers_wall - worker_compute),
-        "overhead": max(0.0, total - warm_up - worker_compute),
+        "worker_compute": timing.worker_compute,
+        "warm_up": timing.warm_up,
+        "coordinator": timing.coordinator + sample_seconds,
+        "waiting": timing.waiting,
+        "overhead": max(0.0, total - timing.warm_up - timing.worker_compute),
         "new_executors": sum(1 for w in per_worker.values() if w["new_executor"]),
         "per_worker": per_worker,
         "bytes_sent": result.wire.bytes_sent,
@@ -79,11 +69,7 @@ def _model_bytes(weights) -> int:
 
 
 def main(config_path: str) -> int:
-    bench_protocol.take_stdout()
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    from shared.quiet import quiet_tensorflow
-
-    quiet_tensorflow()
+    bench_protocol.start_child()
     from coordinator import algorithm, federation, rounds
     from coordinator.server import ServerExecutor
 

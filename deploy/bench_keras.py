@@ -38,10 +38,7 @@ def _train_pass_fn(model):
 
 
 def main(config_path: str) -> int:
-    bench_protocol.take_stdout()
-    from shared.quiet import quiet_tensorflow
-
-    quiet_tensorflow()
+    bench_protocol.start_child()
     import tensorflow as tf
 
     from deploy import bench_data

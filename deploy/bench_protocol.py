@@ -30,6 +30,18 @@ def take_stdout() -> None:
     sys.stdout = sys.stderr
 
 
+def start_child() -> None:
+    """What every measured child does first: stdout kept for events, SIGTERM
+    and Ctrl-C stopping it through `finally` blocks, TensorFlow's start-up
+    noise kept out of the log."""
+    from shared import interrupts
+    from shared.quiet import quiet_tensorflow
+
+    take_stdout()
+    interrupts.install()
+    quiet_tensorflow()
+
+
 def emit(event: str, **fields: Any) -> None:
     _OUT.write(json.dumps({"event": event, **fields}) + "\n")
     _OUT.flush()

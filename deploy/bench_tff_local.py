@@ -13,32 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from deploy import bench_protocol
 from deploy.bench_plan import Plan
-
-
-def _merged_view(shard_dirs: list[Path]) -> Path:
-    """A directory whose `shard/` shows every client of every shard."""
-    from shared import preprocessing, shard_format
-
-    root = Path(tempfile.mkdtemp(prefix="fedcompose-bench-tff-"))
-    if len(shard_dirs) == 1:
-        (root / preprocessing.SHARD_LINK).symlink_to(shard_dirs[0].resolve())
-        return root
-    for split in shard_format.SPLITS:
-        (root / preprocessing.SHARD_LINK / split).mkdir(parents=True)
-    for shard in shard_dirs:
-        for client in shard_format.read_manifest(shard).clients:
-            for split in shard_format.SPLITS:
-                rel = shard_format.client_path(split, client.id)
-                (root / preprocessing.SHARD_LINK / rel).symlink_to(shard.resolve() / rel)
-    return root
 
 
 def _kill_children() -> None:
@@ -52,24 +32,17 @@ def _kill_children() -> None:
             pass
 
 
-def _sigterm_as_interrupt(signum, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(config_path: str) -> int:
-    bench_protocol.take_stdout()
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    from shared.quiet import quiet_tensorflow
-
-    quiet_tensorflow()
+    bench_protocol.start_child()
     import tensorflow_federated as tff
 
     from coordinator import algorithm
+    from deploy import shards
     from shared import preprocessing
 
     config = json.loads(Path(config_path).read_text())
     plan = Plan.from_json(config["plan"])
-    view = _merged_view([Path(p) for p in config["shard_dirs"]])
+    view = shards.merged_view([Path(p) for p in config["shard_dirs"]])
     os.chdir(view)
     tff.backends.native.set_sync_local_cpp_execution_context()
     try:

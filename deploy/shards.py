@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from deploy.sources import FederatedSource
-from shared import shard_format
+from shared import preprocessing, shard_format
 
 SHARD_PREFIX = "shard-"
 
@@ -95,3 +96,22 @@ def write_shards(
 
 def existing_shards(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob(f"{SHARD_PREFIX}*") if p.is_dir())
+
+
+def merged_view(shard_dirs: Sequence[Path]) -> Path:
+    """A new directory in which one executor sees every shard's client files.
+
+    It is laid out like a worker's working directory (`shard/<split>/<id>.bin`),
+    so a single-process TFF run over it reads exactly the files the workers
+    read: the baseline that tests and the benchmark compare against.
+    """
+    root = Path(tempfile.mkdtemp(prefix="fedcompose-merged-"))
+    for split in shard_format.SPLITS:
+        (root / preprocessing.SHARD_LINK / split).mkdir(parents=True)
+    for shard in shard_dirs:
+        shard = shard.resolve()
+        for client in shard_format.read_manifest(shard).clients:
+            for split in shard_format.SPLITS:
+                rel = shard_format.client_path(split, client.id)
+                (root / preprocessing.SHARD_LINK / rel).symlink_to(shard / rel)
+    return root

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,22 +27,8 @@ import psutil  # noqa: E402
 import tensorflow_federated as tff  # noqa: E402
 
 from coordinator import algorithm, federation, trainer  # noqa: E402
+from deploy.shards import merged_view  # noqa: E402
 from shared import preprocessing, shard_format  # noqa: E402
-
-
-def merged_view(shard_dirs: list[Path]) -> Path:
-    """A directory where one executor sees every shard's client files."""
-    root = Path(tempfile.mkdtemp(prefix="fedcompose-reference-"))
-    for split in shard_format.SPLITS:
-        (root / preprocessing.SHARD_LINK / split).mkdir(parents=True)
-    client_ids = []
-    for shard in shard_dirs:
-        for client in shard_format.read_manifest(shard).clients:
-            client_ids.append(client.id)
-            for split in shard_format.SPLITS:
-                rel = shard_format.client_path(split, client.id)
-                (root / preprocessing.SHARD_LINK / rel).symlink_to(shard / rel)
-    return root, sorted(client_ids)
 
 
 def main() -> None:
@@ -54,7 +39,11 @@ def main() -> None:
         options.pop("clients_per_round"),
         options.pop("seed"),
     )
-    view, client_ids = merged_view([Path(s).resolve() for s in shards])
+    shard_dirs = [Path(s) for s in shards]
+    view = merged_view(shard_dirs)
+    client_ids = sorted(
+        c.id for shard in shard_dirs for c in shard_format.read_manifest(shard).clients
+    )
     os.chdir(view)
     alg = algorithm.build(algorithm.AlgorithmSpec(**options))
     tff.backends.native.set_sync_local_cpp_execution_context()
