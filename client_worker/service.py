@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -23,16 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared import executor_binary, processes, shard_format
+from shared import executor_binary, processes, shard_format, worker_dir
+from shared.errors import FedcomposeError
 
 log = logging.getLogger("fedcompose.worker")
 
-WORKER_INFO_NAME = "worker.json"
-SHARD_LINK = "shard"
 
-
-class WorkerStartError(RuntimeError):
-    pass
+class WorkerStartError(FedcomposeError):
+    """The executor service could not be started on this shard and port."""
 
 
 @dataclasses.dataclass
@@ -101,17 +98,16 @@ def start(
 ) -> WorkerService:
     check_port_free(port)
     runtime_dir = Path(tempfile.mkdtemp(prefix=f"fedcompose-worker-{port}-"))
-    (runtime_dir / SHARD_LINK).symlink_to(shard_dir.resolve(), target_is_directory=True)
-    info = {
-        "tff_version": executor_binary.tff_version(),
-        "python": sys.version.split()[0],
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "port": port,
-        "shard": str(shard_dir.resolve()),
-        "started_at": time.time(),
-    }
-    (runtime_dir / WORKER_INFO_NAME).write_text(json.dumps(info))
+    info = worker_dir.WorkerInfo(
+        tff_version=executor_binary.tff_version(),
+        python=sys.version.split()[0],
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        port=port,
+        shard=str(shard_dir.resolve()),
+        started_at=time.time(),
+    )
+    worker_dir.lay_out(runtime_dir, shard_dir, info)
     executor_log = executor_log or runtime_dir / "executor.log"
     executor_log.parent.mkdir(parents=True, exist_ok=True)
     with open(executor_log, "ab") as log_file:

@@ -2,49 +2,57 @@
 
 from __future__ import annotations
 
-import argparse
+import datetime
 import sys
+from pathlib import Path
 
-from coordinator import config as config_lib
+from shared import config as config_lib
 
-TRAIN_SECTIONS = ("federation", "model", "training", "evaluation", "output")
-LAUNCHER_ONLY = ("workers", "base_port", "worker_check")
+DESCRIPTION = (
+    "Compose the learning algorithm from TFF's building blocks (broadcast, clipped "
+    "client SGD, weighted mean, server SGD) and train over running workers "
+    "(`fedcompose worker`). Only worker addresses are needed: the coordinator learns "
+    "what each worker hosts from the worker itself and never reads shard files. "
+    "Restarting with the same --run-dir resumes after the last checkpoint."
+)
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="fedcompose train")
-    parser.description = (
-        "Compose the learning algorithm from TFF's building blocks (broadcast, clipped "
-        "client SGD, weighted mean, server SGD) and train over running workers "
-        "(`fedcompose worker`). Only worker addresses are needed: the coordinator learns "
-        "what each worker hosts from the worker itself and never reads shard files. "
-        "Restarting with the same --run-dir resumes after the last checkpoint."
+def run(config: config_lib.RunConfig) -> int:
+    return run_training(config, list(config.federation.addresses), command="train")
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_run_dir(config: config_lib.RunConfig) -> Path:
+    run_dir = Path(config.output.run_dir) if config.output.run_dir else default_run_dir()
+    config.output.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def run_training(config: config_lib.RunConfig, addresses: list[str], command: str) -> int:
+    """Trains as a command does: logs in the run directory, TensorFlow quiet,
+    SIGTERM stopping the run like Ctrl-C, the result in one line."""
+    from shared import interrupts, logs
+    from shared.quiet import quiet_tensorflow
+
+    run_dir = prepare_run_dir(config)
+    logs.setup(
+        verbose=config.output.verbose, log_file=run_dir / "logs" / "coordinator.log", name=command
     )
-    config_lib.add_arguments(parser, TRAIN_SECTIONS, exclude=LAUNCHER_ONLY)
-    return parser
+    quiet_tensorflow(config.output.verbose)
+    interrupts.install()
 
+    from coordinator import trainer
 
-def run(args: argparse.Namespace) -> int:
-    from coordinator import session
-
-    try:
-        config = config_lib.resolve(args, TRAIN_SECTIONS)
-    except config_lib.ConfigError as e:
-        print(f"fedcompose train: error: {e}", file=sys.stderr)
-        return 2
-    if not config.federation.addresses:
+    summary = trainer.train(config, addresses, run_dir)
+    if summary.final_eval is not None:
         print(
-            "fedcompose train: error: no workers given; pass --addresses host:port,... "
-            "(or use `fedcompose run` to start workers on this machine)",
+            f"held-out accuracy {summary.final_eval['accuracy']:.4f} "
+            f"(loss {summary.final_eval['loss']:.4f}) on {summary.final_eval['examples']} "
+            f"test examples after {summary.rounds_completed} rounds; results in {run_dir}",
             file=sys.stderr,
         )
-        return 2
-    return session.run_training(config, list(config.federation.addresses), command="train")
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return 0

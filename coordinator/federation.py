@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from concurrent import futures
@@ -18,48 +17,44 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from coordinator import remote
-from shared import shard_format
+from coordinator.executor_client import PreparedComputation, RemoteWorker, WorkerError
+from shared import shard_format, worker_dir
+from shared.errors import FederationError
 
 log = logging.getLogger("fedcompose.coordinator")
-
-
-class FederationError(RuntimeError):
-    """The workers do not form one consistent federation."""
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerDescription:
     address: str
     manifest: shard_format.Manifest
-    info: dict
-
-    @property
-    def tff_version(self) -> str:
-        return str(self.info.get("tff_version", "unknown"))
+    info: worker_dir.WorkerInfo
 
 
 def _describe_computation() -> tff.Computation:
     @tff.tensorflow.computation
     def describe():
         # Relative paths resolve in the worker's working directory.
-        return tf.io.read_file("shard/manifest.json"), tf.io.read_file("worker.json")
+        return (
+            tf.io.read_file(worker_dir.MANIFEST_PATH),
+            tf.io.read_file(worker_dir.WORKER_INFO_NAME),
+        )
 
     return describe
 
 
-_DESCRIBE: remote.PreparedComputation | None = None
+_DESCRIBE: PreparedComputation | None = None
 
 
-def describe_worker(worker: remote.RemoteWorker) -> WorkerDescription:
+def describe_worker(worker: RemoteWorker) -> WorkerDescription:
     global _DESCRIBE
     if _DESCRIBE is None:
-        _DESCRIBE = remote.PreparedComputation(_describe_computation(), "describe")
+        _DESCRIBE = PreparedComputation(_describe_computation(), "describe")
     try:
         manifest_bytes, info_bytes = worker.call(_DESCRIBE, None)
-    except remote.WorkerError as e:
+    except WorkerError as e:
         if "NOT_FOUND" in str(e) or "No such file" in str(e) or "not found" in str(e).lower():
-            raise remote.WorkerError(
+            raise WorkerError(
                 worker.label,
                 "is a TFF executor service but serves no fedcompose shard; "
                 "start it with `fedcompose worker --shard DIR`",
@@ -71,11 +66,7 @@ def describe_worker(worker: remote.RemoteWorker) -> WorkerDescription:
         )
     except shard_format.ShardError as e:
         raise FederationError(f"worker {worker.label}: {e}") from None
-    try:
-        info = json.loads(info_bytes)
-    except ValueError:
-        info = {}
-    return WorkerDescription(worker.address, manifest, info)
+    return WorkerDescription(worker.address, manifest, worker_dir.WorkerInfo.from_json(info_bytes))
 
 
 def sample_clients(
@@ -88,9 +79,14 @@ def sample_clients(
     return [client_ids[i] for i in chosen]
 
 
+def shuffle_seed(seed: int, round_num: int) -> int:
+    """The seed each client shuffles its examples with in round `round_num`."""
+    return seed * 1_000_003 + round_num
+
+
 @dataclasses.dataclass
 class Federation:
-    workers: list[remote.RemoteWorker]
+    workers: list[RemoteWorker]
     descriptions: list[WorkerDescription]
     task: shard_format.Task
     client_ids: list[str]
@@ -143,7 +139,7 @@ def check_consistency(descriptions: Sequence[WorkerDescription]) -> shard_format
                     f"{d.address}; each client must live on exactly one worker"
                 )
             owner[client.id] = d.address
-    versions = {d.tff_version for d in descriptions}
+    versions = {d.info.tff_version for d in descriptions}
     if len(versions) > 1:
         log.warning("workers run different TFF versions: %s", ", ".join(sorted(versions)))
     return first.manifest.task
@@ -162,8 +158,7 @@ def connect(
         dup = next(a for a in addresses if list(addresses).count(a) > 1)
         raise FederationError(f"worker address {dup} is listed twice")
     workers = [
-        remote.RemoteWorker(a, rpc_timeout=rpc_timeout, connect_timeout=connect_timeout)
-        for a in addresses
+        RemoteWorker(a, rpc_timeout=rpc_timeout, connect_timeout=connect_timeout) for a in addresses
     ]
     try:
         with futures.ThreadPoolExecutor(len(workers)) as pool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import tomllib
 from pathlib import Path
@@ -24,13 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from shared import files
+from shared.errors import RunDirError
+
 log = logging.getLogger("fedcompose.coordinator")
 
 CHECKPOINT_PREFIX = "round_"
-
-
-class RunDirError(RuntimeError):
-    pass
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
@@ -70,7 +68,7 @@ class RunDirectory:
 
     def write_config(self, toml_text: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.config_path, toml_text)
+        files.write_atomic(self.config_path, toml_text)
 
     def status(self) -> dict:
         try:
@@ -81,7 +79,7 @@ class RunDirectory:
     def write_status(self, **fields: Any) -> None:
         status = self.status()
         status.update(fields, updated_at=time.time())
-        _write_atomic(self.status_path, json.dumps(status, indent=1))
+        files.write_atomic(self.status_path, json.dumps(status, indent=1))
 
     # --- checkpoints ---------------------------------------------------------
 
@@ -158,7 +156,7 @@ class RunDirectory:
     def truncate_metrics_after(self, round_num: int) -> None:
         """Drops JSONL rows of rounds after the checkpoint we resume from."""
         rows = [r for r in self.metrics() if int(r["round"]) <= round_num]
-        _write_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        files.write_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
 
     # --- artefacts -----------------------------------------------------------------
 
@@ -167,9 +165,8 @@ class RunDirectory:
         arrays.update(
             {f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(weights.non_trainable)}
         )
-        tmp = self.model_path.with_name(f".{self.model_path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.model_path)
+        with files.atomic_target(self.model_path, ".npz") as tmp:
+            np.savez(tmp, **arrays)
 
     def write_plot(self, title: str = "") -> Path | None:
         from coordinator import plots
@@ -179,9 +176,3 @@ class RunDirectory:
             return None
         plots.plot_metrics(rows, self.plot_path, title)
         return self.plot_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

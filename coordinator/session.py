@@ -1,56 +1,88 @@
-"""Running the trainer as a command: logging, quiet TF, one-line errors."""
+"""One federation being driven: the lifecycle `train`, `run` and the benchmark share.
+
+Entering a session starts the coordinator's server executor (which also
+becomes TFF's default context in this process, so TFF never starts an
+unsupervised executor of its own), connects to every worker and checks that
+they form one federation. `round_executor(spec)` composes the algorithm and
+returns what drives its rounds. Leaving the session, however it is left,
+closes every round executor, the worker channels and the server executor.
+"""
 
 from __future__ import annotations
 
 import logging
-import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator import config as config_lib
-from shared import interrupts, logs
-from shared.quiet import quiet_tensorflow
+from coordinator import algorithm as algorithm_lib
+from coordinator import federation as federation_lib
+from coordinator.executor_client.server import ServerExecutor
+from coordinator.rounds.round_executor import RoundExecutor
 
 log = logging.getLogger("fedcompose.coordinator")
 
 
-def prepare_run_dir(config: config_lib.RunConfig) -> Path:
-    run_dir = Path(config.output.run_dir) if config.output.run_dir else config_lib.default_run_dir()
-    config.output.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+class FederationSession:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        rpc_timeout: float,
+        connect_timeout: float,
+        log_dir: Path | None = None,
+    ):
+        self.addresses = list(addresses)
+        self.rpc_timeout = rpc_timeout
+        self.connect_timeout = connect_timeout
+        self.log_dir = log_dir
+        self.server: ServerExecutor | None = None
+        self.federation: federation_lib.Federation | None = None
+        self._executors: list[RoundExecutor] = []
 
-
-def sigterm_as_interrupt() -> None:
-    """SIGTERM stops a run like Ctrl-C does: cleanly, through `finally` blocks."""
-    interrupts.install()
-
-
-def run_training(config: config_lib.RunConfig, addresses: list[str], command: str) -> int:
-    run_dir = prepare_run_dir(config)
-    logs.setup(
-        verbose=config.output.verbose, log_file=run_dir / "logs" / "coordinator.log", name=command
-    )
-    quiet_tensorflow(config.output.verbose)
-    sigterm_as_interrupt()
-
-    from coordinator import remote, trainer
-    from coordinator.federation import FederationError
-    from coordinator.run_dir import RunDirError
-
-    try:
-        summary = trainer.train(config, addresses, run_dir)
-    except config_lib.ConfigError as e:
-        print(f"fedcompose {command}: error: {e}", file=sys.stderr)
-        return 2
-    except (remote.WorkerError, FederationError, RunDirError) as e:
-        print(f"fedcompose {command}: error: {e}", file=sys.stderr)
-        log.debug("details", exc_info=True)
-        return 1
-    if summary.final_eval is not None:
-        print(
-            f"held-out accuracy {summary.final_eval['accuracy']:.4f} "
-            f"(loss {summary.final_eval['loss']:.4f}) on {summary.final_eval['examples']} "
-            f"test examples after {summary.rounds_completed} rounds; results in {run_dir}",
-            file=sys.stderr,
+    def __enter__(self) -> FederationSession:
+        try:
+            self.server = ServerExecutor.start(
+                rpc_timeout=self.rpc_timeout,
+                log_path=self.log_dir / "server-executor.log" if self.log_dir else None,
+            )
+            self.server.install_as_default_context()
+            self.federation = federation_lib.connect(
+                self.addresses,
+                rpc_timeout=self.rpc_timeout,
+                connect_timeout=self.connect_timeout,
+            )
+        except BaseException:
+            self.close()
+            raise
+        f = self.federation
+        log.info(
+            "federation: %d workers, %d clients, %d train / %d test examples, task %s",
+            len(f.workers),
+            f.num_clients,
+            sum(d.manifest.train_examples for d in f.descriptions),
+            sum(d.manifest.test_examples for d in f.descriptions),
+            f.task.describe(),
         )
-    return 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def round_executor(self, spec: algorithm_lib.AlgorithmSpec) -> RoundExecutor:
+        """The composed algorithm for `spec`, ready to drive rounds on this federation."""
+        assert self.federation is not None and self.server is not None
+        started = time.perf_counter()
+        executor = RoundExecutor(algorithm_lib.build(spec), self.federation, self.server)
+        self._executors.append(executor)
+        log.info("composed %s model algorithm in %.1fs", spec.model, time.perf_counter() - started)
+        return executor
+
+    def close(self) -> None:
+        for executor in self._executors:
+            executor.close()
+        self._executors.clear()
+        if self.federation is not None:
+            self.federation.close()
+        if self.server is not None:
+            self.server.stop()

@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from coordinator import algorithm as algorithm_lib
 from coordinator import federation as federation_lib
-from coordinator.config import ConfigError, RunConfig, resume_conflicts
-from coordinator.rounds import RoundExecutor, RoundResult
-from coordinator.run_dir import RunDirectory, RunDirError
-from coordinator.server import ServerExecutor
+from coordinator.algorithm import AlgorithmSpec
+from coordinator.rounds.timing import RoundResult
+from coordinator.run_dir import RunDirectory
+from coordinator.session import FederationSession
 from shared import interrupts
+from shared.config import RunConfig, resume_conflicts
+from shared.errors import RunDirError, UsageError
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -30,31 +30,13 @@ class TrainSummary:
     already_finished: bool = False
 
 
-def shuffle_seed(seed: int, round_num: int) -> int:
-    return seed * 1_000_003 + round_num
-
-
-def algorithm_spec(config: RunConfig, num_classes: int) -> algorithm_lib.AlgorithmSpec:
-    t = config.training
-    return algorithm_lib.AlgorithmSpec(
-        model=config.model.model,
-        num_classes=num_classes,
-        client_learning_rate=t.client_learning_rate,
-        server_learning_rate=t.server_learning_rate,
-        clip_norm=t.clip_norm,
-        batch_size=t.batch_size,
-        local_epochs=t.local_epochs,
-        shuffle_buffer=t.shuffle_buffer,
-    )
-
-
 def _check_resume(run: RunDirectory, config: RunConfig) -> None:
     saved = run.saved_config()
     if saved is None:
         return
     conflicts = resume_conflicts(saved, config)
     if conflicts:
-        raise ConfigError(
+        raise RunDirError(
             f"{run.path} holds a run with other settings ({'; '.join(conflicts)}); "
             "resume it with its own config (--config "
             f"{run.config_path}) or use a new --run-dir"
@@ -76,36 +58,7 @@ def _round_line(row: dict) -> str:
 
 
 def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
-    row = {
-        "round": round_num,
-        "clients": result.metrics["clients"],
-        "examples": result.metrics["examples"],
-        "train": {"loss": result.metrics["loss"], "accuracy": result.metrics["accuracy"]},
-        "round_seconds": result.timing.total,
-        "timing": {
-            "workers_wall": result.timing.workers_wall,
-            "merge": result.timing.merge,
-            "finalize": result.timing.finalize,
-            "coordinator": result.timing.coordinator,
-            "worker_compute": result.timing.worker_compute,
-            "waiting": result.timing.waiting,
-            "warm_up": result.timing.warm_up,
-        },
-        "workers": {
-            label: {
-                "clients": t.clients,
-                "padded_to": t.padded_to,
-                "seconds": t.seconds,
-                "compute": t.compute,
-            }
-            for label, t in sorted(result.timing.per_worker.items())
-        },
-        "wire": {
-            "bytes_sent": result.wire.bytes_sent,
-            "bytes_received": result.wire.bytes_received,
-        },
-        "update_non_finite": result.metrics["update_non_finite"],
-    }
+    row = {"round": round_num, **result.record()}
     if evaluation is not None:
         row["eval"] = evaluation
     return row
@@ -132,51 +85,36 @@ def train(
         )
     run.write_config(config.to_toml())
 
-    server = ServerExecutor.start(
-        rpc_timeout=config.federation.rpc_timeout, log_path=run.logs_dir / "server-executor.log"
-    )
-    federation = None
-    executor = None
     try:
-        server.install_as_default_context()
-        federation = federation_lib.connect(
+        with FederationSession(
             addresses,
             rpc_timeout=config.federation.rpc_timeout,
             connect_timeout=config.federation.connect_timeout,
-        )
-        log.info(
-            "federation: %d workers, %d clients, %d train / %d test examples, task %s",
-            len(federation.workers),
-            federation.num_clients,
-            sum(d.manifest.train_examples for d in federation.descriptions),
-            sum(d.manifest.test_examples for d in federation.descriptions),
-            federation.task.describe(),
-        )
-        if t.clients_per_round > federation.num_clients:
-            raise ConfigError(
-                f"--clients-per-round {t.clients_per_round} is more than the "
-                f"{federation.num_clients} clients the workers host"
+            log_dir=run.logs_dir,
+        ) as session:
+            federation = session.federation
+            assert federation is not None
+            if t.clients_per_round > federation.num_clients:
+                raise UsageError(
+                    f"--clients-per-round {t.clients_per_round} is more than the "
+                    f"{federation.num_clients} clients the workers host"
+                )
+            executor = session.round_executor(
+                AlgorithmSpec.from_config(config, federation.task.num_classes)
             )
-        started = time.perf_counter()
-        algorithm = algorithm_lib.build(algorithm_spec(config, federation.task.num_classes))
-        executor = RoundExecutor(algorithm, federation, server)
-        log.info(
-            "composed %s model algorithm in %.1fs",
-            config.model.model,
-            time.perf_counter() - started,
-        )
-
-        state = executor.initialize()
-        start_round = 1
-        if latest is not None:
-            state = run.load_checkpoint(latest, state)
-            start_round = latest + 1
-            run.truncate_metrics_after(latest)
-            log.info("resuming %s after round %d", run_dir, latest)
-        elif status:
-            run.truncate_metrics_after(0)
-        run.write_status(state="running", completed_rounds=start_round - 1, target_rounds=t.rounds)
-        final_eval = _loop(config, run, executor, federation, state, start_round, show_progress)
+            state = executor.initialize()
+            start_round = 1
+            if latest is not None:
+                state = run.load_checkpoint(latest, state)
+                start_round = latest + 1
+                run.truncate_metrics_after(latest)
+                log.info("resuming %s after round %d", run_dir, latest)
+            elif status:
+                run.truncate_metrics_after(0)
+            run.write_status(
+                state="running", completed_rounds=start_round - 1, target_rounds=t.rounds
+            )
+            final_eval = _loop(config, run, executor, federation, state, start_round, show_progress)
         return TrainSummary(run_dir, t.rounds, final_eval, latest)
     except KeyboardInterrupt:
         run.write_status(state="interrupted")
@@ -186,12 +124,6 @@ def train(
             state="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         )
         raise
-    finally:
-        if executor is not None:
-            executor.close()
-        if federation is not None:
-            federation.close()
-        server.stop()
 
 
 def _loop(config, run, executor, federation, state, start_round, show_progress) -> dict | None:
@@ -210,7 +142,9 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
         for round_num in range(start_round, t.rounds + 1):
             interrupts.raise_if_requested()
             sampled = federation.sample(round_num, t.clients_per_round, t.seed)
-            result = executor.train_round(state, sampled, shuffle_seed(t.seed, round_num))
+            result = executor.train_round(
+                state, sampled, federation_lib.shuffle_seed(t.seed, round_num)
+            )
             state = result.state
             last = round_num == t.rounds
             evaluation = None

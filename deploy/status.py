@@ -6,42 +6,30 @@ parallel, each within the connect deadline.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from concurrent import futures
 
+from shared import config
+from shared.errors import FederationError
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="fedcompose status")
-    parser.description = (
-        "Show, for each worker address, whether it is up, what shard it serves (dataset, "
-        "clients, examples) and its TFF version, without running any training. "
-        "Exits 1 if any worker is down."
-    )
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument(
-        "--addresses", required=True, help="worker addresses host:port, comma separated"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for each worker"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object per worker instead of a table"
-    )
-    return parser
+DESCRIPTION = (
+    "Show, for each worker address, whether it is up, what shard it serves (dataset, "
+    "clients, examples) and its TFF version, without running any training. "
+    "Exits 4 if any worker is down."
+)
 
 
 def _probe(address: str, timeout: float) -> dict:
-    from coordinator import federation, remote
+    from coordinator import federation
+    from coordinator.executor_client import RemoteWorker
 
     started = time.perf_counter()
-    worker = remote.RemoteWorker(address, rpc_timeout=timeout, connect_timeout=timeout)
+    worker = RemoteWorker(address, rpc_timeout=timeout, connect_timeout=timeout)
     try:
         worker.wait_ready()
         description = federation.describe_worker(worker)
-    except (remote.WorkerError, federation.FederationError) as e:
+    except FederationError as e:
         return {"address": address, "up": False, "error": str(e)}
     finally:
         worker.close()
@@ -57,29 +45,24 @@ def _probe(address: str, timeout: float) -> dict:
         "clients": len(m.clients),
         "train_examples": m.train_examples,
         "test_examples": m.test_examples,
-        "tff_version": description.tff_version,
-        "host": info.get("host", "?"),
-        "uptime_s": round(time.time() - info["started_at"]) if "started_at" in info else None,
+        "tff_version": info.tff_version,
+        "host": info.host,
+        "uptime_s": round(time.time() - info.started_at) if info.started_at else None,
         "latency_ms": round((time.perf_counter() - started) * 1000),
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
-    if not addresses:
-        print("fedcompose status: error: --addresses is empty", file=sys.stderr)
-        return 2
-    if args.timeout <= 0:
-        print("fedcompose status: error: --timeout must be > 0", file=sys.stderr)
-        return 2
+def run(settings: config.RunConfig) -> int:
+    addresses = settings.federation.addresses
+    timeout = settings.federation.connect_timeout
     with futures.ThreadPoolExecutor(len(addresses)) as pool:
-        rows = list(pool.map(lambda a: _probe(a, args.timeout), addresses))
-    if args.json:
+        rows = list(pool.map(lambda a: _probe(a, timeout), addresses))
+    if settings.output.json:
         for row in rows:
             print(json.dumps(row))
     else:
         _print_table(rows)
-    return 0 if all(r["up"] for r in rows) else 1
+    return 0 if all(r["up"] for r in rows) else FederationError.exit_code
 
 
 def _print_table(rows: list[dict]) -> None:

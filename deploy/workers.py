@@ -1,27 +1,61 @@
-"""Starting client-worker processes on this machine and stopping them."""
+"""Starting client-worker processes on this machine and stopping them.
+
+A worker is `fedcompose worker` in a child process. The launcher reads the
+child's terminal output through a pipe (a thread drains it, keeping the last
+lines): the worker's ready line (`shared.worker_dir.READY_MARK`) says it
+serves, and its last line says why it stopped. The worker's log file is for
+people; readiness never depends on it being writable.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from shared import processes
+from shared import ports, processes, worker_dir
+from shared.errors import FederationError
 
 log = logging.getLogger("fedcompose.launcher")
 
-READY_MARK = "ready: serving"
+
+class LaunchError(FederationError):
+    """A local worker did not start."""
 
 
-class LaunchError(RuntimeError):
-    pass
+class _OutputTail:
+    """Drains a child's output, keeping its last lines and noticing its ready line."""
+
+    def __init__(self, stream, keep: int = 40):
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in stream:
+                line = raw.decode(errors="replace").rstrip()
+                self.lines.append(line)
+                if worker_dir.READY_MARK in line:
+                    self.ready.set()
+
+    def last_error(self) -> str:
+        for line in reversed(self.lines):
+            if "error:" in line or " ERROR " in line:
+                return line.split("error:", 1)[-1].split(" ERROR ", 1)[-1].strip()
+        return self.lines[-1] if self.lines else "no output"
+
+    def join(self, timeout: float = 2.0) -> None:
+        self._thread.join(timeout)
 
 
 @dataclasses.dataclass
@@ -31,35 +65,46 @@ class LocalWorker:
     port: int
     log_file: Path
     process: subprocess.Popen
+    output: _OutputTail
 
     @property
     def address(self) -> str:
         return f"localhost:{self.port}"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def last_error(self) -> str:
-        lines = [ln for ln in self.log_text().splitlines() if " ERROR " in ln]
-        if not lines:
-            return "no error logged"
-        return lines[-1].split(" ERROR ", 1)[1]
+        return self.output.last_error()
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+def worker_command(
+    shard: Path,
+    port: int,
+    log_file: Path,
+    *,
+    check: str = "full",
+    ready_timeout: float = 120.0,
+    max_message_mb: int = 2000,
+    verbose: bool = False,
+) -> list[str]:
+    """The command line of `fedcompose worker` for these settings."""
+    args = [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "worker",
+        "--shard",
+        str(shard),
+        "--port",
+        str(port),
+        "--log-file",
+        str(log_file),
+        "--shard-check",
+        check,
+        "--ready-timeout",
+        str(ready_timeout),
+        "--max-message-mb",
+        str(max_message_mb),
+    ]
+    return [*args, "--verbose"] if verbose else args
 
 
 def start_workers(
@@ -68,6 +113,7 @@ def start_workers(
     base_port: int = 0,
     check: str = "full",
     ready_timeout: float = 120.0,
+    max_message_mb: int = 2000,
     verbose: bool = False,
     prefix: Callable[[int], list[str]] | None = None,
 ) -> list[LocalWorker]:
@@ -76,43 +122,37 @@ def start_workers(
     `prefix(i)` is put before worker i's command, e.g. `ip netns exec HOST`
     to run it on another (simulated) network host.
     """
-    ports = (
-        [base_port + i for i in range(len(shard_dirs))]
-        if base_port
-        else free_ports(len(shard_dirs))
-    )
+    count = len(shard_dirs)
+    chosen = [base_port + i for i in range(count)] if base_port else ports.free_ports(count)
     logs_dir.mkdir(parents=True, exist_ok=True)
     workers: list[LocalWorker] = []
     try:
-        for i, (shard, port) in enumerate(zip(shard_dirs, ports, strict=True)):
+        for i, (shard, port) in enumerate(zip(shard_dirs, chosen, strict=True)):
             log_file = logs_dir / f"worker-{i}.log"
-            log_file.write_text("")
-            args = [
-                sys.executable,
-                "-m",
-                "client_worker",
-                "--shard",
-                str(shard),
-                "--port",
-                str(port),
-                "--log-file",
-                str(log_file),
-                "--check",
-                check,
-            ]
-            if verbose:
-                args.append("--verbose")
+            args = worker_command(
+                shard,
+                port,
+                log_file,
+                check=check,
+                ready_timeout=ready_timeout,
+                max_message_mb=max_message_mb,
+                verbose=verbose,
+            )
             if prefix is not None:
                 args = [*prefix(i), *args]
             # SIGTERM on our death lets the worker stop its executor in order.
             process = processes.spawn(
                 args,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 death_signal=signal.SIGTERM,
             )
-            workers.append(LocalWorker(i, shard, port, log_file, process))
-        _wait_ready(workers, ready_timeout)
+            assert process.stdout is not None
+            workers.append(
+                LocalWorker(i, shard, port, log_file, process, _OutputTail(process.stdout))
+            )
+        # The worker itself gives up after its ready timeout; a little more here.
+        _wait_ready(workers, ready_timeout + 15.0)
     except BaseException:
         stop_workers(workers)
         raise
@@ -124,20 +164,22 @@ def _wait_ready(workers: list[LocalWorker], timeout: float) -> None:
     pending = list(workers)
     while pending:
         for w in list(pending):
-            if READY_MARK in w.log_text():
+            if w.output.ready.is_set():
                 pending.remove(w)
                 log.info("worker %d ready on %s (%s)", w.index, w.address, w.shard.name)
             elif w.process.poll() is not None:
+                w.output.join()
                 raise LaunchError(
                     f"worker {w.index} ({w.shard}) exited at start: {w.last_error()} "
                     f"(log: {w.log_file})"
                 )
         if pending and time.monotonic() > deadline:
+            w = pending[0]
             raise LaunchError(
-                f"worker {pending[0].index} did not become ready within {timeout:g}s "
-                f"(log: {pending[0].log_file})"
+                f"worker {w.index} did not say it serves within {timeout:g}s; its last output: "
+                f"{w.output.lines[-1] if w.output.lines else 'none'} (log: {w.log_file})"
             )
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def stop_workers(workers: Sequence[LocalWorker]) -> None:
@@ -147,3 +189,4 @@ def stop_workers(workers: Sequence[LocalWorker]) -> None:
                 w.process.send_signal(signal.SIGTERM)
     for w in workers:
         processes.stop(w.process, grace=10.0)
+        w.output.join()

@@ -1,4 +1,10 @@
-"""Logging set-up shared by every command: short lines on stderr, full in a file."""
+"""Logging set-up shared by every command: short lines on stderr, full in a file.
+
+A log file that cannot be written (full disk, a directory given as the file)
+must not take the program down or spray tracebacks: opening it fails with one
+line naming the path, and a write that fails later switches file logging off
+with one warning on the terminal.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,40 @@ import logging
 import sys
 from pathlib import Path
 
+from shared.errors import UsageError, describe_os_error
+
+
+class _ResilientFileHandler(logging.FileHandler):
+    """A file handler that, when a write fails, says so once and stops."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        reason = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        try:
+            print(
+                f"fedcompose: warning: log file {self.baseFilename} cannot be written "
+                f"({reason}); logging to the terminal only",
+                file=sys.stderr,
+                flush=True,
+            )
+        except OSError:
+            pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
 
 def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedcompose") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(
@@ -19,8 +54,11 @@ def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedc
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.addHandler(console)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handler = _ResilientFileHandler(log_file)
+        except OSError as e:
+            raise UsageError(f"log file: {describe_os_error(e)}") from None
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
         )
@@ -28,3 +66,11 @@ def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedc
         root.addHandler(handler)
     for noisy in ("tensorflow", "absl", "jax", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def to_files_only(level: int, message: str) -> None:
+    """Writes `message` to the log files, not the terminal (which has it already)."""
+    record = logging.LogRecord("fedcompose", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and level >= handler.level:
+            handler.handle(record)

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from shared import preprocessing, shard_format
-from shared.model_names import MODELS
+from shared.config import MODELS
 
 
 def linear_keras_model(num_classes: int) -> tf.keras.Model:

@@ -13,10 +13,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from shared import shard_format
-
-SHARD_LINK = "shard"
-"""Name under which a worker's working directory links to its shard."""
+from shared import shard_format, worker_dir
 
 TOKEN_SEPARATOR = "|"
 
@@ -75,7 +72,9 @@ def client_dataset(
     parts = tf.strings.split(token, sep=TOKEN_SEPARATOR)
     client_id = parts[0]
     seed = tf.strings.to_number(parts[1], out_type=tf.int64)
-    path = tf.strings.join([SHARD_LINK, "/", split, "/", client_id, ".bin"])
+    path = tf.strings.join(
+        [worker_dir.split_dir(split), "/", client_id, shard_format.CLIENT_SUFFIX]
+    )
     ds = tf.data.Dataset.from_tensor_slices(_read_client_file(path, tf.equal(client_id, "")))
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

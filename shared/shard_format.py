@@ -17,16 +17,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from shared import files
+from shared.errors import DataError
+
 FORMAT_NAME = "fedcompose-shard"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+CLIENT_SUFFIX = ".bin"
 SPLITS = ("train", "test")
 IMAGE_SHAPE = (28, 28)
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
@@ -38,7 +41,7 @@ CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 assert RECORD_DTYPE.itemsize == RECORD_BYTES
 
 
-class ShardError(Exception):
+class ShardError(DataError):
     """A shard or manifest is missing, malformed or inconsistent."""
 
 
@@ -150,7 +153,7 @@ class Manifest:
 
 def client_path(split: str, client_id: str) -> str:
     """Path of a client's file relative to the shard directory."""
-    return f"{split}/{client_id}.bin"
+    return f"{split}/{client_id}{CLIENT_SUFFIX}"
 
 
 def encode_records(pixels: np.ndarray, labels: np.ndarray) -> bytes:
@@ -175,23 +178,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_client(shard_dir: Path, client_id: str, split: str, pixels, labels) -> str:
     """Writes one client's split and returns its checksum."""
     data = encode_records(pixels, labels)
     path = shard_dir / client_path(split, client_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data)
+    files.write_atomic(path, data)
     return sha256_bytes(data)
 
 
 def write_manifest(shard_dir: Path, manifest: Manifest) -> None:
-    write_atomic(shard_dir / MANIFEST_NAME, manifest.to_json().encode())
+    files.write_atomic(shard_dir / MANIFEST_NAME, manifest.to_json().encode())
 
 
 def read_manifest(shard_dir: Path) -> Manifest:

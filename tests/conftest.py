@@ -105,15 +105,16 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 @pytest.fixture(scope="session")
 def default_source():
-    from deploy import default_data
+    from deploy.data import default_data
 
     return default_data.load()
 
 
 def build_default_shards(root: Path, num_shards: int) -> list[Path]:
-    from deploy import datasets
+    from deploy.data import build
+    from shared.config import DataConfig
 
-    return datasets.build_shards(datasets.DataSpec(), root, num_shards)
+    return build.build_shards(DataConfig(), root, num_shards)
 
 
 @pytest.fixture(scope="session")

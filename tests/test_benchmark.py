@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_grid_writes_every_row_and_column(tmp_path):
-    out = tmp_path / "bench.json"
+    run_dir = tmp_path / "bench"
     result = fedcompose(
         "bench",
         "--quick",
@@ -30,14 +30,14 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
         "6",
         "--rounds",
         "1",
-        "--out",
-        str(out),
-        "--data-dir",
+        "--run-dir",
+        str(run_dir),
+        "--data-cache",
         str(tmp_path / "data"),
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads(out.read_text())
+    results = json.loads((run_dir / "results.json").read_text())
 
     rows = {(r["system"], r["workers"], r["clients_per_round"]): r for r in results["rows"]}
     systems = (("keras", None), ("tff_local", None), ("fedcompose", 1), ("fedcompose", 2))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 
 import pytest
 
-from coordinator import config as config_lib
-from deploy import local
+from shared import config as config_lib
+from shared.errors import UsageError
 from tests.conftest import fedcompose
 
 CONFIG = """
@@ -26,19 +27,21 @@ workers = 4
 
 
 def _resolve(*argv: str) -> config_lib.RunConfig:
-    return config_lib.resolve(local.build_parser().parse_args(list(argv)))
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, "run")
+    return config_lib.resolve(parser.parse_args(list(argv)), "run")
 
 
 def test_file_then_flags_then_defaults(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(CONFIG)
-    config = _resolve("--config", str(path), "--rounds", "40", "--no-only-digits")
+    config = _resolve("--config", str(path), "--rounds", "40", "--no-verbose")
     assert config.training.rounds == 40  # flag beats file
     assert config.training.clients_per_round == 5  # file beats default
     assert config.training.clip_norm == 2.0  # TOML int taken as float
     assert config.model.model == "cnn"
     assert config.federation.workers == 4
-    assert config.data.only_digits is False
+    assert config.output.verbose is False
     assert config.training.server_learning_rate == 1.0  # default
     assert config.evaluation.eval_every == 5
 
@@ -50,7 +53,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     written = tmp_path / "resolved.toml"
     written.write_text(config.to_toml())
     assert tomllib.loads(written.read_text()) == config.to_dict()
-    assert _resolve("--config", str(written)) == config
+    again = _resolve("--config", str(written))
+    assert again.to_dict() == config.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -66,10 +70,17 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--clients-per-round", "61"], "more than the 60 writers of the default data"),
         (["--alpha", "0"], "--alpha must be > 0"),
         (["--eval-every", "-1"], "--eval-every must be >= 0"),
+        (["--client-learning-rate", "inf"], "--client-learning-rate must be a finite number"),
+        (["--client-learning-rate", "nan"], "--client-learning-rate must be a finite number"),
+        (["--rounds", "ten"], "--rounds takes an integer, got 'ten'"),
+        (["--base-port", "65535", "--workers", "2"], "runs past port 65535"),
+        (["--no-only-digits"], "--no-only-digits needs --source emnist"),
+        (["--alpha", "0.3"], "--alpha applies to --partition dirichlet only"),
+        (["--shards-dir", "x", "--writers", "30"], "--writers does not apply with --shards-dir"),
     ],
 )
 def test_invalid_values_are_rejected(argv, message):
-    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         _resolve(*argv)
 
 
@@ -80,7 +91,7 @@ def test_invalid_values_are_rejected(argv, message):
             '[model]\nmodel = "resnet"\n',
             "--model: unknown value 'resnet'; choose one of linear, cnn",
         ),
-        ("[training]\nrounds = 'ten'\n", "training.rounds must be a int, got 'ten'"),
+        ("[training]\nrounds = 'ten'\n", "--rounds takes an integer, got 'ten'"),
         ("[training]\nround = 3\n", "unknown setting training.round"),
         ("[trainer]\nrounds = 3\n", "unknown table [trainer]"),
         ("[training\nrounds = 3\n", "is not valid TOML"),
@@ -89,24 +100,57 @@ def test_invalid_values_are_rejected(argv, message):
 def test_invalid_config_files_are_rejected(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(
-        config_lib.ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
-    ):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(")):
         _resolve("--config", str(path))
+
+
+def test_config_file_that_is_a_directory_or_not_text_is_one_line(tmp_path):
+    with pytest.raises(UsageError, match="is a directory"):
+        _resolve("--config", str(tmp_path))
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00rounds")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        _resolve("--config", str(binary))
+
+
+def test_one_flag_vocabulary_across_commands():
+    """A setting's flag is the same in every command that takes it."""
+    import argparse
+
+    flags: dict[str, set[str]] = {}
+    for name in config_lib.COMMANDS:
+        parser = argparse.ArgumentParser()
+        config_lib.add_arguments(parser, name)
+        for action in parser._actions:
+            if action.dest and "." in action.dest:
+                flags.setdefault(action.dest.split(".", 1)[1], set()).update(
+                    o for o in action.option_strings if not o.startswith("--no-")
+                )
+    assert all(len(options) == 1 for options in flags.values()), flags
+    assert flags["data_seed"] == {"--data-seed"} and flags["shards_dir"] == {"--shards-dir"}
+
+
+def test_resume_sensitive_settings_come_from_their_declarations():
+    config = _resolve()
+    saved = config.to_dict()
+    changed = _resolve("--client-learning-rate", "0.1", "--rounds", "50", "--eval-every", "2")
+    assert config_lib.resume_conflicts(saved, changed) == [
+        "training.client_learning_rate: 0.3 -> 0.1"
+    ]
 
 
 def test_command_line_rejects_before_starting_anything(tmp_path):
     run_dir = tmp_path / "run"
     result = fedcompose("run", "--clip-norm", "0", "--run-dir", str(run_dir), timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == "fedcompose run: error: --clip-norm must be > 0"
+    assert result.stderr.strip() == "fedcompose run: error: --clip-norm must be > 0, got 0"
     assert not run_dir.exists()
     result = fedcompose("run", "--model", "resnet", timeout=60)
-    assert result.returncode == 2 and "invalid choice: 'resnet'" in result.stderr
+    assert result.returncode == 2 and "unknown value 'resnet'" in result.stderr
     result = fedcompose("run", "--config", str(tmp_path / "missing.toml"), timeout=60)
     assert result.returncode == 2 and "missing.toml does not exist" in result.stderr
     result = fedcompose("train", "--rounds", "3", timeout=60)
-    assert result.returncode == 2 and "no workers given; pass --addresses" in result.stderr
+    assert result.returncode == 2 and "--addresses is required" in result.stderr
 
 
 def test_every_command_has_help():

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from deploy import emnist
+from deploy.data import emnist
 from shared import shard_format
 from tests.conftest import fedcompose
 from tests.test_emnist_source import (
@@ -47,13 +47,13 @@ def test_help_documents_every_option():
         "--source",
         "--emnist-path",
         "--only-digits",
-        "--all-classes",
+        "--no-only-digits",
         "--workers",
         "--partition",
         "--alpha",
-        "--seed",
+        "--data-seed",
         "--writers",
-        "--out",
+        "--shards-dir",
         "--force",
     ):
         assert option in result.stdout
@@ -64,26 +64,28 @@ def test_help_documents_every_option():
     ("args", "message"),
     [
         (["--workers", "0"], "--workers must be >= 1, got 0"),
-        (["--partition", "dirichlet", "--alpha", "0"], "--alpha must be > 0, got 0.0"),
-        (["--partition", "dirichlet", "--alpha", "-2"], "--alpha must be > 0, got -2.0"),
+        (["--partition", "dirichlet", "--alpha", "0"], "--alpha must be > 0, got 0"),
+        (["--partition", "dirichlet", "--alpha", "-2"], "--alpha must be > 0, got -2"),
         (["--alpha", "0.3"], "--alpha applies to --partition dirichlet only"),
-        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--data-seed", "-1"], "--data-seed must be >= 0"),
         (["--writers", "0"], "--writers must be >= 1"),
         (["--writers", "5", "--workers", "6"], "--workers 6 is more than the 5 writers"),
-        (["--all-classes"], "--all-classes needs --source emnist"),
+        (["--no-only-digits"], "--no-only-digits needs --source emnist"),
         (["--emnist-path", "/somewhere"], "--emnist-path applies to --source emnist only"),
         (["--source", "emnist", "--writers", "10"], "--writers applies to --source default only"),
     ],
 )
 def test_bad_options_are_refused_up_front(tmp_path, args, message):
-    result = data(*args, "--out", str(tmp_path / "out"))
+    result = data(*args, "--shards-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert message in the_error(result)
     assert not (tmp_path / "out").exists()
 
 
 def test_more_shards_than_emnist_writers(fake_emnist, tmp_path):  # noqa: F811
-    result = data(*emnist_args(fake_emnist, "--workers", "100", "--out", str(tmp_path / "o")))
+    result = data(
+        *emnist_args(fake_emnist, "--workers", "100", "--shards-dir", str(tmp_path / "o"))
+    )
     assert result.returncode == 2
     writers = len(fake_emnist.writers())
     assert f"--workers 100 is more than the {writers} writers" in the_error(result)
@@ -92,16 +94,16 @@ def test_more_shards_than_emnist_writers(fake_emnist, tmp_path):  # noqa: F811
 def test_non_empty_out_needs_force(tmp_path):
     out = tmp_path / "out"
     (out / "shard-000").mkdir(parents=True)
-    result = data("--out", str(out))
+    result = data("--shards-dir", str(out))
     assert result.returncode == 2
-    assert f"--out {out} is not empty; pass --force" in the_error(result)
+    assert f"--shards-dir {out} is not empty; pass --force" in the_error(result)
 
 
 def test_force_does_not_replace_files_it_did_not_make(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
-    result = data("--out", str(out), "--force")
+    result = data("--shards-dir", str(out), "--force")
     assert result.returncode == 2
     assert "'thesis.tex'" in the_error(result)
     assert (out / "thesis.tex").exists()
@@ -110,7 +112,7 @@ def test_force_does_not_replace_files_it_did_not_make(tmp_path):
 def test_out_that_is_a_file(tmp_path):
     out = tmp_path / "out"
     out.write_text("")
-    result = data("--out", str(out))
+    result = data("--shards-dir", str(out))
     assert result.returncode == 2
     assert "is not a directory" in the_error(result)
 
@@ -118,10 +120,10 @@ def test_out_that_is_a_file(tmp_path):
 def test_missing_emnist_without_network_says_where_to_put_it(tmp_path):
     cache = tmp_path / "cache"
     result = data(
-        "--source", "emnist", "--emnist-path", str(cache), "--out", str(tmp_path / "o"),
+        "--source", "emnist", "--emnist-path", str(cache), "--shards-dir", str(tmp_path / "o"),
         env=NO_NETWORK,
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 3
     message = the_error(result)
     expected = cache / emnist.FILE_NAME
     assert "could not be downloaded" in message
@@ -132,14 +134,16 @@ def test_missing_emnist_without_network_says_where_to_put_it(tmp_path):
 def test_corrupt_emnist_file(tmp_path):
     db = tmp_path / emnist.FILE_NAME
     db.write_bytes(b"\x00garbage" * 1000)
-    result = data("--source", "emnist", "--emnist-path", str(db), "--out", str(tmp_path / "o"))
-    assert result.returncode == 1
+    result = data(
+        "--source", "emnist", "--emnist-path", str(db), "--shards-dir", str(tmp_path / "o")
+    )
+    assert result.returncode == 3
     assert the_error(result) == f"{db}: not an SQLite database"
 
 
 def test_builds_emnist_shards_and_summarises_them(fake_emnist, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    result = data(*emnist_args(fake_emnist, "--workers", "3", "--out", str(out)))
+    result = data(*emnist_args(fake_emnist, "--workers", "3", "--shards-dir", str(out)))
     assert result.returncode == 0, result.stderr
     for noise in TF_NOISE:
         assert noise not in result.stderr, result.stderr
@@ -167,11 +171,11 @@ def test_builds_emnist_shards_and_summarises_them(fake_emnist, tmp_path):  # noq
 
 def test_force_rebuilds_with_another_partition(fake_emnist, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    first = data(*emnist_args(fake_emnist, "--workers", "4", "--out", str(out)))
+    first = data(*emnist_args(fake_emnist, "--workers", "4", "--shards-dir", str(out)))
     assert first.returncode == 0, first.stderr
     again = data(
-        *emnist_args(fake_emnist, "--all-classes", "--partition", "dirichlet", "--alpha", "0.2"),
-        "--seed", "7", "--workers", "2", "--out", str(out), "--force",
+        *emnist_args(fake_emnist, "--no-only-digits", "--partition", "dirichlet", "--alpha", "0.2"),
+        "--data-seed", "7", "--workers", "2", "--shards-dir", str(out), "--force",
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
 
@@ -190,7 +194,9 @@ def test_force_rebuilds_with_another_partition(fake_emnist, tmp_path):  # noqa: 
 
 def test_default_source_goes_through_the_same_command(tmp_path):
     out = tmp_path / "out"
-    result = data("--writers", "12", "--workers", "2", "--partition", "iid", "--out", str(out))
+    result = data(
+        "--writers", "12", "--workers", "2", "--partition", "iid", "--shards-dir", str(out)
+    )
     assert result.returncode == 0, result.stderr
     manifests = [shard_format.read_manifest(d) for d in sorted(out.glob("shard-*"))]
     assert sum(len(m.clients) for m in manifests) == 12

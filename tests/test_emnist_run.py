@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from deploy import default_data
+from deploy.data import default_data
 from tests.conftest import fedcompose
 from tests.test_emnist_source import ALL_SPLITS, DIGIT_SPLITS, write_emnist_db
 
@@ -39,7 +39,7 @@ def test_emnist_schema_run_over_two_workers_with_evaluation(tmp_path):
     shards = tmp_path / "shards"
     made = fedcompose(
         "data", "--source", "emnist", "--emnist-path", str(db), "--workers", "2",
-        "--out", str(shards), check=True,
+        "--shards-dir", str(shards), check=True,
     )  # fmt: skip
     assert "shard-000" in made.stdout + made.stderr
     run_dir = tmp_path / "run"

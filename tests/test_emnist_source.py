@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy import datasets, emnist
-from deploy.sources import DataSourceError
+from deploy.data import build, emnist
+from deploy.data.sources import DataSourceError
 from shared import shard_format
+from shared.config import DataConfig
 
 Examples = tuple[np.ndarray, np.ndarray]  # pixels [n, 28, 28] float32, labels [n] int64
 
@@ -257,8 +258,8 @@ def test_survey_matches_a_full_read(fake_emnist):
 
 
 def test_natural_shards_hold_every_example_exactly_once(fake_emnist, tmp_path):
-    spec = datasets.DataSpec(source="emnist", emnist_path=str(fake_emnist.path))
-    shard_dirs = datasets.build_shards(spec, tmp_path / "shards", 3)
+    spec = DataConfig(source="emnist", emnist_path=str(fake_emnist.path))
+    shard_dirs = build.build_shards(spec, tmp_path / "shards", 3)
 
     assert shard_example_counts(shard_dirs) == fake_emnist.example_counts()
     partition = shard_format.read_manifest(shard_dirs[0]).partition

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from deploy.workers import free_ports
+from shared.ports import free_ports
 from tests.conftest import fedcompose, kill_tree, start_fedcompose
 
 
@@ -51,7 +51,7 @@ def test_unreachable_worker_at_start(tmp_path):
         str(tmp_path / "run"),
         timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 4
     assert f"worker localhost:{port}: not reachable within 3s" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 90
@@ -69,7 +69,7 @@ def test_worker_killed_during_a_round(workers2, tmp_path):
         assert time.monotonic() - killed_at < 30
     finally:
         kill_tree(proc)
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert f"worker {victim.address}" in stderr
     assert "connection lost" in stderr or "not reachable" in stderr
     assert "Traceback" not in stderr
@@ -91,7 +91,7 @@ def test_stuck_worker_hits_the_deadline(workers2, tmp_path):
     finally:
         stuck.resume()
         kill_tree(proc)
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert f"worker {workers2[0].address}: no answer" in stderr
     assert "within the 5s deadline" in stderr
     assert waited < 30

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from deploy import shards as shards_lib
 from deploy import workers as workers_lib
-from deploy.sources import ClientData, FederatedSource
+from deploy.data import shards as shards_lib
+from deploy.data.sources import ClientData, FederatedSource
 from tests.conftest import fedcompose
 
 
@@ -46,7 +46,7 @@ def _train_against(shard_dirs, tmp_path):
 
 def test_client_hosted_twice_is_refused(shards2, tmp_path):
     result = _train_against([shards2[0], shards2[0]], tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 4
     assert (
         "is hosted twice" in result.stderr
         and "each client must live on exactly one worker" in result.stderr
@@ -58,7 +58,7 @@ def test_workers_with_different_tasks_are_refused(shards2, tmp_path):
     other = _tiny_source("emnist-all", 62, "other_")
     shards_lib.write_shards(other, [[0, 1, 2, 3]], tmp_path / "other", {"scheme": "natural"})
     result = _train_against([shards2[0], shards_lib.shard_dir(tmp_path / "other", 0)], tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 4
     assert "workers serve different tasks" in result.stderr
     assert (
         "sklearn-digits (10 classes)" in result.stderr

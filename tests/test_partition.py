@@ -8,9 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from deploy import datasets, default_data, partition
-from deploy.sources import ClientData, FederatedSource, PooledClient
+from deploy.data import build, default_data, partition
+from deploy.data.sources import ClientData, FederatedSource, PooledClient
 from shared import shard_format
+from shared.config import DataConfig
+from shared.errors import UsageError
 from tests.test_emnist_source import (
     example_hashes,
     fake_emnist,  # noqa: F401 - a fixture
@@ -98,7 +100,7 @@ def test_assignment_is_deterministic_and_the_seed_only_breaks_ties():
 
 
 def test_more_shards_than_writers_is_refused():
-    with pytest.raises(ValueError, match="5 shards for 4 writers"):
+    with pytest.raises(UsageError, match="--workers 5 is more than the 4 writers"):
         partition.balanced_writer_assignment(random_source(num_writers=4), 5)
 
 
@@ -157,7 +159,7 @@ def test_default_source_resplits_too():
 
 
 def test_resplit_of_emnist_selects_rows_of_the_same_arrays(fake_emnist):  # noqa: F811
-    from deploy import emnist
+    from deploy.data import emnist
 
     source = emnist.load(fake_emnist.path)
     train_pool = source.pooled("train")
@@ -170,10 +172,10 @@ def test_resplit_of_emnist_selects_rows_of_the_same_arrays(fake_emnist):  # noqa
 
 @pytest.mark.parametrize("scheme", ["natural", "iid", "dirichlet"])
 def test_emnist_shards_hold_every_example_once_in_whole_clients(fake_emnist, tmp_path, scheme):  # noqa: F811
-    spec = datasets.DataSpec(
-        source="emnist", emnist_path=str(fake_emnist.path), partition=scheme, alpha=0.2, seed=5
+    spec = DataConfig(
+        source="emnist", emnist_path=str(fake_emnist.path), partition=scheme, alpha=0.2, data_seed=5
     )
-    shard_dirs = datasets.build_shards(spec, tmp_path / "shards", 3)
+    shard_dirs = build.build_shards(spec, tmp_path / "shards", 3)
 
     assert shard_example_counts(shard_dirs) == fake_emnist.example_counts()
     manifests = [shard_format.read_manifest(d) for d in shard_dirs]
@@ -190,14 +192,14 @@ def test_emnist_shards_hold_every_example_once_in_whole_clients(fake_emnist, tmp
 
 
 def test_same_spec_gives_identical_shards(fake_emnist, tmp_path):  # noqa: F811
-    spec = datasets.DataSpec(source="emnist", emnist_path=str(fake_emnist.path), partition="iid")
-    first = datasets.build_shards(spec, tmp_path / "a", 2)
-    second = datasets.build_shards(spec, tmp_path / "b", 2)
+    spec = DataConfig(source="emnist", emnist_path=str(fake_emnist.path), partition="iid")
+    first = build.build_shards(spec, tmp_path / "a", 2)
+    second = build.build_shards(spec, tmp_path / "b", 2)
     assert [shard_format.read_manifest(d).build_id for d in first] == [
         shard_format.read_manifest(d).build_id for d in second
     ]
-    other_seed = dataclasses.replace(spec, seed=1)
-    third = datasets.build_shards(other_seed, tmp_path / "c", 2)
+    other_seed = dataclasses.replace(spec, data_seed=1)
+    third = build.build_shards(other_seed, tmp_path / "c", 2)
     assert (
         shard_format.read_manifest(third[0]).build_id
         != shard_format.read_manifest(first[0]).build_id

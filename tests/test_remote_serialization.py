@@ -7,7 +7,7 @@ import pytest
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from coordinator import remote
+from coordinator.executor_client import computations as remote
 
 CLIENT_STRINGS = tff.FederatedType(np.str_, tff.CLIENTS)
 

@@ -19,8 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
-from deploy import shards
-from deploy.sources import ClientData, FederatedSource
+from deploy.data import shards
+from deploy.data.sources import ClientData, FederatedSource
 from shared import shard_format
 from tests.conftest import fedcompose, kill_tree, start_fedcompose
 
@@ -194,7 +194,9 @@ def executors_on(port: int) -> list[psutil.Process]:
 def test_good_shard_serves_until_sigterm_and_leaves_no_executor(tmp_path):
     shard = write_shard(tmp_path)
     port = free_port()
-    proc = start_fedcompose("worker", "--shard", str(shard), "--port", str(port), "--check=full")
+    proc = start_fedcompose(
+        "worker", "--shard", str(shard), "--port", str(port), "--shard-check=full"
+    )
     stderr = StderrLines(proc)
     try:
         assert stderr.wait_for(proc, "ready: serving 3 clients", timeout=90), stderr.text()

@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from shared import shard_format
+from shared.errors import DataError
 
 
-class DataSourceError(Exception):
+class DataSourceError(DataError):
     """A data source is missing, unreadable or malformed.
 
     `str()` is one line that names the file and the problem, fit to show a user

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
-import numpy as np
 import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
-from tensorflow_federated.python.core.impl.types import type_conversions
+
+from coordinator.executor_client.computations import PreparedComputation
+from coordinator.executor_client.wire import CountingStub, WireStats
+from shared.errors import FederationError
 
 _MAX_MESSAGE_BYTES = 2000 * 1000 * 1000
 _CHANNEL_OPTIONS = [
@@ -49,38 +48,12 @@ _GONE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 ValueRef = executor_pb2.ValueRef
 
 
-class WorkerError(RuntimeError):
+class WorkerError(FederationError):
     """A worker could not be reached or failed a call; the message names it."""
 
     def __init__(self, worker: str, message: str):
         super().__init__(f"worker {worker}: {message}")
         self.worker = worker
-
-
-@dataclasses.dataclass
-class WireStats:
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    calls: int = 0
-
-    def snapshot(self) -> WireStats:
-        return dataclasses.replace(self)
-
-    @staticmethod
-    def total(parts: Iterable[WireStats]) -> WireStats:
-        total = WireStats()
-        for part in parts:
-            total.bytes_sent += part.bytes_sent
-            total.bytes_received += part.bytes_received
-            total.calls += part.calls
-        return total
-
-    def since(self, earlier: WireStats) -> WireStats:
-        return WireStats(
-            self.bytes_sent - earlier.bytes_sent,
-            self.bytes_received - earlier.bytes_received,
-            self.calls - earlier.calls,
-        )
 
 
 @dataclasses.dataclass
@@ -97,154 +70,8 @@ class CallTiming:
     new_executor: bool = False
 
 
-_ids = itertools.count()
-
-
-class PreparedComputation:
-    """A computation compiled for the native C++ runtime and serialized once."""
-
-    def __init__(self, comp: tff.Computation, name: str):
-        self.name = name
-        self.key = next(_ids)
-        self.result_type = comp.type_signature.result
-        compiled = tff.backends.native.desugar_and_transform_to_native(comp)
-        self.parameter_type = compiled.type_signature.parameter
-        self.value_proto, _ = value_serialization.serialize_value(compiled, compiled.type_signature)
-
-    def serialize_arg(self, arg: object) -> executor_pb2.Value:
-        arg = tff.tensorflow.transform_args(arg)
-        proto, _ = value_serialization.serialize_value(arg, self.parameter_type)
-        return proto
-
-    def serialize_element(self, index: int, value: object) -> executor_pb2.Value:
-        """One element of a struct parameter, serialized on its own."""
-        element_type = self.parameter_type[index]
-        if is_strings_at_clients(element_type) and isinstance(value, list | tuple):
-            return serialize_strings_at_clients(value, element_type)
-        value = tff.tensorflow.transform_args(value)
-        proto, _ = value_serialization.serialize_value(value, element_type)
-        return proto
-
-    def struct_arg(self, elements: Sequence[executor_pb2.Value]) -> executor_pb2.Value:
-        """The struct parameter from its elements' serialized values.
-
-        Lets a caller serialize a large element (the server state) once and
-        send it with a different small element (the clients) to each worker.
-        """
-        names = element_names(self.parameter_type)
-        if len(names) != len(elements):
-            raise ValueError(f"{self.name} takes {len(names)} arguments, got {len(elements)}")
-        arg = executor_pb2.Value()
-        for name, value in zip(names, elements, strict=True):
-            # One copy; nested constructors would copy the state once per level.
-            arg.struct.element.add(name=name).value.CopyFrom(value)
-        return arg
-
-    def deserialize_result(self, proto: executor_pb2.Value) -> object:
-        value, _ = value_serialization.deserialize_value(proto, self.result_type)
-        value = type_conversions.type_to_py_container(value, self.result_type)
-        return tff.tensorflow.transform_result(value)
-
-
-def is_strings_at_clients(type_spec: object) -> bool:
-    """Whether `type_spec` is `{str}@CLIENTS`, the type of a round's client tokens."""
-    return (
-        isinstance(type_spec, tff.FederatedType)
-        and type_spec.placement is tff.CLIENTS
-        and not type_spec.all_equal
-        and isinstance(type_spec.member, tff.TensorType)
-        and type_spec.member.dtype.type is np.str_
-        and not type_spec.member.shape
-    )
-
-
-def serialize_strings_at_clients(
-    values: Sequence[str], type_spec: tff.FederatedType
-) -> executor_pb2.Value:
-    """What `value_serialization.serialize_value(values, type_spec)` makes for a
-    `{str}@CLIENTS` type, in a few microseconds per string instead of about 0.1 ms
-    (TFF type-checks and traces every element; a round of 1,000 clients spent
-    0.1 s there)."""
-    header, member = _strings_at_clients_template(type_spec)
-    proto = executor_pb2.Value()
-    proto.CopyFrom(header)
-    elements = proto.federated.value
-    for value in values:
-        element = elements.add()
-        element.CopyFrom(member)
-        element.array.string_list.value[0] = value.encode()
-    return proto
-
-
-@functools.cache
-def _strings_at_clients_template(
-    type_spec: tff.FederatedType,
-) -> tuple[executor_pb2.Value, executor_pb2.Value]:
-    """TFF's own serialization of no strings, and of one string's element."""
-    header, _ = value_serialization.serialize_value([], type_spec)
-    one, _ = value_serialization.serialize_value([""], type_spec)
-    return header, one.federated.value[0]
-
-
-def element_names(struct_type: tff.StructType) -> list[str]:
-    """The element names of a struct type, '' for unnamed ones."""
-    return [name or "" for name, _ in structure.iter_elements(struct_type)]
-
-
 def _clients_cardinality(num_clients: int) -> list[executor_pb2.Cardinality]:
     return value_serialization.serialize_cardinalities({tff.CLIENTS: num_clients})
-
-
-_METHODS = {
-    "GetExecutor": (executor_pb2.GetExecutorRequest, executor_pb2.GetExecutorResponse),
-    "CreateValue": (executor_pb2.CreateValueRequest, executor_pb2.CreateValueResponse),
-    "CreateCall": (executor_pb2.CreateCallRequest, executor_pb2.CreateCallResponse),
-    "CreateStruct": (executor_pb2.CreateStructRequest, executor_pb2.CreateStructResponse),
-    "Compute": (executor_pb2.ComputeRequest, executor_pb2.ComputeResponse),
-    "Dispose": (executor_pb2.DisposeRequest, executor_pb2.DisposeResponse),
-    "DisposeExecutor": (
-        executor_pb2.DisposeExecutorRequest,
-        executor_pb2.DisposeExecutorResponse,
-    ),
-}
-_SERVICE = "/tensorflow_federated.v0.ExecutorGroup/"
-
-
-class _CountingStub:
-    """The `ExecutorGroup` stub, counting the bytes each message takes on the wire.
-
-    Counting where gRPC serializes and parses is free; asking a message for
-    its `ByteSize()` afterwards costs as much as serializing it again.
-    """
-
-    def __init__(self, channel: grpc.Channel, stats: WireStats, lock: threading.Lock):
-        def sent(serialize: Callable[[object], bytes]) -> Callable[[object], bytes]:
-            def wrapped(message: object) -> bytes:
-                data = serialize(message)
-                with lock:
-                    stats.bytes_sent += len(data)
-                return data
-
-            return wrapped
-
-        def received(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
-            def wrapped(data: bytes) -> object:
-                with lock:
-                    stats.bytes_received += len(data)
-                return parse(data)
-
-            return wrapped
-
-        for method, (request, response) in _METHODS.items():
-            setattr(
-                self,
-                method,
-                channel.unary_unary(
-                    _SERVICE + method,
-                    request_serializer=sent(request.SerializeToString),
-                    response_deserializer=received(response.FromString),
-                ),
-            )
 
 
 class RemoteWorker:
@@ -269,7 +96,7 @@ class RemoteWorker:
         calls to it are skipped, so that a stuck worker costs one deadline, not
         one per value and executor left to free."""
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = _CountingStub(self._channel, self.stats, self._lock)
+        self._stub = CountingStub(self._channel, self.stats, self._lock)
         self._executors: dict[int, executor_pb2.ExecutorId] = {}
         self._loaded: dict[tuple[int, int], ValueRef] = {}
 
@@ -304,33 +131,27 @@ class RemoteWorker:
         return response
 
     def executor(self, num_clients: int) -> executor_pb2.ExecutorId:
-        """The worker's executor for `num_clients` clients, made on first use."""
-        executor = self._executors.pop(num_clients, None)
+        """The worker's executor for `num_clients` clients, made on first use.
+
+        Which executors to keep is the caller's policy
+        (`coordinator.rounds.executor_reuse`); this only makes and frees them.
+        """
+        executor = self._executors.get(num_clients)
         if executor is None:
             request = executor_pb2.GetExecutorRequest(
                 cardinalities=_clients_cardinality(num_clients)
             )
             executor = self._rpc("GetExecutor", request, timeout=self.connect_timeout).executor
-        # Most recently used last, for `release_executors`.
-        self._executors[num_clients] = executor
+            self._executors[num_clients] = executor
         return executor
 
-    def release_executors(self, keep: int, budget: int) -> None:
-        """Disposes of the least recently used executors, but never the one for
-        `keep` clients, until those left serve at most `budget` clients in all.
-
-        A worker's executor holds its clients' TensorFlow state: for the CNN,
-        about 16 MB per client; unbounded, executors kept for reuse run a
-        worker out of memory.
-        """
-        for count in list(self._executors):
-            if sum(self._executors) <= budget:
-                break
-            if count == keep:
-                continue
-            for key in [k for k in self._loaded if k[1] == count]:
-                del self._loaded[key]
-            self._dispose_executor(self._executors.pop(count), _DISPOSE_TIMEOUT)
+    def dispose_executor(self, num_clients: int) -> None:
+        """Frees the executor for `num_clients` clients and what was loaded into it."""
+        executor = self._executors.pop(num_clients, None)
+        for key in [k for k in self._loaded if k[1] == num_clients]:
+            del self._loaded[key]
+        if executor is not None:
+            self._dispose_executor(executor, _DISPOSE_TIMEOUT)
 
     def _dispose_executor(self, executor: executor_pb2.ExecutorId, timeout: float) -> None:
         """Frees an executor; one that is gone with its worker has nothing to free."""

@@ -16,20 +16,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from coordinator.algorithm.spec import AlgorithmSpec
 from shared import client_update, models, preprocessing
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmSpec:
-    model: str = "linear"
-    num_classes: int = 10
-    client_learning_rate: float = 0.3
-    server_learning_rate: float = 1.0
-    clip_norm: float = 1.0
-    batch_size: int = 20
-    local_epochs: int = 1
-    shuffle_buffer: int = 100
-    eval_batch_size: int = 256
 
 
 @dataclasses.dataclass(frozen=True)

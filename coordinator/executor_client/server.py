@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,37 +20,32 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
-from coordinator import remote
-from shared import executor_binary, processes
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from coordinator.executor_client.computations import PreparedComputation
+from coordinator.executor_client.worker_client import RemoteWorker, WorkerError
+from shared import executor_binary, ports, processes
 
 
 @dataclasses.dataclass
 class ServerExecutor:
-    worker: remote.RemoteWorker
+    worker: RemoteWorker
     process: subprocess.Popen
     workdir: Path
 
     @classmethod
     def start(cls, rpc_timeout: float = 600.0, log_path: Path | None = None) -> ServerExecutor:
         workdir = Path(tempfile.mkdtemp(prefix="fedcompose-server-"))
-        port = _free_port()
+        port = ports.free_port()
         log_path = log_path or workdir / "executor.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:
             process = executor_binary.start(port, workdir, log_file)
-        worker = remote.RemoteWorker(
+        worker = RemoteWorker(
             f"localhost:{port}", rpc_timeout=rpc_timeout, label="coordinator's server executor"
         )
         server = cls(worker, process, workdir)
         try:
             worker.wait_ready(timeout=60.0)
-        except remote.WorkerError:
+        except WorkerError:
             server.stop()
             raise
         return server
@@ -68,14 +62,14 @@ class ServerExecutor:
 class ServerContext(context_base.SyncContext):
     """TFF's default context, backed by the server executor."""
 
-    def __init__(self, worker: remote.RemoteWorker):
+    def __init__(self, worker: RemoteWorker):
         self._worker = worker
-        self._prepared: dict[int, tuple[object, remote.PreparedComputation]] = {}
+        self._prepared: dict[int, tuple[object, PreparedComputation]] = {}
 
     def invoke(self, comp, arg):
         entry = self._prepared.get(id(comp))
         if entry is None or entry[0] is not comp:
-            entry = (comp, remote.PreparedComputation(comp, getattr(comp, "name", "comp")))
+            entry = (comp, PreparedComputation(comp, getattr(comp, "name", "comp")))
             self._prepared[id(comp)] = entry
         prepared = entry[1]
         num_clients = 0

@@ -12,7 +12,7 @@ import dataclasses
 import statistics
 from collections.abc import Iterable, Sequence
 
-from deploy.bench_plan import WARMUP_ROUND
+from deploy.bench.plan import WARMUP_ROUND
 
 KERAS = "keras"
 TFF = "tff_local"

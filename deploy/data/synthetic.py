@@ -15,18 +15,16 @@ determines their content, and reused by later runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from deploy import default_data, shards
-from deploy.sources import ClientData, FederatedSource
+from deploy.data import default_data, shards
+from deploy.data.sources import ClientData, FederatedSource
 from shared import shard_format
 
 DATASET_NAME = "bench-synthetic-digits"
-SPEC_FILE = "bench-data.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +86,6 @@ def round_robin(num_clients: int, num_shards: int) -> list[list[int]]:
     return [list(range(s, num_clients, num_shards)) for s in range(num_shards)]
 
 
-def _reusable(out_dir: Path, wanted: dict, num_shards: int) -> list[Path] | None:
-    recorded = out_dir / SPEC_FILE
-    found = shards.existing_shards(out_dir)
-    if not recorded.exists() or len(found) != num_shards:
-        return None
-    try:
-        if json.loads(recorded.read_text()) != wanted:
-            return None
-        for d in found:
-            shard_format.read_manifest(d)
-    except (ValueError, shard_format.ShardError):
-        return None
-    return found
-
-
 def build_shard_sets(
     spec: SyntheticSpec,
     data_dir: Path,
@@ -114,17 +97,20 @@ def build_shard_sets(
     source: FederatedSource | None = None
     for count in sorted(set(worker_counts)):
         out_dir = data_dir / spec.key() / f"workers-{count}"
-        wanted = {"spec": dataclasses.asdict(spec), "num_shards": count}
-        found = _reusable(out_dir, wanted, count)
+        wanted = _recipe(spec, count)
+        found = shards.reusable(out_dir, wanted)
         if found is None:
             if source is None:
                 source = synthetic_source(spec)
-            (out_dir / SPEC_FILE).unlink(missing_ok=True)
             partition = {"scheme": "round-robin", "seed": spec.seed, "num_shards": count}
             shards.write_shards(
-                source, round_robin(len(source.clients), count), out_dir, partition, progress
+                source,
+                round_robin(len(source.clients), count),
+                out_dir,
+                partition,
+                progress,
+                recipe=wanted,
             )
-            (out_dir / SPEC_FILE).write_text(json.dumps(wanted, indent=1))
             found = shards.existing_shards(out_dir)
         result[count] = found
     return result
@@ -149,7 +135,10 @@ def read_clients(shard_dirs: Sequence[Path], ids: Sequence[str]) -> tuple[np.nda
     return np.concatenate(pixels), np.concatenate(labels)
 
 
+def _recipe(spec: SyntheticSpec, num_shards: int) -> dict:
+    return {"spec": dataclasses.asdict(spec), "num_shards": num_shards}
+
+
 def is_built(spec: SyntheticSpec, data_dir: Path, num_shards: int) -> bool:
     out_dir = data_dir / spec.key() / f"workers-{num_shards}"
-    wanted = {"spec": dataclasses.asdict(spec), "num_shards": num_shards}
-    return _reusable(out_dir, wanted, num_shards) is not None
+    return shards.reusable(out_dir, _recipe(spec, num_shards)) is not None

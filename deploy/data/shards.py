@@ -9,10 +9,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from deploy.sources import FederatedSource
-from shared import preprocessing, shard_format
+from deploy.data.sources import FederatedSource
+from shared import files, shard_format, worker_dir
 
 SHARD_PREFIX = "shard-"
+RECIPE_FILE = "data-spec.json"
+"""What a set of shards was built from; equal recipes give equal shards."""
 
 
 def shard_dir(root: Path, index: int) -> Path:
@@ -35,13 +37,17 @@ def write_shards(
     out_dir: Path,
     partition: dict,
     progress: Callable[[int], None] | None = None,
+    recipe: dict | None = None,
 ) -> list[shard_format.Manifest]:
-    """Writes one shard directory per entry of `assignment` under `out_dir`.
+    """Writes one shard directory per entry of `assignment` under `out_dir`,
+    and `recipe` (what they were built from) once all are in place.
 
     Shards are written under a temporary name and moved into place at the end,
-    so an interrupted run never leaves a shard that looks complete.
+    so an interrupted run never leaves a shard that looks complete, and the
+    old recipe is removed first, so an interrupted rebuild never looks reusable.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECIPE_FILE).unlink(missing_ok=True)
     staging = out_dir / ".staging"
     if staging.exists():
         shutil.rmtree(staging)
@@ -91,11 +97,28 @@ def write_shards(
         if int(stale.name[len(SHARD_PREFIX) :]) >= len(per_shard):
             shutil.rmtree(stale)
     shutil.rmtree(staging)
+    if recipe is not None:
+        files.write_atomic(out_dir / RECIPE_FILE, json.dumps(recipe, indent=1))
     return manifests
 
 
 def existing_shards(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob(f"{SHARD_PREFIX}*") if p.is_dir())
+
+
+def reusable(out_dir: Path, recipe: dict) -> list[Path] | None:
+    """The shards in `out_dir` if they were built, completely, from `recipe`."""
+    found = existing_shards(out_dir)
+    try:
+        if json.loads((out_dir / RECIPE_FILE).read_text()) != recipe:
+            return None
+        if len(found) != recipe.get("num_shards"):
+            return None
+        for d in found:
+            shard_format.read_manifest(d)
+    except (OSError, ValueError, shard_format.ShardError):
+        return None
+    return found
 
 
 def merged_view(shard_dirs: Sequence[Path]) -> Path:
@@ -107,11 +130,11 @@ def merged_view(shard_dirs: Sequence[Path]) -> Path:
     """
     root = Path(tempfile.mkdtemp(prefix="fedcompose-merged-"))
     for split in shard_format.SPLITS:
-        (root / preprocessing.SHARD_LINK / split).mkdir(parents=True)
+        (root / worker_dir.split_dir(split)).mkdir(parents=True)
     for shard in shard_dirs:
         shard = shard.resolve()
         for client in shard_format.read_manifest(shard).clients:
             for split in shard_format.SPLITS:
-                rel = shard_format.client_path(split, client.id)
-                (root / preprocessing.SHARD_LINK / rel).symlink_to(shard / rel)
+                target = shard / shard_format.client_path(split, client.id)
+                (root / worker_dir.client_file(split, client.id)).symlink_to(target)
     return root

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from coordinator import federation, trainer
+from coordinator import federation
 
 WARMUP_ROUND = 0
 """Round number of the unmeasured warm-up round; measured rounds are 1..R."""
@@ -53,7 +53,7 @@ class Plan:
         )
 
     def shuffle_seed(self, round_num: int) -> int:
-        return trainer.shuffle_seed(self.seed, round_num)
+        return federation.shuffle_seed(self.seed, round_num)
 
     def clients_for(self, model: str) -> list[int]:
         """The clients-per-round settings measured for `model`."""

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deploy.sources import ExamplePool, FederatedSource, PooledClient
+from deploy.data.sources import ExamplePool, FederatedSource, PooledClient
+from shared.errors import UsageError
 
 SCHEMES = ("natural", "iid", "dirichlet")
 
@@ -32,9 +33,9 @@ def balanced_writer_assignment(
     if num_shards < 1:
         raise ValueError(f"need at least one shard, got {num_shards}")
     if num_shards > len(source.clients):
-        raise ValueError(
-            f"{num_shards} shards for {len(source.clients)} writers: every shard needs "
-            "at least one writer; use fewer workers"
+        raise UsageError(
+            f"--workers {num_shards} is more than the {len(source.clients)} writers of the "
+            "data: every worker's shard needs at least one writer; use fewer --workers"
         )
     sizes = np.array([c.num_train + c.num_test for c in source.clients])
     tiebreak = np.random.default_rng(seed).permutation(len(sizes))

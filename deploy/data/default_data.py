@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deploy.sources import ClientData, FederatedSource
+from deploy.data.sources import ClientData, FederatedSource
+from shared.errors import UsageError
 
 DATASET_NAME = "sklearn-digits"
 NUM_CLASSES = 10
@@ -64,8 +65,8 @@ def load(
         raise ValueError(f"num_writers must be >= 1, got {num_writers}")
     pixels, labels = digits_as_emnist()
     if num_writers > len(labels) // 2:
-        raise ValueError(
-            f"{num_writers} writers leave fewer than 2 examples each "
+        raise UsageError(
+            f"--writers {num_writers} leaves fewer than 2 examples per writer "
             f"({len(labels)} digits); use at most {len(labels) // 2}"
         )
     rng = np.random.default_rng(seed)

@@ -9,7 +9,7 @@ the round's floor. Nothing federated happens: this is how fast the same model
 learns from the same examples on this machine, the floor that any federated
 runtime's round time is measured against.
 
-    python -m deploy.bench_keras CONFIG_JSON
+    python -m deploy.bench.keras_floor CONFIG_JSON
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from deploy import bench_protocol
-from deploy.bench_plan import Plan
+from deploy.bench import protocol as bench_protocol
+from deploy.bench.plan import Plan
 
 
 def _train_pass_fn(model):
@@ -41,7 +41,7 @@ def main(config_path: str) -> int:
     bench_protocol.start_child()
     import tensorflow as tf
 
-    from deploy import bench_data
+    from deploy.data import synthetic as bench_data
     from shared import models, preprocessing
 
     config = json.loads(Path(config_path).read_text())

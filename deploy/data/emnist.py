@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.sources import (
+from deploy.data.sources import (
     DataSourceError,
     ExamplePool,
     FederatedSource,

@@ -1,5 +1,0 @@
-import sys
-
-from client_worker.cli import main
-
-sys.exit(main())

@@ -1,0 +1,12 @@
+"""`fedcompose bench`: the benchmark.
+
+cli.py               the command: settings, data, the grid, results
+plan.py              what every measured system runs (same clients, data, settings)
+runner.py            one child process per system; memory sampling; collecting rounds
+protocol.py          how the children report (JSON lines on stdout)
+keras_floor.py       child: plain Keras over the same examples (compute floor)
+tff_local.py         child: TFF's single-process local context (also the tests' reference)
+fedcompose_child.py  child: the coordinator, against worker processes
+memory.py            peak memory of every process
+report.py            medians, ratios, targets, the table
+"""

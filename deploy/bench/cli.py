@@ -1,0 +1,194 @@
+"""`fedcompose bench`: where a round's time goes, against the baselines.
+
+In one run, on the same clients, data, model, batch size and local epochs:
+
+1. compute floor: plain Keras over the union of each round's clients;
+2. TFF in one process: the same composed process in TFF's local context;
+3. fedcompose with W workers on this machine, with the split of each round
+   into worker compute, coordinator work and waiting, the bytes the
+   coordinator sends and receives, and the peak memory of every process.
+
+Each system runs in a child process of its own (`runner`, `protocol`); this
+process only starts and stops them, samples their memory and writes the
+results into the run directory: `results.json` and the printed table.
+Every process started here is stopped on exit, Ctrl-C and errors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from shared import config as config_lib
+from shared.errors import UsageError
+
+log = logging.getLogger("fedcompose.bench")
+
+QUICK = {
+    "model": ["linear"],
+    "clients_per_round": [10, 50],
+    "workers": [1, 2],
+    "hosted_clients": 200,
+    "rounds": 2,
+}
+"""What `--quick` changes, unless given explicitly."""
+
+
+DESCRIPTION = (
+    "Measure where a round's time goes, against the baselines users would pick: plain "
+    "Keras over the same examples (compute floor), the same composed process in TFF's "
+    "single-process local context, and fedcompose with each number of local workers. "
+    "Prints a table (medians over the measured rounds, after one warm-up round) and "
+    "writes every round's figures as JSON into the run directory. Synthetic writers "
+    "derived from the offline sklearn digits are built once and cached under "
+    "--data-cache. --quick: "
+    + ", ".join(f"{config_lib.settings.flag(k)} {v}" for k, v in QUICK.items())
+    + "."
+)
+
+
+def with_quick_defaults(config: config_lib.RunConfig) -> config_lib.RunConfig:
+    """The grid `--quick` asks for, where the settings were not given explicitly."""
+    if config.bench.quick:
+        for name, value in QUICK.items():
+            if name not in config.given:
+                for section in ("model", "training", "federation", "bench"):
+                    if hasattr(getattr(config, section), name):
+                        setattr(getattr(config, section), name, value)
+    b, t = config.bench, config.training
+    unknown = [s for s in b.systems if s not in config_lib.BENCH_SYSTEMS]
+    if unknown:
+        raise UsageError(
+            f"--systems: unknown {', '.join(unknown)}; choose from "
+            + ", ".join(config_lib.BENCH_SYSTEMS)
+        )
+    known = {f"{m}/{c}" for m in config.model.model for c in t.clients_per_round}
+    unknown = [v for v in b.skip if v not in known]
+    if unknown:
+        raise UsageError(f"--skip {','.join(unknown)}: not a MODEL/CLIENTS workload of this grid")
+    if max(t.clients_per_round) > b.hosted_clients:
+        raise UsageError(
+            f"--clients-per-round {max(t.clients_per_round)} is more than the "
+            f"{b.hosted_clients} --hosted-clients"
+        )
+    if max(config.federation.workers) > b.hosted_clients:
+        raise UsageError("--workers: more workers than --hosted-clients")
+    return config
+
+
+def _build_data(config: config_lib.RunConfig) -> dict[int, list[Path]]:
+    from tqdm import tqdm
+
+    from deploy.data import synthetic
+
+    spec = synthetic.SyntheticSpec(
+        writers=config.bench.hosted_clients,
+        mean_train_examples=config.bench.examples_per_client,
+        seed=config.data.data_seed,
+    )
+    cache = Path(config.bench.data_cache)
+    counts = sorted({1, *config.federation.workers})
+    missing = [c for c in counts if not synthetic.is_built(spec, cache, c)]
+    with tqdm(
+        total=len(missing) * spec.writers,
+        desc="building synthetic shards",
+        unit="client",
+        disable=not missing or not sys.stderr.isatty(),
+        file=sys.stderr,
+    ) as bar:
+        return synthetic.build_shard_sets(spec, cache, counts, bar.update)
+
+
+def run(config: config_lib.RunConfig) -> int:
+    from shared import interrupts, logs
+
+    config = with_quick_defaults(config)
+    run_dir = Path(
+        config.output.run_dir or Path("bench-results") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path = run_dir / "results.json"
+    logs.setup(verbose=config.output.verbose, log_file=run_dir / "bench.log", name="bench")
+    interrupts.install()
+
+    from tqdm import tqdm
+
+    from deploy.bench import report
+    from deploy.bench.memory import MemorySampler
+    from deploy.bench.plan import Plan
+    from deploy.bench.runner import Runner, machine
+    from deploy.data import synthetic
+    from shared import files
+
+    b, t = config.bench, config.training
+    started = time.time()
+    shard_sets = _build_data(config)
+    plan = Plan(
+        models=tuple(config.model.model),
+        clients_per_round=tuple(t.clients_per_round),
+        rounds=t.rounds,
+        batch_size=t.batch_size,
+        local_epochs=t.local_epochs,
+        client_ids=tuple(
+            synthetic.client_ids(
+                synthetic.SyntheticSpec(writers=b.hosted_clients, seed=config.data.data_seed)
+            )
+        ),
+        seed=t.seed,
+        client_learning_rate=t.client_learning_rate,
+        rpc_timeout=config.federation.rpc_timeout,
+        skip=tuple(b.skip),
+    )
+    steps: list[tuple[str, int | None]] = [
+        (system, None) for system in ("keras", "tff_local") if system in b.systems
+    ]
+    if "fedcompose" in b.systems:
+        steps += [("fedcompose", workers) for workers in config.federation.workers]
+    total = len(list(plan.workloads())) * len(steps) * b.passes
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": config.to_dict(("model", "training", "federation", "data", "bench")),
+        "data": {
+            "kind": "synthetic writers drawn from the sklearn digits",
+            "hosted_clients": b.hosted_clients,
+            "mean_train_examples": b.examples_per_client,
+        },
+    }
+    bar = tqdm(
+        total=total,
+        unit="workload",
+        dynamic_ncols=True,
+        disable=not sys.stderr.isatty(),
+        file=sys.stderr,
+    )
+    runner = None
+    try:
+        with MemorySampler() as sampler:
+            runner = Runner(plan, run_dir, bar, sampler)
+            for number in range(b.passes):
+                runner.current_pass = number
+                for system, workers in steps if number % 2 == 0 else reversed(steps):
+                    if system == "keras":
+                        runner.keras(shard_sets[1])
+                    elif system == "tff_local":
+                        runner.tff_local(shard_sets[1])
+                    else:
+                        assert workers is not None
+                        runner.fedcompose(workers, shard_sets[workers])
+    finally:
+        bar.close()
+        if runner is not None:
+            rows = list(runner.rows.values())
+            results = report.assemble(rows, meta, time.time() - started)
+            files.write_atomic(results_path, json.dumps(results, indent=1))
+            table = report.render(results)
+            files.write_atomic(run_dir / "table.txt", table + "\n")
+            print(table, file=sys.stdout)
+            print(f"\nresults: {results_path}", file=sys.stderr)
+    failed = [r for r in runner.rows.values() if r.error] if runner else []
+    return 1 if failed else 0

@@ -1,0 +1,12 @@
+"""`fedcompose data`: from a federated dataset to worker shards.
+
+cli.py           the command
+build.py         data settings -> shards (one path for `data` and `run`)
+sources.py       a federated source: clients with train and test examples
+default_data.py  the offline default: sklearn digits as synthetic writers
+emnist.py        TFF's federated EMNIST (SQLite)
+partition.py     whole writers to shards; IID and Dirichlet re-splits
+shards.py        writing shards, reusing them, the merged view of all shards
+synthetic.py     many synthetic writers (benchmark and scale tests)
+progress.py      progress bars
+"""

@@ -1,0 +1,392 @@
+"""Every setting of every command, declared once (see `shared.settings`).
+
+The sections are the TOML tables of a config file and the groups of each
+command's `--help`; `COMMANDS` says which settings each command takes. A run
+directory's `config.toml` holds the resolved sections and can be fed back
+with `--config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import Any
+
+from shared import settings
+from shared.errors import UsageError
+from shared.settings import setting
+
+SOURCES = ("default", "emnist")
+PARTITIONS = ("natural", "iid", "dirichlet")
+MODELS = ("linear", "cnn")
+SHARD_CHECKS = ("full", "quick")
+BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose")
+MAX_LOCAL_WORKERS = 64
+DEFAULT_EMNIST_PATH = "~/.tff"
+"""Where `tff.simulation.datasets.emnist.load_data` caches the file by default."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = setting(
+        "default",
+        "federated dataset to build worker shards from",
+        choices=SOURCES,
+        fixed_on_resume=True,
+    )
+    emnist_path: str = setting(
+        DEFAULT_EMNIST_PATH,
+        "EMNIST: emnist_all.sqlite or a directory holding (or to cache) it",
+        fixed_on_resume=True,
+        metavar="PATH",
+    )
+    only_digits: bool = setting(
+        True, "EMNIST: digits only (10 classes) instead of all 62 classes", fixed_on_resume=True
+    )
+    partition: str = setting(
+        "natural",
+        "natural: whole writers; iid / dirichlet: the same examples re-dealt to as many "
+        "synthetic clients, uniformly or with Dirichlet(alpha) label mixes",
+        choices=PARTITIONS,
+        fixed_on_resume=True,
+    )
+    alpha: float = setting(
+        0.5,
+        "Dirichlet concentration for --partition dirichlet (lower: more label skew)",
+        above=0,
+        fixed_on_resume=True,
+    )
+    writers: int = setting(
+        60, "synthetic writers of the default source", minimum=1, fixed_on_resume=True
+    )
+    data_seed: int = setting(
+        0, "seed of the data split and partition", minimum=0, fixed_on_resume=True
+    )
+    shards_dir: str = setting(
+        "",
+        "directory of shard-NNN directories: `data` writes it, `run` serves it (run default: "
+        "build shards inside the run directory)",
+        metavar="DIR",
+    )
+    force: bool = setting(False, "replace the shards in a non-empty --shards-dir")
+
+
+@dataclasses.dataclass
+class FederationConfig:
+    workers: int = setting(3, "number of workers (one shard each)", minimum=1)
+    addresses: list = setting(
+        [], "worker addresses host:port, comma separated", metavar="HOST:PORT,..."
+    )
+    base_port: int = setting(
+        0, "first port for local workers; 0 picks free ports", minimum=0, maximum=65535
+    )
+    rpc_timeout: float = setting(600.0, "deadline in seconds for any one call to a worker", above=0)
+    connect_timeout: float = setting(
+        30.0, "seconds to wait for every worker to be reachable", above=0
+    )
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    shard: str = setting("", "shard directory made by `fedcompose data`", metavar="DIR")
+    port: int = setting(10000, "port to serve on", minimum=1, maximum=65535)
+    log_file: str = setting("", "also write the worker's log to this file", metavar="FILE")
+    shard_check: str = setting(
+        "full",
+        "how a worker checks its shard at start: full reads every example (checksums, pixel "
+        "and label ranges); quick checks sizes only",
+        choices=SHARD_CHECKS,
+    )
+    ready_timeout: float = setting(
+        120.0, "seconds to wait for a worker's executor service to come up", above=0
+    )
+    max_message_mb: int = setting(
+        2000, "gRPC message size limit of the executor service, MB", minimum=1, maximum=2047
+    )
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    model: str = setting(
+        "linear",
+        "linear: the tutorial's dense softmax; cnn: the EMNIST baseline CNN",
+        choices=MODELS,
+        fixed_on_resume=True,
+    )
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    rounds: int = setting(30, "number of training rounds", minimum=1)
+    clients_per_round: int = setting(
+        10, "clients sampled (without replacement) per round", minimum=1, fixed_on_resume=True
+    )
+    client_learning_rate: float = setting(
+        0.3, "client SGD learning rate", above=0, fixed_on_resume=True
+    )
+    server_learning_rate: float = setting(
+        1.0, "server SGD learning rate (finalizer)", above=0, fixed_on_resume=True
+    )
+    batch_size: int = setting(20, "client batch size", minimum=1, fixed_on_resume=True)
+    local_epochs: int = setting(
+        1, "passes over its data per client per round", minimum=1, fixed_on_resume=True
+    )
+    clip_norm: float = setting(
+        1.0, "global L2 norm each client gradient is clipped to", above=0, fixed_on_resume=True
+    )
+    shuffle_buffer: int = setting(
+        100, "client-side shuffle buffer (1 disables shuffling)", minimum=1, fixed_on_resume=True
+    )
+    seed: int = setting(0, "seed of client sampling and shuffling", minimum=0, fixed_on_resume=True)
+
+
+@dataclasses.dataclass
+class EvaluationConfig:
+    eval_every: int = setting(
+        5,
+        "evaluate on every writer's held-out examples every K rounds (0: only at the end)",
+        minimum=0,
+    )
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    run_dir: str = setting(
+        "",
+        "directory of this run (config, metrics, checkpoints, plots); default runs/<time> "
+        "(bench: bench-results/<time>)",
+        metavar="DIR",
+    )
+    checkpoint_every: int = setting(
+        1, "save the server state every N rounds (0: only at the end)", minimum=0
+    )
+    keep_checkpoints: int = setting(
+        3, "how many recent checkpoints to keep (the first is kept too)", minimum=1
+    )
+    json: bool = setting(False, "print one JSON object per line instead of a table")
+    verbose: bool = setting(False, "show debug logs and TensorFlow's own output")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    hosted_clients: int = setting(3400, "synthetic writers hosted across the workers", minimum=1)
+    examples_per_client: int = setting(
+        24,
+        "mean training examples of a synthetic writer (each holds half to 1.5 times as many)",
+        minimum=1,
+    )
+    passes: int = setting(
+        1,
+        "run the whole grid this many times, every other pass in reverse order of systems, "
+        "and take medians over all passes",
+        minimum=1,
+    )
+    skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
+    systems: list = setting(
+        list(BENCH_SYSTEMS),
+        "systems to measure: keras (compute floor), tff_local, fedcompose",
+    )
+    data_cache: str = setting(
+        "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"
+    )
+    quick: bool = setting(
+        False,
+        "a small grid that finishes in a few minutes; settings given explicitly still apply",
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "worker": WorkerConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+    "output": OutputConfig,
+    "bench": BenchConfig,
+}
+settings.check_unique_names(SECTIONS)
+
+RUN_SECTIONS = ("data", "federation", "worker", "model", "training", "evaluation", "output")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
+    worker: WorkerConfig = dataclasses.field(default_factory=WorkerConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+    given: frozenset[str] = frozenset()
+    """Names of the settings a flag or the config file gave (the rest are defaults)."""
+
+    def to_dict(self, sections: tuple[str, ...] = RUN_SECTIONS) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in sections}
+
+    def to_toml(self) -> str:
+        return settings.to_toml(
+            self.to_dict(), "fedcompose run configuration (resolved: defaults, config file, flags)"
+        )
+
+
+_TRAINING = ("model", "training", "evaluation")
+_PER_PROCESS = ("shard", "port", "log_file")
+COMMANDS: dict[str, settings.Command] = {
+    "run": settings.Command(
+        "run",
+        {
+            "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
+            "federation": ("workers", "base_port", "rpc_timeout", "connect_timeout"),
+            "worker": tuple(
+                f.name for f in dataclasses.fields(WorkerConfig) if f.name not in _PER_PROCESS
+            ),
+            **{s: "*" for s in _TRAINING},
+            "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
+        },
+    ),
+    "train": settings.Command(
+        "train",
+        {
+            "federation": ("addresses", "rpc_timeout", "connect_timeout"),
+            **{s: "*" for s in _TRAINING},
+            "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
+        },
+        required=frozenset({"addresses"}),
+    ),
+    "data": settings.Command(
+        "data",
+        {"data": "*", "federation": ("workers",), "output": ("verbose",)},
+        required=frozenset({"shards_dir"}),
+    ),
+    "worker": settings.Command(
+        "worker", {"worker": "*", "output": ("verbose",)}, required=frozenset({"shard"})
+    ),
+    "status": settings.Command(
+        "status",
+        {"federation": ("addresses", "connect_timeout"), "output": ("json", "verbose")},
+        defaults={"connect_timeout": 10.0},
+        required=frozenset({"addresses"}),
+    ),
+    "bench": settings.Command(
+        "bench",
+        {
+            "model": "*",
+            "training": (
+                "clients_per_round",
+                "rounds",
+                "batch_size",
+                "local_epochs",
+                "client_learning_rate",
+                "seed",
+            ),
+            "federation": ("workers", "rpc_timeout"),
+            "data": ("data_seed",),
+            "bench": "*",
+            "output": ("run_dir", "verbose"),
+        },
+        sweep=frozenset({"model", "clients_per_round", "workers"}),
+        defaults={
+            "model": ["linear", "cnn"],
+            "clients_per_round": [10, 100, 1000],
+            "workers": [1, 2, 4],
+            "rounds": 3,
+            "rpc_timeout": 1800.0,
+        },
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    settings.add_arguments(parser, COMMANDS[command], SECTIONS)
+
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def resolve(args: argparse.Namespace, command: str) -> RunConfig:
+    """The command's settings: defaults < config file < flags, all checked."""
+    config: RunConfig = settings.resolve(args, COMMANDS[command], SECTIONS, RunConfig)
+    _check_together(config, command)
+    return config
+
+
+def _check_together(config: RunConfig, command: str) -> None:
+    """Rules that involve more than one setting."""
+    d, f, t = config.data, config.federation, config.training
+    if command == "run" and f.workers > MAX_LOCAL_WORKERS:
+        raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
+    if command == "run" and f.base_port and f.base_port + f.workers - 1 > 65535:
+        raise UsageError(
+            f"--base-port {f.base_port} with {f.workers} workers runs past port 65535; "
+            "use 0 (pick free ports) or a lower port"
+        )
+    for address in f.addresses:
+        match = _ADDRESS.match(address)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise UsageError(f"--addresses: {address!r} is not host:port")
+    if len(set(f.addresses)) != len(f.addresses):
+        dup = next(a for a in f.addresses if f.addresses.count(a) > 1)
+        raise UsageError(f"--addresses: {dup} is listed twice")
+    # Set to something other than its default (a resolved config.toml fed back
+    # with --config holds every setting, most at their defaults).
+    given = {
+        f.name
+        for f in dataclasses.fields(DataConfig)
+        if getattr(d, f.name) != settings.field_default(f)
+    }
+    if command in ("run", "data"):
+        if "alpha" in given and d.partition != "dirichlet":
+            raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
+        if "writers" in given and d.source != "default":
+            raise UsageError("--writers applies to --source default only; EMNIST has its writers")
+        if "emnist_path" in given and d.source != "emnist":
+            raise UsageError("--emnist-path applies to --source emnist only")
+        if not d.only_digits and d.source != "emnist":
+            raise UsageError("--no-only-digits needs --source emnist; the default has digits only")
+    if command == "run" and d.shards_dir:
+        built = (
+            "source",
+            "partition",
+            "writers",
+            "data_seed",
+            "alpha",
+            "only_digits",
+            "emnist_path",
+        )
+        for name in built:
+            if name in given:
+                raise UsageError(
+                    f"{settings.flag(name)} does not apply with --shards-dir: the shards "
+                    "there were built already (their manifests say how)"
+                )
+    uses_default_data = command == "data" or (command == "run" and not d.shards_dir)
+    if uses_default_data and d.source == "default":
+        if f.workers > d.writers:
+            raise UsageError(
+                f"--workers {f.workers} is more than the {d.writers} writers of the data; "
+                "every worker needs at least one; use fewer --workers or more --writers"
+            )
+        if command == "run" and t.clients_per_round > d.writers:
+            raise UsageError(
+                f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
+                "writers of the default data; lower it or raise --writers"
+            )
+
+
+def resume_conflicts(saved: dict[str, dict[str, Any]], current: RunConfig) -> list[str]:
+    """Settings that must not change when a run is resumed, and did."""
+    conflicts = []
+    for section in RUN_SECTIONS:
+        cls = SECTIONS[section]
+        now = dataclasses.asdict(getattr(current, section))
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("fixed_on_resume"):
+                continue
+            before = saved.get(section, {}).get(f.name)
+            if before is not None and before != now[f.name]:
+                conflicts.append(f"{section}.{f.name}: {before!r} -> {now[f.name]!r}")
+    return conflicts

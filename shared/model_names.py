@@ -1,3 +1,0 @@
-"""Names of the models fedcompose offers (importable without TensorFlow)."""
-
-MODELS = ("linear", "cnn")

@@ -1,0 +1,327 @@
+"""How settings are declared once and become flags, config tables, help and checks.
+
+A setting is a dataclass field made with `setting(...)`: its default, its help
+text and its rules (choices, bounds, whether a resume may change it). A
+section is a dataclass of settings and becomes a TOML table; a `Command`
+names the settings a command takes. From these declarations alone come every
+command's flags and `--help`, the config file's tables and keys, the
+coercion of TOML values and the per-setting validation, so none of them can
+drift from the others. A flag is the setting's name with `-` for `_`, the
+same in every command.
+
+Sweeps: a command may take some settings as comma-separated lists (the
+benchmark measures several models, client counts and worker counts); each
+element is checked by the same rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UsageError
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Iterable[str] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    fixed_on_resume: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    """A setting: its default, help text and rules.
+
+    `minimum`/`maximum` are inclusive bounds, `above` an exclusive lower one.
+    Floats must be finite. `fixed_on_resume`: resuming a run with another
+    value is refused (it would change what the run computes).
+    """
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "minimum": minimum,
+        "maximum": maximum,
+        "above": above,
+        "fixed_on_resume": fixed_on_resume,
+        "metavar": metavar,
+    }
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def kind_of(f: dataclasses.Field) -> type:
+    return type(field_default(f))
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """The settings one command takes.
+
+    `takes` maps a section to the names it takes from it (`"*"`: all);
+    `sweep` names settings given as comma-separated lists; `defaults`
+    overrides a declared default for this command; `required` settings must
+    be set by a flag or the config file.
+    """
+
+    name: str
+    takes: Mapping[str, tuple[str, ...] | str]
+    sweep: frozenset[str] = frozenset()
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    required: frozenset[str] = frozenset()
+    accepts_config_file: bool = True
+
+    def fields(self, sections: Mapping[str, type]) -> list[tuple[str, dataclasses.Field]]:
+        chosen = []
+        for section, names in self.takes.items():
+            for f in dataclasses.fields(sections[section]):
+                if names == "*" or f.name in names:
+                    chosen.append((section, f))
+        return chosen
+
+    def default(self, section: str, f: dataclasses.Field) -> Any:
+        return self.defaults.get(f.name, field_default(f))
+
+
+def check_unique_names(sections: Mapping[str, type]) -> None:
+    """Every setting's name (hence its flag) is unique across sections."""
+    seen: dict[str, str] = {}
+    for section, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise AssertionError(
+                    f"setting {f.name} declared in [{seen[f.name]}] and [{section}]"
+                )
+            seen[f.name] = section
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def to_toml(values: Mapping[str, Mapping[str, Any]], title: str) -> str:
+    lines = [f"# {title}"]
+    for section, fields in values.items():
+        lines.append(f"\n[{section}]")
+        for key, value in fields.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, command: Command, sections: Mapping[str, type]
+) -> None:
+    """A flag per setting the command takes. Flags default to "not given", so
+    that only flags actually given override the config file."""
+    if command.accepts_config_file:
+        parser.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="TOML file with a table per section ("
+            + ", ".join(f"[{s}]" for s in command.takes)
+            + "); flags override it",
+        )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section, f in command.fields(sections):
+        group = groups.get(section) or parser.add_argument_group(f"[{section}]")
+        groups[section] = group
+        default = command.default(section, f)
+        kind = kind_of(f)
+        swept = f.name in command.sweep
+        shown = "none" if default in ("", []) else _toml_value(default).strip('"')
+        help_text = f.metadata["help"]
+        if f.name in command.required:
+            help_text += " (required)"
+        elif swept:
+            help_text += f" (comma-separated list; default: {shown})"
+        else:
+            help_text += f" (default: {shown})"
+        kwargs: dict[str, Any] = {
+            "dest": f"{section}.{f.name}",
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+        }
+        choices = f.metadata.get("choices")
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif swept or kind is list:
+            kwargs["type"] = str
+            kwargs["metavar"] = f.metadata.get("metavar") or "A,B,..."
+        else:
+            kwargs["type"] = str  # converted (with a clear message) by `resolve`
+            if choices:
+                kwargs["metavar"] = "{" + ",".join(choices) + "}"
+            else:
+                kwargs["metavar"] = f.metadata.get("metavar") or kind.__name__.upper()
+        group.add_argument(flag(f.name), **kwargs)
+
+
+def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, Any]]:
+    """A config file's tables, checked against the declared sections."""
+    where = f"config file {path}"
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{where} is a directory; give a TOML file") from None
+    except PermissionError:
+        raise UsageError(f"{where} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{where} is not UTF-8 text; give a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{where} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UsageError(f"{where} cannot be read ({e.strerror or e})") from None
+    for section, values in raw.items():
+        if section not in sections:
+            raise UsageError(f"{where}: unknown table [{section}]; use {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise UsageError(f"{where}: [{section}] must be a table")
+        known = {f.name for f in dataclasses.fields(sections[section])}
+        for key in values:
+            if key not in known:
+                raise UsageError(
+                    f"{where}: unknown setting {section}.{key}; "
+                    f"[{section}] takes {', '.join(sorted(known))}"
+                )
+    return raw
+
+
+def _number(text: str, kind: type, name: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise UsageError(
+            f"{flag(name)} takes {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+
+
+def coerce(name: str, value: Any, kind: type) -> Any:
+    """A flag's text or a TOML value as the setting's type."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{flag(name)} must be true or false, got {value!r}")
+        return value
+    if kind is list:
+        if isinstance(value, str):
+            return comma_list(value)
+        if not isinstance(value, list):
+            raise UsageError(f"{flag(name)} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if isinstance(value, str) and kind in (int, float):
+        return _number(value, kind, name)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UsageError(f"{flag(name)} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def check(f: dataclasses.Field, value: Any) -> None:
+    """The declared rules of one setting."""
+    name = flag(f.name)
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise UsageError(
+            f"{name}: unknown value {value!r}; choose one of {', '.join(m['choices'])}"
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value}")
+    bounds = []
+    if m.get("above") is not None:
+        bounds.append((value > m["above"], f"> {m['above']:g}"))
+    if m.get("minimum") is not None:
+        bounds.append((value >= m["minimum"], f">= {m['minimum']:g}"))
+    if m.get("maximum") is not None:
+        bounds.append((value <= m["maximum"], f"<= {m['maximum']:g}"))
+    for ok, rule in bounds:
+        if not ok:
+            raise UsageError(f"{name} must be {rule}, got {value:g}")
+
+
+def resolve(
+    args: argparse.Namespace,
+    command: Command,
+    sections: Mapping[str, type],
+    make: Callable[[], Any],
+) -> Any:
+    """Defaults, then the config file, then flags; each value coerced and
+    checked by its declaration. Returns `make()` filled in, with `given` set
+    to the names of the settings a flag or the config file gave."""
+    config = make()
+    for section, f in command.fields(sections):
+        setattr(getattr(config, section), f.name, command.default(section, f))
+    given: set[str] = set()
+    config_path = getattr(args, "config", None)
+    layers: list[dict[str, dict[str, Any]]] = []
+    if config_path is not None:
+        layers.append(load_file(config_path, sections))
+    flags: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            flags.setdefault(section, {})[name] = value
+    layers.append(flags)
+    for layer in layers:
+        for section, values in layer.items():
+            target = getattr(config, section)
+            declared = {f.name: f for f in dataclasses.fields(sections[section])}
+            for name, value in values.items():
+                f = declared[name]
+                if f.name in command.sweep:
+                    items = value if isinstance(value, list) else comma_list(value)
+                    if not items:
+                        raise UsageError(f"{flag(name)} needs at least one value")
+                    converted = [coerce(name, item, kind_of(f)) for item in items]
+                else:
+                    converted = coerce(name, value, kind_of(f))
+                setattr(target, name, converted)
+                given.add(name)
+    for section, f in command.fields(sections):
+        value = getattr(getattr(config, section), f.name)
+        for item in value if f.name in command.sweep and isinstance(value, list) else [value]:
+            check(f, item)
+        if f.name in command.required and f.name not in given and value in ("", [], None):
+            raise UsageError(f"{flag(f.name)} is required")
+    config.given = frozenset(given)
+    if command.sweep:
+        for section, f in command.fields(sections):
+            value = getattr(getattr(config, section), f.name)
+            if f.name in command.sweep and not isinstance(value, list):
+                setattr(getattr(config, section), f.name, [value])
+    return config
