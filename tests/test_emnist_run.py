@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from deploy.data import default_data
 from tests.conftest import fedcompose
 from tests.test_emnist_source import ALL_SPLITS, DIGIT_SPLITS, write_emnist_db
@@ -34,6 +36,7 @@ def _digits_as_emnist_db(directory, num_writers: int = 30):
     return path, sum(len(v[1]) for v in test.values())
 
 
+@pytest.mark.slow
 def test_emnist_schema_run_over_two_workers_with_evaluation(tmp_path):
     db, test_examples = _digits_as_emnist_db(tmp_path / "emnist")
     shards = tmp_path / "shards"

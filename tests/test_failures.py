@@ -57,6 +57,7 @@ def test_unreachable_worker_at_start(tmp_path):
     assert time.monotonic() - started < 90
 
 
+@pytest.mark.slow
 def test_worker_killed_during_a_round(workers2, tmp_path):
     run_dir = tmp_path / "run"
     proc = _endless_training(workers2, run_dir, rpc_timeout=30)

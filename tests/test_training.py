@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, fedcompose
 
 
@@ -16,6 +18,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ten_rounds_lower_loss_and_raise_accuracy(tmp_path):
     run_dir = tmp_path / "run"
     result = fedcompose(
@@ -56,6 +59,7 @@ def test_ten_rounds_lower_loss_and_raise_accuracy(tmp_path):
         assert "ready: serving" in (run_dir / "logs" / f"worker-{i}.log").read_text()
 
 
+@pytest.mark.slow
 def test_coordinator_never_touches_shard_files(workers2, shards2, tmp_path):
     """Traces every file-system call of the coordinator and its children."""
     # A failure, not a skip: without strace this check would pass unseen.
