@@ -69,7 +69,7 @@ class LocalWorker:
 
     @property
     def address(self) -> str:
-        return f"localhost:{self.port}"
+        return f"127.0.0.1:{self.port}"
 
     def last_error(self) -> str:
         return self.output.last_error()
