@@ -185,7 +185,8 @@ class BenchConfig:
     skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
     systems: list = setting(
         list(BENCH_SYSTEMS),
-        "systems to measure: keras (compute floor), tff_local, fedcompose",
+        "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
+        "(workers behind mutual TLS)",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"

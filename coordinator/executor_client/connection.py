@@ -369,9 +369,7 @@ def _probe_tls(sock: socket.socket, host: str, port: int, tls: ClientTLS, timeou
         why = own_certificate_problem(tls) or (
             "it did not accept this coordinator's certificate (see the worker's log)"
         )
-        return Diagnosis(
-            OUR_CERTIFICATE, f"it refused the TLS connection: {why}", True
-        )
+        return Diagnosis(OUR_CERTIFICATE, f"it refused the TLS connection: {why}", True)
     if len(answer) >= 9 and answer[3] == _SETTINGS_FRAME:
         return Diagnosis(OK, "answers gRPC over mutual TLS", False)
     return Diagnosis(
