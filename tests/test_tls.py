@@ -302,3 +302,68 @@ def test_status_tells_connection_failures_apart_without_waiting(impostors):
     assert "not a TFF executor service (it does not implement GetExecutor)" in errors["grpc"]
     # Every answer was known long before the connect timeout (does-not-hang bound).
     assert elapsed < 100, elapsed
+
+
+def test_expired_certificates_and_tls_against_a_plaintext_worker(kits, tmp_path, workers2):
+    """The coordinator's kit against a plaintext worker, against a worker whose
+    certificate has expired (its proxy started here with such a kit), and an
+    expired coordinator certificate against a valid worker."""
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, probe
+
+    plain = workers2[0].address
+    now = datetime.datetime.now(datetime.UTC)
+    past = {
+        "not_before": now - datetime.timedelta(days=30),
+        "not_after": now - datetime.timedelta(days=2),
+    }
+    expired_worker = _kit_with(tmp_path, kits, "w0", tls.WORKER, hosts=["127.0.0.1"], **past)
+    info = json.loads((expired_worker / "kit.json").read_text())
+    old_kit = tls.Kit(
+        directory=expired_worker,
+        role=tls.WORKER,
+        name="w0",
+        coordinator="coordinator",
+        ca_pem=(expired_worker / "ca.pem").read_bytes(),
+        cert_pem=(expired_worker / "cert.pem").read_bytes(),
+        key_pem=(expired_worker / "key.pem").read_bytes(),
+        not_after=past["not_after"],
+        info=info,
+    )
+    # A worker refuses to start with it...
+    started = fedcompose("worker", "--shard", "x", "--tls-dir", str(expired_worker))
+    assert started.returncode == 2 and "certificate expired on" in started.stderr
+    # ...so its proxy (as if the certificate expired while it ran) is started here.
+    expired_port, valid_port = free_ports(2)
+    stale = proxy.start(expired_port, plain, old_kit, host="127.0.0.1")
+    valid = proxy.start(valid_port, plain, tls.load_kit(kits / "w0", tls.WORKER), host="127.0.0.1")
+    try:
+        expired_address = f"127.0.0.1:{expired_port}"
+        result = fedcompose(
+            "status", "--addresses", f"{plain},{expired_address}", "--tls-dir",
+            str(kits / "coordinator"), "--json", "--connect-timeout", "60", timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 4
+        rows = {row["address"]: row for row in map(json.loads, result.stdout.splitlines())}
+        assert "speaks plaintext, not TLS" in rows[plain]["error"]
+        assert "its certificate expired on" in rows[expired_address]["error"]
+
+        coordinator_expired = _kit_with(tmp_path, kits, "coordinator", tls.COORDINATOR, **past)
+        client = ClientTLS(
+            (kits / "ca" / "ca.pem").read_bytes(),
+            coordinator_expired / "cert.pem",
+            coordinator_expired / "key.pem",
+        )
+        valid_address = f"127.0.0.1:{valid_port}"
+        diagnosis = probe(valid_address, client)
+        assert diagnosis.final
+        assert "this coordinator's certificate expired on" in diagnosis.message
+        # The valid coordinator kit gets through the same proxy.
+        good = fedcompose(
+            "status", "--addresses", valid_address, "--tls-dir", str(kits / "coordinator"),
+            timeout=300,
+        )  # fmt: skip
+        assert good.returncode == 0, good.stdout + good.stderr
+    finally:
+        stale.stop()
+        valid.stop()
