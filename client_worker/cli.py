@@ -36,7 +36,7 @@ def run(settings: config.RunConfig) -> int:
     # Everything a user can get wrong about TLS and confinement fails here, in
     # one line, before the shard is read or anything starts.
     kit = tls.load_kit(settings.tls.tls_dir, tls.WORKER) if settings.tls.tls_dir else None
-    loopback.require_shim()
+    loopback.confine_children()
 
     shard_dir = Path(w.shard).expanduser()
     started = time.monotonic()

@@ -23,7 +23,7 @@ def run(config: config_lib.RunConfig) -> int:
     # A kit or shim problem is a one-line error before the run directory is touched.
     if config.tls.tls_dir:
         tls.load_kit(config.tls.tls_dir, tls.COORDINATOR)
-    loopback.require_shim()
+    loopback.confine_children()
     return run_training(config, list(config.federation.addresses), command="train")
 
 

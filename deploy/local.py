@@ -61,7 +61,7 @@ def run(config: config_lib.RunConfig) -> int:
     from shared import interrupts, logs, loopback
 
     # Every executor this starts is confined to loopback; without the shim, nothing starts.
-    loopback.require_shim()
+    loopback.confine_children()
     run_dir = prepare_run_dir(config)
     logs.setup(
         verbose=config.output.verbose, log_file=run_dir / "logs" / "launcher.log", name="run"

@@ -59,8 +59,19 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     shim = str(require_shim())
     preload = env.get("LD_PRELOAD", "")
-    env["LD_PRELOAD"] = f"{shim} {preload}".strip()
+    if shim not in preload.split():
+        env["LD_PRELOAD"] = f"{shim} {preload}".strip()
     return env
+
+
+def confine_children() -> None:
+    """Preloads the shim into every child this process starts from now on.
+
+    For `worker_binary`s started by TFF itself (its local execution context),
+    which take this process's environment. The shim acts only in processes
+    named `worker_binary`; every other child is left as it is.
+    """
+    os.environ.update(environment())
 
 
 def build(dest: Path | None = None, compiler: str | None = None) -> Path:

@@ -12,6 +12,9 @@
  *   - refuses a bind() to any other non-loopback address;
  *   - ignores SO_REUSEPORT, so the port is owned exclusively and a second
  *     listener fails with EADDRINUSE.
+ * It acts only inside a process whose executable is named worker_binary, so it
+ * can be preloaded into a whole process tree (TFF's own local executors
+ * included) without touching anything else, e.g. a worker's TLS proxy.
  * Built from this source on install (deploy/bootstrap.sh, shared/loopback.py);
  * never shipped as a binary. fedcompose checks after start that the process
  * listens on loopback only, so a shim that did not load is an error, not an
@@ -23,6 +26,24 @@
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
+
+static int confined = -1; /* 1: this process is worker_binary */
+
+static int is_confined(void) {
+  if (confined < 0) {
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    confined = 0;
+    if (n > 0) {
+      exe[n] = '\0';
+      const char *base = strrchr(exe, '/');
+      base = base ? base + 1 : exe;
+      confined = strcmp(base, "worker_binary") == 0;
+    }
+  }
+  return confined;
+}
 
 typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
 typedef int (*setsockopt_fn)(int, int, int, const void *, socklen_t);
@@ -30,6 +51,7 @@ typedef int (*setsockopt_fn)(int, int, int, const void *, socklen_t);
 int bind(int fd, const struct sockaddr *addr, socklen_t len) {
   static bind_fn real_bind;
   if (!real_bind) real_bind = (bind_fn)dlsym(RTLD_NEXT, "bind");
+  if (!is_confined()) return real_bind(fd, addr, len);
   if (addr != NULL && addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
     struct sockaddr_in a;
     memcpy(&a, addr, sizeof a);
@@ -67,6 +89,6 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len) {
 int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
   static setsockopt_fn real_setsockopt;
   if (!real_setsockopt) real_setsockopt = (setsockopt_fn)dlsym(RTLD_NEXT, "setsockopt");
-  if (level == SOL_SOCKET && name == SO_REUSEPORT) return 0; /* exclusive ports */
+  if (level == SOL_SOCKET && name == SO_REUSEPORT && is_confined()) return 0; /* exclusive */
   return real_setsockopt(fd, level, name, value, len);
 }

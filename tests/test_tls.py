@@ -183,6 +183,7 @@ def test_kit_problems_are_one_line_usage_errors_before_anything_starts(kits, tmp
 def test_without_a_working_loopback_shim_nothing_is_exposed(tmp_path, shards2):
     (port,) = free_ports(1)
     env = {**os.environ, "FEDCOMPOSE_LOOPBACK_SHIM": str(tmp_path / "missing.so")}
+    env.pop("LD_PRELOAD", None)  # the session's own (working) shim
     worker = fedcompose("worker", "--shard", str(shards2[0]), "--port", str(port), env=env)
     assert worker.returncode == 1
     assert "the loopback shim" in _one_error_line(worker.stderr, "worker")
