@@ -49,6 +49,7 @@ def _probe(address: str, timeout: float, tls=None) -> dict:
         "train_examples": m.train_examples,
         "test_examples": m.test_examples,
         "tff_version": info.tff_version,
+        "tls": info.tls,
         "host": info.host,
         "uptime_s": round(time.time() - info.started_at) if info.started_at else None,
         "latency_ms": round((time.perf_counter() - started) * 1000),

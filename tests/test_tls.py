@@ -282,6 +282,7 @@ def impostors() -> Iterator[dict[str, int]]:
             s.close()
 
 
+@pytest.mark.slow
 def test_status_tells_connection_failures_apart_without_waiting(impostors):
     addresses = {kind: f"127.0.0.1:{port}" for kind, port in impostors.items()}
     started = time.monotonic()
@@ -305,6 +306,7 @@ def test_status_tells_connection_failures_apart_without_waiting(impostors):
     assert elapsed < 100, elapsed
 
 
+@pytest.mark.slow
 def test_expired_certificates_and_tls_against_a_plaintext_worker(kits, tmp_path, workers2):
     """The coordinator's kit against a plaintext worker, against a worker whose
     certificate has expired (its proxy started here with such a kit), and an
