@@ -141,7 +141,14 @@ def start(
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxy"),
         handlers=[forwarder],
-        options=[*_OPTIONS, ("grpc.so_reuseport", 0)],
+        options=[
+            *_OPTIONS,
+            ("grpc.so_reuseport", 0),
+            # The coordinator pings every 10 s, also between rounds: allow it.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
     )
     address = f"{host}:{port}"
     try:
