@@ -160,7 +160,7 @@ def check_confined(pid: int, what: str) -> None:
     except OSError as e:
         raise ConfinementError(f"cannot check what {what} listens on: {e}") from None
     if exposed:
-        where = ", ".join(f"{a}:{p}" for a, p in exposed)
+        where = ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in exposed)
         raise ConfinementError(
             f"{what} listens on {where}, not on loopback only: the loopback shim "
             f"{shim_path()} did not take effect; it was stopped"
