@@ -13,16 +13,14 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from shared import executor_binary, processes, shard_format, worker_dir
+from shared import executor_binary, processes, scratch, shard_format, worker_dir
 from shared.errors import FedcomposeError
 
 log = logging.getLogger("fedcompose.worker")
@@ -43,7 +41,7 @@ class WorkerService:
 
     def stop(self) -> None:
         processes.stop(self.process, grace=5.0, sig=signal.SIGTERM)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        scratch.release(self.runtime_dir)
 
     def executor_log_tail(self, lines: int = 5) -> str:
         try:
@@ -97,7 +95,7 @@ def start(
     max_message_mb: int = executor_binary.DEFAULT_MAX_MESSAGE_MB,
 ) -> WorkerService:
     check_port_free(port)
-    runtime_dir = Path(tempfile.mkdtemp(prefix=f"fedcompose-worker-{port}-"))
+    runtime_dir = scratch.make("worker", str(port))
     info = worker_dir.WorkerInfo(
         tff_version=executor_binary.tff_version(),
         python=sys.version.split()[0],

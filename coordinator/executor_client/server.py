@@ -10,9 +10,7 @@ unsupervised executor (which was seen outliving its parent).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import tensorflow_federated as tff
@@ -22,7 +20,7 @@ from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.worker_client import RemoteWorker, WorkerError
-from shared import executor_binary, ports, processes
+from shared import executor_binary, ports, processes, scratch
 
 
 @dataclasses.dataclass
@@ -33,7 +31,7 @@ class ServerExecutor:
 
     @classmethod
     def start(cls, rpc_timeout: float = 600.0, log_path: Path | None = None) -> ServerExecutor:
-        workdir = Path(tempfile.mkdtemp(prefix="fedcompose-server-"))
+        workdir = scratch.make("server")
         port = ports.free_port()
         log_path = log_path or workdir / "executor.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +51,7 @@ class ServerExecutor:
     def stop(self) -> None:
         self.worker.close()
         processes.stop(self.process, grace=3.0)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        scratch.release(self.workdir)
 
     def install_as_default_context(self) -> None:
         tff.framework.set_default_context(ServerContext(self.worker))
