@@ -47,16 +47,12 @@ def run_training(config: config_lib.RunConfig, addresses: list[str], command: st
     TensorFlow quiet, SIGTERM stopping the run like Ctrl-C, the result in
     one line."""
     from coordinator import run_dir as run_dir_lib
-    from shared import interrupts, logs
+    from shared import interrupts
     from shared.quiet import quiet_tensorflow
 
     run_dir = resolve_run_dir(config)
     with run_dir_lib.locked(run_dir, command) as removed:
-        logs.setup(
-            verbose=config.output.verbose,
-            log_file=run_dir / "logs" / "coordinator.log",
-            name=command,
-        )
+        run_dir_lib.setup_logs(run_dir, "coordinator.log", config.output.verbose, command)
         log_removed_temporaries(removed)
         quiet_tensorflow(config.output.verbose)
         interrupts.install()

@@ -56,7 +56,7 @@ import numpy as np
 
 from shared import files, pause_points, settings, shard_format
 from shared.config import COMMANDS, SECTIONS, RunConfig, resume_conflicts
-from shared.errors import RunDirError
+from shared.errors import RunDirError, UsageError
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -128,6 +128,16 @@ def locked(directory: Path, command: str) -> Iterator[list[Path]]:
         if held.count == 0:
             del _held[key]
             os.close(held.fd)  # releases the lock
+
+
+def setup_logs(directory: Path, name: str, verbose: bool, command: str) -> None:
+    """Logging to the terminal and to `logs/<name>` in the run directory."""
+    from shared import logs
+
+    try:
+        logs.setup(verbose=verbose, log_file=directory / "logs" / name, name=command)
+    except UsageError as e:  # the log file cannot be opened: a run directory problem
+        raise RunDirError(str(e)) from None
 
 
 def _make_directory(directory: Path) -> None:
@@ -257,6 +267,7 @@ def plan_resume(run: RunDirectory, config: RunConfig, command: str) -> ResumePla
 
     Raises `RunDirError` naming every setting that would change the run.
     """
+    run.check_layout()
     saved = run.saved_config()
     if saved is not None:
         conflicts = resume_conflicts(saved, config, _compared_settings(config, command))
@@ -310,6 +321,27 @@ class RunDirectory:
         self._tensorboard = None
 
     # --- reading ---------------------------------------------------------------------
+
+    def check_layout(self) -> None:
+        """Refuses a directory whose entries are not what a run writes there
+        (a file where a directory belongs, or the reverse), before any write."""
+        kept_files = (
+            self.config_path,
+            self.status_path,
+            self.trained_on_path,
+            self.metrics_csv,
+            self.metrics_jsonl,
+            self.plot_path,
+            self.model_path,
+        )
+        dirs = (self.tensorboard_dir, self.checkpoint_dir, self.logs_dir, self.path / "shards")
+        for path, want_dir in [*((p, False) for p in kept_files), *((p, True) for p in dirs)]:
+            if path.exists() and path.is_dir() != want_dir:
+                raise RunDirError(
+                    f"{path} is {'a file' if want_dir else 'a directory'}, where a run keeps "
+                    f"{'a directory' if want_dir else 'a file'}; move it away or use a new "
+                    "--run-dir"
+                )
 
     def _read_text(self, path: Path, what: str) -> str | None:
         """A file of the run, or None if it does not exist."""
@@ -605,6 +637,7 @@ class RunDirectory:
                 self._csv = tff.program.CSVFileReleaseManager(
                     str(self.metrics_csv), key_fieldname="round"
                 )
+            with _writing("TensorBoard events", self.tensorboard_dir):
                 self._tensorboard = tff.program.TensorBoardReleaseManager(str(self.tensorboard_dir))
         return self._csv, self._tensorboard
 
@@ -615,12 +648,10 @@ class RunDirectory:
         _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
         csv, tensorboard = self._release_managers()
 
-        async def release() -> None:
-            await csv.release(scalars, key=round_num)
-            await tensorboard.release(scalars, key=round_num)
-
         with _writing("metrics", self.metrics_csv):
-            asyncio.run(release())
+            asyncio.run(csv.release(scalars, key=round_num))
+        with _writing("TensorBoard events", self.tensorboard_dir):
+            asyncio.run(tensorboard.release(scalars, key=round_num))
         with _writing("metrics", self.metrics_jsonl), open(self.metrics_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
 

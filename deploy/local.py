@@ -120,14 +120,12 @@ def run(config: config_lib.RunConfig) -> int:
     from coordinator import run_dir as run_dir_lib
     from coordinator.cli import log_removed_temporaries, resolve_run_dir, run_training
     from deploy import workers as workers_lib
-    from shared import interrupts, logs
+    from shared import interrupts
 
     run_dir = resolve_run_dir(config)
     # Held until the workers have stopped: they write their logs here.
     with run_dir_lib.locked(run_dir, "run") as removed:
-        logs.setup(
-            verbose=config.output.verbose, log_file=run_dir / "logs" / "launcher.log", name="run"
-        )
+        run_dir_lib.setup_logs(run_dir, "launcher.log", config.output.verbose, "run")
         log_removed_temporaries(removed)
         interrupts.install()
         if _check_before_changes(config, run_dir):
