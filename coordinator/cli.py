@@ -57,6 +57,8 @@ def run_training(config: config_lib.RunConfig, addresses: list[str], command: st
         quiet_tensorflow(config.output.verbose)
         interrupts.install()
 
+        # Refusals that need only the directory come before TensorFlow loads.
+        run_dir_lib.plan_resume(run_dir_lib.RunDirectory(run_dir), config, command)
         from coordinator import trainer
 
         summary = trainer.train(config, addresses, run_dir, command=command)

@@ -141,7 +141,11 @@ def setup_logs(directory: Path, name: str, verbose: bool, command: str) -> None:
 
 
 def _make_directory(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
+    try:
+        is_file = directory.exists() and not directory.is_dir()
+    except OSError as e:  # a parent we may not search
+        raise RunDirError(f"--run-dir {directory} cannot be used: {files.failure(e)}") from None
+    if is_file:
         raise RunDirError(f"--run-dir {directory} exists and is not a directory; give a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
