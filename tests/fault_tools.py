@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import pause_points
+# The contract of shared/pause_points.py, spelled out so these helpers load anywhere.
+PAUSE_AT = "FEDCOMPOSE_PAUSE_AT"
+PAUSE_FILE = "FEDCOMPOSE_PAUSE_FILE"
 
 
 def error_lines(stderr: str, command: str) -> list[str]:
@@ -89,8 +91,8 @@ class Pause:
         self.marker = tmp_path / f"pause-{point.replace(':', '-')}"
         self.env = {
             **os.environ,
-            pause_points.ENV_POINT: point,
-            pause_points.ENV_FILE: str(self.marker),
+            PAUSE_AT: point,
+            PAUSE_FILE: str(self.marker),
         }
 
     def wait(self, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import run_dir as run_dir_lib
-from shared import files, scratch
+from shared import files
 from shared.errors import RunDirError
 from tests.conftest import ROOT, fedcompose
 from tests.fault_tools import assert_one_line_error, fill, snapshot, tmpfs
@@ -242,6 +242,8 @@ import time; time.sleep(600)
 
 
 def test_scratch_dirs_of_killed_owners_are_swept():
+    from shared import scratch
+
     owner = subprocess.Popen(
         [sys.executable, "-c", MAKE_SCRATCH], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
