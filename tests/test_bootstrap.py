@@ -68,7 +68,9 @@ def _path_without_311(tmp_path: Path, python3: str) -> Path:
     bin_dir.mkdir()
     for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
         for entry in Path(directory).iterdir() if Path(directory).is_dir() else []:
-            if entry.name.startswith(("python", "pip", "uv")) or (bin_dir / entry.name).exists():
+            if entry.name.startswith(("python", "pip", "uv")) or os.path.lexists(
+                bin_dir / entry.name
+            ):
                 continue
             (bin_dir / entry.name).symlink_to(entry)
     (bin_dir / "python3").symlink_to(python3)
