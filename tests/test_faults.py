@@ -176,19 +176,35 @@ def test_resume_on_other_data_is_refused_with_the_difference(
 
 def test_run_refuses_changed_data_before_touching_shards_or_starting_workers(other_build, tmp_path):
     run_dir = tmp_path / "run"
-    fedcompose("run", "--workers", "2", "--rounds", "2", "--run-dir", str(run_dir), check=True)
+    fedcompose(
+        "run", "--workers", "2", "--writers", "40", "--rounds", "2", "--run-dir", str(run_dir),
+        check=True,
+    )  # fmt: skip
     before = snapshot(run_dir, skip=("logs", ".lock"))
     cases = [
-        (["--writers", "30", "--workers", "2"], "data.writers: 60 -> 30"),
-        (["--data-seed", "1", "--workers", "2"], "data.data_seed: 0 -> 1"),
-        (["--workers", "3"], "--workers 3 would rebuild its shards"),
-        (["--shards-dir", str(other_build[0].parent)], "clients 60 -> 30"),
+        (["--writers", "30", "--workers", "2"], "data.writers: 40 -> 30"),
+        (["--writers", "40", "--data-seed", "1", "--workers", "2"], "data.data_seed: 0 -> 1"),
+        (["--writers", "40", "--workers", "3"], "--workers 3 would rebuild its shards"),
+        (["--shards-dir", str(other_build[0].parent)], "clients 40 -> 30"),
     ]
     for argv, message in cases:
         result = fedcompose("run", *argv, "--rounds", "4", "--run-dir", str(run_dir))
         assert_one_line_error(result, "run", 5, message)
         assert "ready on" not in result.stderr and "building" not in result.stderr
         assert snapshot(run_dir, skip=("logs", ".lock")) == before, argv
+
+    # `train` takes no data settings: it resumes the run on its own shards,
+    # and the recorded data settings stay what they were.
+    shards = sorted((run_dir / "shards").glob("shard-*"))
+    workers = workers_lib.start_workers(shards, tmp_path / "logs", check="quick")
+    try:
+        result = _train(workers, run_dir, "--rounds", "3")
+    finally:
+        workers_lib.stop_workers(workers)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr and "after round 2" in result.stderr
+    assert "writers = 40" in (run_dir / "config.toml").read_text()
+    _finished_cleanly(run_dir, rounds=3)
 
 
 # --- damaged checkpoints -------------------------------------------------------------
@@ -287,17 +303,14 @@ PHASES = [
 ]
 
 
-def _server_dirs() -> set[Path]:
-    import tempfile
-
-    return set(Path(tempfile.gettempdir()).glob("fedcompose-server-*"))
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=str)
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: signal.Signals(s).name
+)
 def test_signals_at_each_phase_leave_a_resumable_run(workers2, reference, tmp_path, sig):
     """One run directory is stopped by `sig` at every phase in turn, resumed
     each time, and ends with the uninterrupted run's model."""
     run_dir = tmp_path / "run"
+    private_dirs: set[Path] = set()  # the coordinators' server executors' directories
     for point, mid_call in PHASES:
         pause = Pause(tmp_path, point)
         proc = _start_train(workers2, run_dir, pause)
@@ -305,6 +318,7 @@ def test_signals_at_each_phase_leave_a_resumable_run(workers2, reference, tmp_pa
         try:
             pause.wait(proc)
             children = psutil.Process(proc.pid).children(recursive=True)
+            private_dirs |= {Path(c.cwd()) for c in children if "worker_binary" in c.name()}
             if mid_call:  # let the coordinator block in a real call to a stalled worker
                 stopped = _executor(workers2[1])
                 stopped.suspend()
@@ -329,13 +343,30 @@ def test_signals_at_each_phase_leave_a_resumable_run(workers2, reference, tmp_pa
         if point != "startup":  # at start-up the run had not begun: nothing recorded
             assert_consistent(run_dir, "interrupted")
             assert temporaries(run_dir) == [], point
-    leftovers = _server_dirs()
+    assert len(private_dirs) == len(PHASES) - 1  # one per phase after start-up
     result = _train(workers2, run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     _finished_cleanly(run_dir)
     _same_model(reference, run_dir)
-    if sig == signal.SIGKILL:  # what the killed coordinators left was swept
-        assert not any(d.exists() for d in leftovers if (d / ".owner").exists())
+    # Removed by their owners, or (SIGKILL) swept by the next coordinator.
+    assert not [d for d in private_dirs if d.exists()]
+
+
+def test_a_sigkilled_workers_directory_is_swept_by_the_next_worker(shards2, tmp_path):
+    first = workers_lib.start_workers(shards2[:1], tmp_path / "logs1", check="quick")
+    try:
+        runtime = Path(_executor(first[0]).cwd())
+        assert runtime.name.startswith("fedcompose-worker-") and (runtime / "shard").is_symlink()
+        os.kill(first[0].process.pid, signal.SIGKILL)  # the worker alone
+        first[0].process.wait(timeout=30)
+        assert runtime.is_dir()  # nothing could remove it
+    finally:
+        workers_lib.stop_workers(first)
+    second = workers_lib.start_workers(shards2[1:], tmp_path / "logs2", check="quick")
+    try:
+        assert not runtime.exists()
+    finally:
+        workers_lib.stop_workers(second)
 
 
 def test_pause_points_contract_matches_the_helpers():
