@@ -19,17 +19,15 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from client_worker import proxy as proxy_lib
-from shared import executor_binary, loopback, ports, processes, shard_format, worker_dir
+from shared import executor_binary, loopback, ports, processes, scratch, shard_format, worker_dir
 from shared.errors import FedcomposeError
 from shared.tls import Kit
 
@@ -64,7 +62,7 @@ class WorkerService:
         if self.proxy is not None:
             self.proxy.stop()
         processes.stop(self.process, grace=5.0, sig=signal.SIGTERM)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        scratch.release(self.runtime_dir)
 
     def executor_log_tail(self, lines: int = 5) -> str:
         try:
@@ -136,7 +134,7 @@ def start(
     check_port_free(port)
     public = kit is not None or plaintext_network
     executor_port = ports.free_port() if public else port
-    runtime_dir = Path(tempfile.mkdtemp(prefix=f"fedcompose-worker-{port}-"))
+    runtime_dir = scratch.make("worker", str(port))
     info = worker_dir.WorkerInfo(
         tff_version=executor_binary.tff_version(),
         python=sys.version.split()[0],
@@ -154,7 +152,7 @@ def start(
         try:
             process = executor_binary.start(executor_port, runtime_dir, log_file, max_message_mb)
         except BaseException:
-            shutil.rmtree(runtime_dir, ignore_errors=True)
+            scratch.release(runtime_dir)
             raise
     service = WorkerService(
         shard_dir, port, manifest, runtime_dir, process, executor_log, executor_port

@@ -444,16 +444,20 @@ def _check_together(config: RunConfig, command: str) -> None:
             )
 
 
-def resume_conflicts(saved: dict[str, dict[str, Any]], current: RunConfig) -> list[str]:
-    """Settings that must not change when a run is resumed, and did."""
+def resume_conflicts(
+    saved: dict[str, dict[str, Any]], current: RunConfig, names: set[str] | None = None
+) -> list[str]:
+    """Settings that must not change when a run is resumed, and did (among
+    `names`, if given: the settings the resuming command takes)."""
     conflicts = []
     for section in RUN_SECTIONS:
         cls = SECTIONS[section]
         now = dataclasses.asdict(getattr(current, section))
+        table = saved.get(section)
         for f in dataclasses.fields(cls):
-            if not f.metadata.get("fixed_on_resume"):
+            if not f.metadata.get("fixed_on_resume") or (names is not None and f.name not in names):
                 continue
-            before = saved.get(section, {}).get(f.name)
+            before = table.get(f.name) if isinstance(table, dict) else None
             if before is not None and before != now[f.name]:
                 conflicts.append(f"{section}.{f.name}: {before!r} -> {now[f.name]!r}")
     return conflicts

@@ -11,9 +11,7 @@ unsupervised executor (which was seen outliving its parent).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import tensorflow_federated as tff
@@ -23,7 +21,7 @@ from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.worker_client import RemoteWorker, WorkerError
-from shared import executor_binary, loopback, ports, processes
+from shared import executor_binary, loopback, ports, processes, scratch
 
 
 @dataclasses.dataclass
@@ -34,7 +32,7 @@ class ServerExecutor:
 
     @classmethod
     def start(cls, rpc_timeout: float = 600.0, log_path: Path | None = None) -> ServerExecutor:
-        workdir = Path(tempfile.mkdtemp(prefix="fedcompose-server-"))
+        workdir = scratch.make("server")
         port = ports.free_port()
         log_path = log_path or workdir / "executor.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +40,7 @@ class ServerExecutor:
             with open(log_path, "ab") as log_file:
                 process = executor_binary.start(port, workdir, log_file)
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            scratch.release(workdir)
             raise
         worker = RemoteWorker(
             executor_binary.loopback_address(port),
@@ -61,7 +59,7 @@ class ServerExecutor:
     def stop(self) -> None:
         self.worker.close()
         processes.stop(self.process, grace=3.0)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        scratch.release(self.workdir)
 
     def install_as_default_context(self) -> None:
         tff.framework.set_default_context(ServerContext(self.worker))
