@@ -88,6 +88,54 @@ class FederationConfig:
 
 
 @dataclasses.dataclass
+class ResilienceConfig:
+    """What a run does when workers fail, stall or come back (README: *Failures*)."""
+
+    round_timeout: float = setting(
+        300.0,
+        "seconds a round's workers have to deliver their partial aggregates (and then the "
+        "finisher to merge and finish them); a worker not done by then is dropped from the "
+        "round like a failed one",
+        above=0,
+    )
+    min_coverage: float = setting(
+        0.5,
+        "share of --clients-per-round whose updates a round must include to be applied; a "
+        "round that lost more (with its workers) is retried on the workers that are up",
+        above=0,
+        maximum=1,
+    )
+    round_retries: int = setting(
+        3,
+        "times a round that fell short of --min-coverage is retried before the run stops",
+        minimum=0,
+    )
+    retry_wait: float = setting(
+        5.0,
+        "seconds to wait before retrying a round, for down workers to come back (a worker "
+        "that rejoins ends the wait)",
+        minimum=0,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "seconds before the first probe of a worker that went down; doubles per probe",
+        above=0,
+    )
+    probe_interval_max: float = setting(
+        30.0, "longest wait in seconds between two probes of a down worker", above=0
+    )
+    worker_restarts: int = setting(
+        5, "run: times each local worker that crashed is restarted (0: never)", minimum=0
+    )
+    restart_backoff: float = setting(
+        1.0,
+        "run: seconds before restarting a crashed local worker; doubles with each restart of "
+        "it, up to 30",
+        minimum=0,
+    )
+
+
+@dataclasses.dataclass
 class WorkerConfig:
     shard: str = setting("", "shard directory made by `fedcompose data`", metavar="DIR")
     port: int = setting(10000, "port to serve on", minimum=1, maximum=65535)
@@ -199,6 +247,7 @@ class BenchConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "federation": FederationConfig,
+    "resilience": ResilienceConfig,
     "worker": WorkerConfig,
     "model": ModelConfig,
     "training": TrainingConfig,
@@ -208,13 +257,23 @@ SECTIONS: dict[str, type] = {
 }
 settings.check_unique_names(SECTIONS)
 
-RUN_SECTIONS = ("data", "federation", "worker", "model", "training", "evaluation", "output")
+RUN_SECTIONS = (
+    "data",
+    "federation",
+    "resilience",
+    "worker",
+    "model",
+    "training",
+    "evaluation",
+    "output",
+)
 
 
 @dataclasses.dataclass
 class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
+    resilience: ResilienceConfig = dataclasses.field(default_factory=ResilienceConfig)
     worker: WorkerConfig = dataclasses.field(default_factory=WorkerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
@@ -234,6 +293,11 @@ class RunConfig:
 
 
 _TRAINING = ("model", "training", "evaluation")
+_COORDINATOR_RESILIENCE = tuple(
+    f.name
+    for f in dataclasses.fields(ResilienceConfig)
+    if f.name not in ("worker_restarts", "restart_backoff")
+)
 _PER_PROCESS = ("shard", "port", "log_file")
 COMMANDS: dict[str, settings.Command] = {
     "run": settings.Command(
@@ -241,6 +305,7 @@ COMMANDS: dict[str, settings.Command] = {
         {
             "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
             "federation": ("workers", "base_port", "rpc_timeout", "connect_timeout"),
+            "resilience": "*",
             "worker": tuple(
                 f.name for f in dataclasses.fields(WorkerConfig) if f.name not in _PER_PROCESS
             ),
@@ -252,6 +317,7 @@ COMMANDS: dict[str, settings.Command] = {
         "train",
         {
             "federation": ("addresses", "rpc_timeout", "connect_timeout"),
+            "resilience": _COORDINATOR_RESILIENCE,
             **{s: "*" for s in _TRAINING},
             "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
         },
