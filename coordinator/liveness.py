@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedcompose.coordinator")
 
+WORKERS_VIEW = "workers.json"
+"""The coordinator's view of its workers, kept current in the run directory."""
+
 FLAPPING_STREAK = 10
 """Rounds a worker must deliver in a row after coming back before a new outage
 starts its probe back-off from the beginning again."""

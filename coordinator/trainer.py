@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from coordinator import federation as federation_lib
 from coordinator.algorithm import AlgorithmSpec
+from coordinator.liveness import WORKERS_VIEW
 from coordinator.rounds import resilience
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
@@ -43,11 +44,6 @@ def _check_resume(run: RunDirectory, config: RunConfig) -> None:
             "resume it with its own config (--config "
             f"{run.config_path}) or use a new --run-dir"
         )
-
-
-WORKERS_VIEW = "workers.json"
-"""The coordinator's view of its workers (up, down, rejoining, refused), kept
-current in the run directory for `fedcompose status --run-dir`."""
 
 
 def _round_line(row: dict) -> str:

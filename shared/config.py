@@ -333,9 +333,8 @@ COMMANDS: dict[str, settings.Command] = {
     ),
     "status": settings.Command(
         "status",
-        {"federation": ("addresses", "connect_timeout"), "output": ("json", "verbose")},
+        {"federation": ("addresses", "connect_timeout"), "output": ("run_dir", "json", "verbose")},
         defaults={"connect_timeout": 10.0},
-        required=frozenset({"addresses"}),
     ),
     "bench": settings.Command(
         "bench",

@@ -72,9 +72,12 @@ def stop(proc: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) 
         return proc.returncode
     try:
         os.killpg(proc.pid, sig)
+        # A stopped process (SIGSTOP) acts on `sig` only once it runs again.
+        os.killpg(proc.pid, signal.SIGCONT)
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+            proc.send_signal(signal.SIGCONT)
     try:
         return proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
