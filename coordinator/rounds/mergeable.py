@@ -334,7 +334,7 @@ class MergeableRunner:
                     return MergeOutcome(result, merger.merged, lost, finisher_index)
                 except WorkerError as e:
                     finisher_ok = False
-                    lost[finisher_index] = f"{e} (while finishing the round)"
+                    lost[finisher_index] = f"{e} (as the round's finisher, while finishing it)"
             outcome = self._refinish(
                 federation,
                 state_proto,

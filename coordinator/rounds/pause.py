@@ -5,7 +5,7 @@ merges) set, in the coordinator's environment,
 
     FEDCOMPOSE_TEST_PAUSE=PHASE:ROUND:FILE      e.g. finish:3:/tmp/pause.json
 
-When round ROUND reaches PHASE for the first time, the coordinator writes what
+(several, separated by `;`). When round ROUND reaches PHASE for the first time, the coordinator writes what
 it is about to do (JSON: phase, round, and e.g. the finisher's address) to
 FILE, then waits until FILE is removed (at most `MAX_PAUSE` seconds). Nobody
 else sets the variable; unset, `pause` returns at once.
@@ -32,11 +32,14 @@ _done: set[tuple[str, int]] = set()
 
 
 def pause(phase: str, round_num: int, **info: object) -> None:
-    spec = os.environ.get(ENV)
-    if not spec or (phase, round_num) in _done:
+    specs = os.environ.get(ENV)
+    if not specs or (phase, round_num) in _done:
         return
-    want_phase, want_round, path = spec.split(":", 2)
-    if want_phase != phase or int(want_round) != round_num:
+    for spec in specs.split(";"):
+        want_phase, want_round, path = spec.split(":", 2)
+        if want_phase == phase and int(want_round) == round_num:
+            break
+    else:
         return
     _done.add((phase, round_num))
     target = Path(path)
