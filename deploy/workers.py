@@ -84,12 +84,14 @@ class LocalWorker:
 
 
 def _spawn(args: list[str]) -> tuple[subprocess.Popen, _OutputTail]:
-    # SIGTERM on our death lets the worker stop its executor in order.
+    # The worker asks the kernel for SIGTERM on our death itself (so it can stop
+    # its executor in order): a restart happens while the coordinator's gRPC
+    # threads run, where forking with Python code before exec is not safe.
     process = processes.spawn(
         args,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        death_signal=signal.SIGTERM,
+        death_signal=None,
     )
     assert process.stdout is not None
     return process, _OutputTail(process.stdout)

@@ -242,6 +242,13 @@ class BenchConfig:
         False,
         "a small grid that finishes in a few minutes; settings given explicitly still apply",
     )
+    chaos: bool = setting(
+        False,
+        "instead of the grid, a soak of a run that loses workers: `run` with the linear model "
+        "(--rounds default 200, --workers 3, --clients-per-round 10) while workers are "
+        "SIGKILLed and SIGSTOPped every few rounds, and the coordinator once",
+    )
+    chaos_every: int = setting(4, "chaos soak: mean rounds between two faults", minimum=2)
 
 
 SECTIONS: dict[str, type] = {
@@ -349,6 +356,7 @@ COMMANDS: dict[str, settings.Command] = {
                 "seed",
             ),
             "federation": ("workers", "rpc_timeout"),
+            "resilience": ("round_timeout",),
             "data": ("data_seed",),
             "bench": "*",
             "output": ("run_dir", "verbose"),
@@ -360,6 +368,7 @@ COMMANDS: dict[str, settings.Command] = {
             "workers": [1, 2, 4],
             "rounds": 3,
             "rpc_timeout": 1800.0,
+            "round_timeout": 3.0,
         },
     ),
 }

@@ -78,17 +78,18 @@ def _restart(worker) -> None:
     assert workers_lib.wait_serving(worker, 120), worker.last_error()
 
 
-def _wait_view(run_dir: Path, index: int, state: str, timeout: float = 120) -> None:
-    """Waits until the coordinator's view (`workers.json`) shows worker `index` in `state`."""
+def _wait_view(run_dir: Path, index: int, *states: str, timeout: float = 120) -> None:
+    """Waits until the coordinator's view (`workers.json`) shows worker `index` in one
+    of `states`."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             view = json.loads((run_dir / "workers.json").read_text())["workers"][index]
-            if view["state"] == state:
+            if view["state"] in states:
                 return
         except (FileNotFoundError, ValueError):
             pass
-        assert time.monotonic() < deadline, f"worker {index} never {state}"
+        assert time.monotonic() < deadline, f"worker {index} never {' or '.join(states)}"
         time.sleep(0.1)
 
 

@@ -36,10 +36,15 @@ _MAX_MESSAGE_BYTES = 2000 * 1000 * 1000
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    # Fail fast on a dead peer instead of waiting for TCP timeouts.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # Keepalive pings only during calls, and no more often than the executor
+    # service's gRPC server accepts (its default: one per 5 minutes without
+    # data, two strikes): pinging every 10 s made it close idle connections
+    # with "Too many pings", failing the next call of a healthy worker after a
+    # pause of a minute or two. Dead or stuck workers are caught by the call
+    # and round deadlines instead.
+    ("grpc.keepalive_time_ms", 360_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.enable_retries", 0),
 ]
 _DISPOSE_TIMEOUT = 10.0

@@ -5,10 +5,11 @@ merges) set, in the coordinator's environment,
 
     FEDCOMPOSE_TEST_PAUSE=PHASE:ROUND:FILE      e.g. finish:3:/tmp/pause.json
 
-(several, separated by `;`). When round ROUND reaches PHASE for the first time, the coordinator writes what
-it is about to do (JSON: phase, round, and e.g. the finisher's address) to
-FILE, then waits until FILE is removed (at most `MAX_PAUSE` seconds). Nobody
-else sets the variable; unset, `pause` returns at once.
+(several, separated by `;`). When round ROUND reaches PHASE for the first
+time, the coordinator writes what it is about to do (JSON: phase, round, and
+e.g. the finisher's address) to FILE, then waits until FILE is removed (at
+most `MAX_PAUSE` seconds). Nobody else sets the variable; unset, `pause`
+returns at once.
 
 Phases: `dispatch` (the round's clients are sampled, nothing is sent yet),
 `finish` (every partial is merged on the finisher; `after_merge` not started).

@@ -12,7 +12,7 @@ federation's `Liveness` probes it from then on), and the round finishes with
 the partials that made it if they cover the clients the caller requires,
 else `RoundIncomplete` is raised (the caller retries). A worker that comes
 back is reset before it rejoins (`admit_rejoining`): new channel, its old
-executors freed, its executor-reuse policy and warm-up forgotten.
+executors freed, its executor-reuse policy forgotten.
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ class RoundExecutor:
         executor then, as without warm-up.
         """
         total = self.federation.num_clients
+        progress = {i: time.monotonic() for i in indices}
 
         def warm(index: int) -> None:
             worker = self.federation.workers[index]
@@ -166,20 +167,40 @@ class RoundExecutor:
                 if not worker.is_loaded(self._train.after_merge, clients):
                     self._make_room(index, clients)
                     self._train.warm_up(worker, state_proto, clients)
+                progress[index] = time.monotonic()
             self._warmed[index].add(clients_per_round)
 
+        # Each executor built must take less than the deadline: a worker that
+        # makes no progress for that long is dropped.
         calls = {self._pool.submit(warm, i): i for i in indices}
-        done, late = futures.wait(calls, timeout=phase_timeout)
-        lost = {
-            calls[f]: f"not done within the {phase_timeout:g}s round deadline building "
-            "its executors; dropped from the round"
-            for f in late
-        }
-        for future in done:
-            try:
-                future.result()
-            except WorkerError as e:
-                lost[calls[future]] = str(e)
+        lost: dict[int, str] = {}
+        pending = set(calls)
+        while pending:
+            if phase_timeout is not None:
+                now = time.monotonic()
+                late = {f for f in pending if now - progress[calls[f]] >= phase_timeout}
+                for f in late:
+                    lost[calls[f]] = (
+                        f"no progress within the {phase_timeout:g}s round deadline building "
+                        "its executors; dropped from the round"
+                    )
+                pending -= late
+                if not pending:
+                    break
+            timeout = (
+                None
+                if phase_timeout is None
+                else min(progress[calls[f]] for f in pending) + phase_timeout - time.monotonic()
+            )
+            done, pending = futures.wait(
+                pending, timeout=max(0.0, timeout) if timeout is not None else None,
+                return_when=futures.FIRST_COMPLETED,
+            )  # fmt: skip
+            for future in done:
+                try:
+                    future.result()
+                except WorkerError as e:
+                    lost[calls[future]] = str(e)
         return lost
 
     def _lose(self, lost: dict[int, str]) -> None:
@@ -194,7 +215,9 @@ class RoundExecutor:
         """Takes back the workers that came back serving their shard, resetting
         everything known about them first: whatever they held is gone (a
         restart) or stale (a stop), so the channel is new, their old executors
-        are freed, and executor reuse and warm-up start over."""
+        are freed, and executor reuse starts over. They are not warmed up again
+        (that would hold up the round of the others): rounds build the
+        executors they need."""
         liveness = self.federation.liveness
         if liveness is None:
             return []
@@ -203,7 +226,6 @@ class RoundExecutor:
             worker = self.federation.workers[index]
             worker.dispose_stale(worker.reconnect())
             self.reuse[index].forget()
-            self._warmed[index].clear()
             liveness.mark_up(index)
             admitted.append(index)
         return admitted
