@@ -248,7 +248,7 @@ class BenchConfig:
         "(--rounds default 200, --workers 3, --clients-per-round 10) while workers are "
         "SIGKILLed and SIGSTOPped every few rounds, and the coordinator once",
     )
-    chaos_every: int = setting(4, "chaos soak: mean rounds between two faults", minimum=2)
+    chaos_every: int = setting(6, "chaos soak: mean rounds between two faults", minimum=2)
 
 
 SECTIONS: dict[str, type] = {

@@ -52,6 +52,12 @@ class RoundIncomplete(FederationError):
         self.lost = lost
 
 
+WARM_UP_PROGRESS_MIN = 30.0
+"""Seconds a worker may take to build one executor ahead, whatever the round
+deadline: the first ones build TensorFlow graphs for every computation, which
+took over 3 s per worker with three workers warming up at once on 2 cores."""
+
+
 def required_clients(clients_per_round: int, min_coverage: float) -> int:
     """Clients a round must include to be applied: `min_coverage` of the
     configured round size, at least one."""
@@ -181,8 +187,8 @@ class RoundExecutor:
                 late = {f for f in pending if now - progress[calls[f]] >= phase_timeout}
                 for f in late:
                     lost[calls[f]] = (
-                        f"no progress within the {phase_timeout:g}s round deadline building "
-                        "its executors; dropped from the round"
+                        f"no progress for {phase_timeout:g}s building its executors ahead; "
+                        "dropped from the round"
                     )
                 pending -= late
                 if not pending:
@@ -258,7 +264,8 @@ class RoundExecutor:
         lost: dict[int, str] = {}
         if cold:
             t0 = time.perf_counter()
-            lost.update(self.warm_up(state_proto, clients_per_round, cold, round_timeout))
+            deadline = None if round_timeout is None else max(round_timeout, WARM_UP_PROGRESS_MIN)
+            lost.update(self.warm_up(state_proto, clients_per_round, cold, deadline))
             timing.warm_up = time.perf_counter() - t0
         run_started = time.perf_counter()
         running = {i: ids for i, ids in sampled.items() if i not in lost}
