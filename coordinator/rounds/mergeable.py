@@ -18,6 +18,13 @@ Large values never become Python objects on the way: the state is serialized
 once per round (or not at all, when it is the state the previous round
 returned) and the same bytes go to every worker; partials are forwarded as
 the workers serialized them.
+
+Workers may fail on the way. One that errs, dies or has not delivered by the
+round deadline is dropped and the partials that arrived are merged without
+it, in the same worker order. If the finisher is the one lost, another worker
+that delivered finishes the round from the partials, which the coordinator
+still holds as bytes (the finisher's own partial is lost with it). Whether
+what arrived is enough is the caller's rule (`accept`).
 """
 
 from __future__ import annotations

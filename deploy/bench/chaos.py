@@ -11,6 +11,7 @@ serving, keeping at least one serving:
 
 and once, half-way, SIGKILLs the coordinator itself right after such a fault
 and runs the same command again, which must resume after its last checkpoint.
+The last fifth of the rounds has no fault, for the federation to heal.
 At the end it checks that every round is recorded once, that the checkpoints
 are all there, and that no process outlived the soak, and reports the rounds
 degraded, clients lost and the time each fault took to recover from: from the
@@ -42,6 +43,9 @@ log = logging.getLogger("fedcompose.bench")
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "FEDCOMPOSE_CHAOS_TAG"
 KINDS = ("kill-executor", "kill-worker", "stop")
+QUIET_TAIL = 0.2
+"""No fault in the last fifth of the rounds: the soak also shows the federation
+healing, every worker back before the end (and in the final evaluation)."""
 
 
 @dataclasses.dataclass
@@ -165,7 +169,7 @@ class Soak:
                         self.coordinator_kill["proc"] = None
                         continue
                     break
-                if done >= next_fault:
+                if done >= next_fault and done < self.plan.rounds * (1 - QUIET_TAIL):
                     time.sleep(self.rng.uniform(0.0, 0.3))  # mid-round or between rounds
                     fault = self._inject(proc, done)
                     next_fault = done + self._gap()
@@ -326,6 +330,7 @@ class Soak:
             "leftover_temporaries": [str(p) for p in leftover],
             "orphans": orphans,
             "final_eval": by_round.get(rounds, {}).get("eval"),
+            "workers_up_in_the_last_round": len(by_round.get(rounds, {}).get("live_workers", [])),
             "fault_log": [dataclasses.asdict(f) for f in self.faults],
         }
         return report
@@ -362,7 +367,8 @@ def render(report: dict) -> str:
         f"checkpoints: {r['checkpoints']} ({'ok' if r['checkpoints_ok'] else 'MISSING'}), "
         f"temporaries left: {len(r['leftover_temporaries'])}; orphans: {len(r['orphans'])}",
         f"final held-out accuracy {final.get('accuracy', float('nan')):.4f} on "
-        f"{final.get('examples', 0)} examples",
+        f"{final.get('examples', 0)} examples; {r['workers_up_in_the_last_round']} workers up "
+        "in the last round",
     ]
     return "\n".join(lines)
 
