@@ -61,11 +61,12 @@ def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
     finally:
         kill_tree(proc)
     assert proc.returncode == 0, stderr[-3000:]
-    launcher = (run_dir / "logs/launcher.log").read_text()
-    assert f"worker {index} ({address}) exited with code" in launcher
-    assert "restarting it in 2.0s (restart 1 of 1)" in launcher
-    assert f"worker {index} serves again on {address} (restart 1" in launcher
-    assert "restarted 1 times already (--worker-restarts); not restarting it" in launcher
+    # The launcher logs to the terminal and, once the coordinator runs, to its log.
+    for log in (stderr, (run_dir / "logs/coordinator.log").read_text()):
+        assert f"worker {index} ({address}) exited with code" in log
+        assert "restarting it in 2.0s (restart 1 of 1)" in log
+        assert f"worker {index} serves again on {address} (restart 1" in log
+        assert "restarted 1 times already (--worker-restarts); not restarting it" in log
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == list(range(1, 26))
     assert index not in rows[5]["live_workers"]
@@ -92,7 +93,8 @@ def test_status_shows_the_runs_view_of_each_worker(workers2, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["ADDRESS", "STATUS", "RUN", "DATASET"]
     assert lines[1].split()[:3] == [workers2[0].address, "up", "up"]
-    assert lines[2].split()[:4] == [workers2[1].address, "up", "rejoining", "5s"]
+    assert lines[2].split()[:3] == [workers2[1].address, "up", "rejoining"]
+    assert re.fullmatch(r"\d+s", lines[2].split()[3]) and int(lines[2].split()[3][:-1]) >= 5
     assert f"the run sees {workers2[1].address} rejoining: answered" in result.stdout
     assert f"run {run_dir}: running, 7 of 30 rounds done" in result.stdout
 
