@@ -229,6 +229,7 @@ def test_finisher_killed_while_merging_is_replaced_and_the_mean_is_over_delivere
         )
 
 
+@pytest.mark.slow
 def test_every_worker_killed_stops_the_run_with_one_clear_line(workers3, tmp_path):
     run_dir, pause = tmp_path / "run", tmp_path / "pause"
     args = ("--rounds", "50", "--eval-every", "0", "--round-retries", "2", "--retry-wait", "2")
