@@ -18,6 +18,12 @@ DESCRIPTION = (
 
 
 def run(config: config_lib.RunConfig) -> int:
+    from shared import loopback, tls
+
+    # A kit or shim problem is a one-line error before the run directory is touched.
+    if config.tls.tls_dir:
+        tls.load_kit(config.tls.tls_dir, tls.COORDINATOR)
+    loopback.confine_children()
     return run_training(config, list(config.federation.addresses), command="train")
 
 

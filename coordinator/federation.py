@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from coordinator.executor_client import PreparedComputation, RemoteWorker, WorkerError
+from coordinator.executor_client.connection import ClientTLS
 from coordinator.liveness import Liveness
 from shared import shard_format, worker_dir
 from shared.errors import FederationError
@@ -163,7 +164,8 @@ class Federation:
         assert self.make_worker is not None
         worker = self.make_worker(self.descriptions[index].address, timeout)
         try:
-            worker.wait_ready(timeout)
+            # Refused: nothing listens there yet; the next probe comes after back-off.
+            worker.wait_ready(timeout, retry_refused=False)
             return describe_worker(worker)
         finally:
             worker.close()
@@ -227,8 +229,10 @@ def connect(
     *,
     rpc_timeout: float,
     connect_timeout: float,
+    tls: ClientTLS | None = None,
 ) -> Federation:
-    """Reaches every worker (in parallel), reads what it hosts, checks the whole."""
+    """Reaches every worker (in parallel), reads what it hosts, checks the whole.
+    With `tls`, every channel is mutual TLS with the coordinator's kit."""
     if not addresses:
         raise FederationError("no worker addresses given")
     if len(set(addresses)) != len(addresses):
@@ -237,7 +241,10 @@ def connect(
 
     def make_worker(address: str, timeout: float = rpc_timeout) -> RemoteWorker:
         return RemoteWorker(
-            address, rpc_timeout=timeout, connect_timeout=min(timeout, connect_timeout)
+            address,
+            rpc_timeout=timeout,
+            connect_timeout=min(timeout, connect_timeout),
+            tls=tls,
         )
 
     workers = [make_worker(a) for a in addresses]

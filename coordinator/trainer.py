@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from coordinator import federation as federation_lib
 from coordinator.algorithm import AlgorithmSpec
+from coordinator.executor_client.connection import load_client_tls
 from coordinator.liveness import WORKERS_VIEW
 from coordinator.rounds import resilience
 from coordinator.rounds.timing import RoundResult
@@ -102,6 +103,7 @@ def train(
             rpc_timeout=config.federation.rpc_timeout,
             connect_timeout=config.federation.connect_timeout,
             log_dir=run.logs_dir,
+            tls=load_client_tls(config.tls.tls_dir),
         ) as session:
             federation = session.federation
             assert federation is not None

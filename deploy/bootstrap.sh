@@ -25,7 +25,25 @@ fi
 
 STAMP="$VENV/.fedcompose-stamp"
 WANT="$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+
+# The loopback shim confines every TFF executor service fedcompose starts to
+# loopback (shared/loopback.py). It is compiled here, from source, with this
+# machine's C compiler, into the venv; it is rebuilt when its source changes.
+build_shim() {
+  if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+      echo "fedcompose: installing a C compiler for the loopback shim" >&2
+      apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1; } \
+        || true
+    fi
+  fi
+  (cd "$ROOT" && "$VENV/bin/python" -m shared.loopback --build >/dev/null) \
+    || { echo "error: cannot build the loopback shim (see above); install a C compiler (gcc) and run deploy/bootstrap.sh again" >&2; exit 1; }
+}
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/fedcompose" ]]; then
+  build_shim
   exit 0
 fi
 
@@ -44,5 +62,6 @@ pip_install --no-deps -r "$LOCK"
 pip_install --no-deps -e "$ROOT"
 "$VENV/bin/python" -c 'import tensorflow_federated' 2>/dev/null \
   || { echo "error: tensorflow_federated does not import in $VENV" >&2; exit 1; }
+build_shim
 echo "$WANT" > "$STAMP"
 echo "fedcompose: environment ready" >&2

@@ -59,8 +59,10 @@ def run(config: config_lib.RunConfig) -> int:
 
     from coordinator.cli import prepare_run_dir, run_training
     from deploy import workers as workers_lib
-    from shared import interrupts, logs
+    from shared import interrupts, logs, loopback
 
+    # Every executor this starts is confined to loopback; without the shim, nothing starts.
+    loopback.confine_children()
     run_dir = prepare_run_dir(config)
     logs.setup(
         verbose=config.output.verbose, log_file=run_dir / "logs" / "launcher.log", name="run"

@@ -21,7 +21,7 @@ SOURCES = ("default", "emnist")
 PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose")
+BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
 MAX_LOCAL_WORKERS = 64
 DEFAULT_EMNIST_PATH = "~/.tff"
 """Where `tff.simulation.datasets.emnist.load_data` caches the file by default."""
@@ -233,7 +233,8 @@ class BenchConfig:
     skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
     systems: list = setting(
         list(BENCH_SYSTEMS),
-        "systems to measure: keras (compute floor), tff_local, fedcompose",
+        "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
+        "(workers behind mutual TLS)",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"
@@ -251,6 +252,42 @@ class BenchConfig:
     chaos_every: int = setting(6, "chaos soak: mean rounds between two faults", minimum=2)
 
 
+@dataclasses.dataclass
+class TLSConfig:
+    tls_dir: str = setting(
+        "",
+        "this site's TLS kit made by `fedcompose provision`: a worker serves mutual TLS on "
+        "--port with it and lets only the coordinator call; train and status dial workers "
+        "with the coordinator's kit",
+        metavar="DIR",
+    )
+    insecure_plaintext_network: bool = setting(
+        False,
+        "worker: serve --port on EVERY interface WITHOUT TLS OR AUTHENTICATION; anyone who "
+        "reaches the port can run code as this user (without this or --tls-dir a worker "
+        "listens on loopback only)",
+    )
+
+
+@dataclasses.dataclass
+class ProvisionConfig:
+    kits_dir: str = setting(
+        "", "directory of the federation's CA and kits (created or extended)", metavar="DIR"
+    )
+    sites: list = setting(
+        [],
+        "workers to issue kits for, NAME=ADDRESS[:PORT] (port default 10000), comma "
+        "separated; repeat a name to add addresses it is dialled at",
+        metavar="NAME=ADDR,...",
+    )
+    coordinator_name: str = setting(
+        "coordinator", "the coordinator's identity (its certificate's common name)"
+    )
+    valid_days: int = setting(
+        365, "days the issued site certificates are valid", minimum=1, maximum=3650
+    )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "federation": FederationConfig,
@@ -261,6 +298,8 @@ SECTIONS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "output": OutputConfig,
     "bench": BenchConfig,
+    "tls": TLSConfig,
+    "provision": ProvisionConfig,
 }
 settings.check_unique_names(SECTIONS)
 
@@ -273,6 +312,7 @@ RUN_SECTIONS = (
     "training",
     "evaluation",
     "output",
+    "tls",
 )
 
 
@@ -287,6 +327,8 @@ class RunConfig:
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+    tls: TLSConfig = dataclasses.field(default_factory=TLSConfig)
+    provision: ProvisionConfig = dataclasses.field(default_factory=ProvisionConfig)
     given: frozenset[str] = frozenset()
     """Names of the settings a flag or the config file gave (the rest are defaults)."""
 
@@ -325,6 +367,7 @@ COMMANDS: dict[str, settings.Command] = {
         {
             "federation": ("addresses", "rpc_timeout", "connect_timeout"),
             "resilience": _COORDINATOR_RESILIENCE,
+            "tls": ("tls_dir",),
             **{s: "*" for s in _TRAINING},
             "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
         },
@@ -336,12 +379,23 @@ COMMANDS: dict[str, settings.Command] = {
         required=frozenset({"shards_dir"}),
     ),
     "worker": settings.Command(
-        "worker", {"worker": "*", "output": ("verbose",)}, required=frozenset({"shard"})
+        "worker",
+        {"worker": "*", "tls": "*", "output": ("verbose",)},
+        required=frozenset({"shard"}),
     ),
     "status": settings.Command(
         "status",
-        {"federation": ("addresses", "connect_timeout"), "output": ("run_dir", "json", "verbose")},
+        {
+            "federation": ("addresses", "connect_timeout"),
+            "tls": ("tls_dir",),
+            "output": ("run_dir", "json", "verbose"),
+        },
         defaults={"connect_timeout": 10.0},
+    ),
+    "provision": settings.Command(
+        "provision",
+        {"provision": "*", "output": ("verbose",)},
+        required=frozenset({"kits_dir"}),
     ),
     "bench": settings.Command(
         "bench",
@@ -397,6 +451,11 @@ def _check_together(config: RunConfig, command: str) -> None:
         raise UsageError(
             f"--base-port {f.base_port} with {f.workers} workers runs past port 65535; "
             "use 0 (pick free ports) or a lower port"
+        )
+    if config.tls.tls_dir and config.tls.insecure_plaintext_network:
+        raise UsageError(
+            "--tls-dir and --insecure-plaintext-network exclude each other; "
+            "serve TLS with the kit, or plaintext without it"
         )
     for address in f.addresses:
         match = _ADDRESS.match(address)

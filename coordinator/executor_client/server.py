@@ -1,8 +1,9 @@
 """The coordinator's own executor: where server-side computations run.
 
 Merging partial aggregates and the finalizer (server optimizer) run on a
-private `worker_binary` that the coordinator starts on localhost and that dies
-with it. The same executor backs TFF's default context in this process, so
+private `worker_binary` that the coordinator starts on loopback (confined
+there and owning its port, see `shared.loopback`) and that dies with it.
+The same executor backs TFF's default context in this process, so
 that a call such as `process.initialize()` never makes TFF start its own,
 unsupervised executor (which was seen outliving its parent).
 """
@@ -22,7 +23,7 @@ from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.worker_client import RemoteWorker, WorkerError
-from shared import executor_binary, ports, processes
+from shared import executor_binary, loopback, ports, processes
 
 
 @dataclasses.dataclass
@@ -37,15 +38,22 @@ class ServerExecutor:
         port = ports.free_port()
         log_path = log_path or workdir / "executor.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:
-            process = executor_binary.start(port, workdir, log_file)
+        try:
+            with open(log_path, "ab") as log_file:
+                process = executor_binary.start(port, workdir, log_file)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         worker = RemoteWorker(
-            f"localhost:{port}", rpc_timeout=rpc_timeout, label="coordinator's server executor"
+            executor_binary.loopback_address(port),
+            rpc_timeout=rpc_timeout,
+            label="coordinator's server executor",
         )
         server = cls(worker, process, workdir)
         try:
             worker.wait_ready(timeout=60.0)
-        except WorkerError:
+            loopback.check_confined(process.pid, "the coordinator's server executor")
+        except (WorkerError, loopback.ConfinementError):
             server.stop()
             raise
         return server
