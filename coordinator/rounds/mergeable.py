@@ -217,6 +217,7 @@ class MergeableRunner:
         phase_timeout: float | None = None,
         accept: Callable[[list[int]], bool] = bool,
         round_num: int = 0,
+        track: Callable[[int, futures.Future], None] | None = None,
     ) -> MergeOutcome:
         """Runs the computation on the workers in `tokens_by_worker` and returns
         the serialized result, with which workers' partials are in it.
@@ -228,6 +229,7 @@ class MergeableRunner:
         the partials held as bytes (the lost finisher's own partial is lost with
         it). `accept(delivered)` decides whether the partials that made it are
         enough; if not, `NotEnough` is raised before anything is finished.
+        `track(index, future)` is told of each worker's call.
         """
         order = [index for index, tokens in sorted(tokens_by_worker.items()) if tokens]
         finisher_index = _busiest(order, tokens_by_worker)
@@ -264,6 +266,8 @@ class MergeableRunner:
                     self._partial_elsewhere, worker, index, arg, len(tokens_by_worker[index])
                 )
             pending[future] = index
+            if track is not None:
+                track(index, future)
         timing.prepare = time.perf_counter() - started
 
         def on_finisher(step: Callable[[], None]) -> None:

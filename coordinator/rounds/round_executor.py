@@ -108,6 +108,10 @@ class RoundExecutor:
         self._known: _KnownState | None = None
         self._warmed: list[set[int]] = [set() for _ in federation.workers]
         """Per worker, the numbers of clients per round it has built executors for."""
+        self._calls: dict[int, list[futures.Future]] = {}
+        """Per worker, its calls of the last round: a worker rejoins only once
+        they have all ended (calls abandoned on a closed channel end at once),
+        so none of them can reach the new channel."""
 
     def close(self) -> None:
         self._known = None
@@ -179,6 +183,8 @@ class RoundExecutor:
         # Each executor built must take less than the deadline: a worker that
         # makes no progress for that long is dropped.
         calls = {self._pool.submit(warm, i): i for i in indices}
+        for future, index in calls.items():
+            self._track(index, future)
         lost: dict[int, str] = {}
         pending = set(calls)
         while pending:
@@ -209,6 +215,10 @@ class RoundExecutor:
                     lost[calls[future]] = str(e)
         return lost
 
+    def _track(self, index: int, future: futures.Future) -> None:
+        calls = [f for f in self._calls.get(index, []) if not f.done()]
+        self._calls[index] = [*calls, future]
+
     def _lose(self, lost: dict[int, str]) -> None:
         """Drops workers lost in a round: their calls are abandoned now, and the
         federation probes them until they come back."""
@@ -229,6 +239,8 @@ class RoundExecutor:
             return []
         admitted = []
         for index in liveness.take_rejoining():
+            if not all(call.done() for call in self._calls.get(index, [])):
+                continue  # at the next round
             worker = self.federation.workers[index]
             worker.dispose_stale(worker.reconnect())
             self.reuse[index].forget()
@@ -289,6 +301,7 @@ class RoundExecutor:
                     phase_timeout=round_timeout,
                     accept=lambda delivered: sum(len(sampled[i]) for i in delivered) >= needed,
                     round_num=round_num,
+                    track=self._track,
                 )
                 lost.update(outcome.lost)
         except NotEnough as e:
@@ -380,6 +393,7 @@ class RoundExecutor:
                     timing,
                     started,
                     phase_timeout=round_timeout,
+                    track=self._track,
                 )
                 lost.update(outcome.lost)
         except NotEnough as e:
