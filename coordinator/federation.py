@@ -10,8 +10,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -19,6 +20,7 @@ import tensorflow_federated as tff
 
 from coordinator.executor_client import PreparedComputation, RemoteWorker, WorkerError
 from coordinator.executor_client.connection import ClientTLS
+from coordinator.liveness import Liveness
 from shared import shard_format, worker_dir
 from shared.errors import FederationError
 
@@ -80,6 +82,33 @@ def sample_clients(
     return [client_ids[i] for i in chosen]
 
 
+def sample_live(
+    client_ids: Sequence[str],
+    client_worker: dict[str, int],
+    live: Collection[int] | None,
+    round_num: int,
+    clients_per_round: int,
+    seed: int,
+) -> list[str]:
+    """A round's clients, drawn only from clients on live workers.
+
+    The rule: the same uniform draw without replacement as `sample_clients`,
+    over the sorted clients of the live workers instead of all clients, and
+    of at most as many clients as they host. With every worker live it is
+    exactly `sample_clients`, so a run without failures samples as before; while
+    a worker is down, every live client's chance to be drawn rises from
+    k/N to k/N_live and the down worker's clients are not drawn at all. A pure
+    function of the seed, the round and the set of live workers: a run that
+    meets the same failures at the same rounds samples the same clients.
+    """
+    if live is None:
+        pool = list(client_ids)
+    else:
+        up = set(live)
+        pool = [c for c in client_ids if client_worker[c] in up]
+    return sample_clients(pool, round_num, min(clients_per_round, len(pool)), seed)
+
+
 def shuffle_seed(seed: int, round_num: int) -> int:
     """The seed each client shuffles its examples with in round `round_num`."""
     return seed * 1_000_003 + round_num
@@ -94,6 +123,11 @@ class Federation:
     """All hosted client ids, sorted."""
     client_worker: dict[str, int]
     """Index into `workers` of the worker hosting each client."""
+    make_worker: Callable[[str, float], RemoteWorker] | None = None
+    """A client for a worker address, with a per-call deadline: what `connect`
+    made the workers with, used to probe workers that went down."""
+    liveness: Liveness | None = None
+    """Which workers are up; None: all, always (nothing tolerates failures)."""
 
     @property
     def num_clients(self) -> int:
@@ -102,14 +136,58 @@ class Federation:
     def clients_of(self, worker_index: int) -> list[str]:
         return [c.id for c in self.descriptions[worker_index].manifest.clients]
 
-    def sample(self, round_num: int, clients_per_round: int, seed: int) -> dict[int, list[str]]:
-        """Clients of a round, grouped by worker."""
+    def live(self) -> list[int]:
+        """Indices of the workers that take part in rounds now."""
+        if self.liveness is None:
+            return list(range(len(self.workers)))
+        return self.liveness.live()
+
+    def sample(
+        self,
+        round_num: int,
+        clients_per_round: int,
+        seed: int,
+        live: Collection[int] | None = None,
+    ) -> dict[int, list[str]]:
+        """Clients of a round, grouped by worker, drawn from the `live` workers'
+        clients (all workers' when None); see `sample_live`."""
         by_worker: dict[int, list[str]] = collections.defaultdict(list)
-        for cid in sample_clients(self.client_ids, round_num, clients_per_round, seed):
+        for cid in sample_live(
+            self.client_ids, self.client_worker, live, round_num, clients_per_round, seed
+        ):
             by_worker[self.client_worker[cid]].append(cid)
         return dict(by_worker)
 
+    def probe(self, index: int, timeout: float) -> WorkerDescription:
+        """Reaches worker `index` on a fresh channel of its own (its round
+        channel may hold abandoned calls) and reads what it serves."""
+        assert self.make_worker is not None
+        worker = self.make_worker(self.descriptions[index].address, timeout)
+        try:
+            # Refused: nothing listens there yet; the next probe comes after back-off.
+            worker.wait_ready(timeout, retry_refused=False)
+            return describe_worker(worker)
+        finally:
+            worker.close()
+
+    def watch(
+        self, probe_interval: float, probe_interval_max: float, view_path: Path | None = None
+    ) -> Liveness:
+        """Starts tracking which workers are up: from now on, a worker lost in a
+        round is probed in the background and taken back when it returns."""
+        probe_timeout = min(10.0, max(2.0, probe_interval_max / 3))
+        self.liveness = Liveness(
+            self.descriptions,
+            lambda i: self.probe(i, probe_timeout),
+            probe_interval=probe_interval,
+            probe_interval_max=probe_interval_max,
+            view_path=view_path,
+        )
+        return self.liveness
+
     def close(self) -> None:
+        if self.liveness is not None:
+            self.liveness.stop()
         for worker in self.workers:
             worker.close()
 
@@ -160,10 +238,16 @@ def connect(
     if len(set(addresses)) != len(addresses):
         dup = next(a for a in addresses if list(addresses).count(a) > 1)
         raise FederationError(f"worker address {dup} is listed twice")
-    workers = [
-        RemoteWorker(a, rpc_timeout=rpc_timeout, connect_timeout=connect_timeout, tls=tls)
-        for a in addresses
-    ]
+
+    def make_worker(address: str, timeout: float = rpc_timeout) -> RemoteWorker:
+        return RemoteWorker(
+            address,
+            rpc_timeout=timeout,
+            connect_timeout=min(timeout, connect_timeout),
+            tls=tls,
+        )
+
+    workers = [make_worker(a) for a in addresses]
     try:
         with futures.ThreadPoolExecutor(len(workers)) as pool:
             list(pool.map(lambda w: w.wait_ready(), workers))
@@ -180,4 +264,5 @@ def connect(
         task=task,
         client_ids=sorted(client_worker),
         client_worker=client_worker,
+        make_worker=make_worker,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,6 +14,8 @@ from coordinator import federation as federation_lib
 from coordinator import run_dir as run_dir_lib
 from coordinator.algorithm import AlgorithmSpec
 from coordinator.executor_client.connection import load_client_tls
+from coordinator.liveness import WORKERS_VIEW
+from coordinator.rounds import resilience
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
@@ -43,11 +46,19 @@ def _round_line(row: dict) -> str:
     ]
     if "eval" in row:
         parts.append(f"| held-out loss {row['eval']['loss']:.4f} acc {row['eval']['accuracy']:.4f}")
+    if row.get("degraded"):
+        lost = ", ".join(row["workers_lost"]) or "none"
+        parts.append(
+            f"| degraded: {row['clients_dropped']} of {row['clients_sampled']} clients "
+            f"dropped, lost {lost}, attempt {row['attempts']}"
+        )
+    if row.get("live_workers") and len(row["live_workers"]) < row.get("workers_total", 0):
+        parts.append(f"| {len(row['live_workers'])} of {row['workers_total']} workers up")
     return "  ".join(parts)
 
 
 def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
-    row = {"round": round_num, **result.record()}
+    row = {"round": round_num, "finished_at": round(time.time(), 3), **result.record()}
     if evaluation is not None:
         row["eval"] = evaluation
     return row
@@ -104,6 +115,11 @@ def train(
             executor = session.round_executor(
                 AlgorithmSpec.from_config(config, federation.task.num_classes)
             )
+            federation.watch(
+                config.resilience.probe_interval,
+                config.resilience.probe_interval_max,
+                view_path=run.path / WORKERS_VIEW,
+            )
             state = executor.initialize()
             restored = run.restore(state) if plan.resuming else None
             # Everything fits: from here on the directory records this run.
@@ -149,23 +165,29 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
         disable=(not sys.stderr.isatty()) if show_progress is None else not show_progress,
         file=sys.stderr,
     )
+    plan = resilience.RoundPlan.of(t, config.resilience)
+    deadline = config.resilience.round_timeout
     # A crash after the last checkpoint but before the end leaves no rounds to run.
-    evaluation = executor.evaluate(state) if start_round > t.rounds else None
+    evaluation = executor.evaluate(state, deadline) if start_round > t.rounds else None
     checkpointed = start_round - 1
     try:
         for round_num in range(start_round, t.rounds + 1):
             interrupts.raise_if_requested()
             pause_points.reached("round", round_num)
-            sampled = federation.sample(round_num, t.clients_per_round, t.seed)
-            result = executor.train_round(
-                state, sampled, federation_lib.shuffle_seed(t.seed, round_num)
+            result = resilience.run_round(
+                executor,
+                federation,
+                plan,
+                round_num,
+                state,
+                federation_lib.shuffle_seed(t.seed, round_num),
             )
             state = result.state
             last = round_num == t.rounds
             evaluation = None
             if last or (e.eval_every and round_num % e.eval_every == 0):
                 pause_points.reached("evaluation", round_num)
-                evaluation = executor.evaluate(state)
+                evaluation = executor.evaluate(state, deadline)
             row = _row(round_num, result, evaluation)
             run.record_round(row)
             if last or (

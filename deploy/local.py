@@ -1,8 +1,9 @@
 """`fedcompose run`: the whole federation on this machine, from one command.
 
 Builds (or reuses) worker shards, starts one client-worker process per shard,
-runs the coordinator against their addresses, and stops every process at the
-end, on Ctrl-C, on SIGTERM and on errors.
+runs the coordinator against their addresses, restarts a worker that crashes
+meanwhile (bounded, with back-off: `workers.Supervisor`), and stops every
+process at the end, on Ctrl-C, on SIGTERM and on errors.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def run(config: config_lib.RunConfig) -> int:
         if _check_before_changes(config, run_dir):
             return run_training(config, [], command="run")  # says so, starts nothing
         started: list = []
+        supervisor = None
         try:
             shard_dirs = _shard_dirs(config, run_dir, "workers" in config.given)
             _check_built_shards(config, run_dir, shard_dirs)
@@ -145,8 +147,18 @@ def run(config: config_lib.RunConfig) -> int:
                 max_message_mb=config.worker.max_message_mb,
                 verbose=config.output.verbose,
             )
+            r = config.resilience
+            if r.worker_restarts:
+                supervisor = workers_lib.Supervisor(
+                    started,
+                    max_restarts=r.worker_restarts,
+                    backoff=r.restart_backoff,
+                    ready_timeout=config.worker.ready_timeout,
+                ).start()
             return run_training(config, [w.address for w in started], command="run")
         finally:
+            if supervisor is not None:
+                supervisor.stop()
             if started:
                 log.info("stopping %d workers", len(started))
             workers_lib.stop_workers(started)

@@ -1,7 +1,10 @@
 """`fedcompose status`: is each worker up, and what does it host?
 
 Runs only the tiny describe computation on each worker (no training), in
-parallel, each within the connect deadline.
+parallel, each within the connect deadline. With `--run-dir`, it also shows
+the running coordinator's own view of each worker (up, down, rejoining,
+refused: the run directory's `workers.json`, which the coordinator keeps
+current), and takes the addresses from there when none are given.
 """
 
 from __future__ import annotations
@@ -9,15 +12,18 @@ from __future__ import annotations
 import json
 import time
 from concurrent import futures
+from pathlib import Path
 
+from coordinator.liveness import WORKERS_VIEW
 from shared import config
-from shared.errors import FederationError
+from shared.errors import FederationError, UsageError
 
 DESCRIPTION = (
     "Show, for each worker address, whether it is up, what shard it serves (dataset, "
     "clients, examples) and its TFF version, without running any training; for a worker "
     "that is down, why (refused, no answer, not a TFF executor service, or the TLS "
-    "problem). "
+    "problem). With --run-dir, also the run's own view of each worker (up, down, "
+    "rejoining, refused) and its progress; the addresses then default to the run's. "
     "Exits 4 if any worker is down."
 )
 
@@ -56,26 +62,110 @@ def _probe(address: str, timeout: float, tls=None) -> dict:
     }
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"{path} cannot be read ({e}); is it a fedcompose run directory?"
+        ) from None
+    return body if isinstance(body, dict) else None
+
+
+def _run_view(run_dir: Path) -> tuple[dict, dict[str, dict]]:
+    """The run's status and its coordinator's view of each worker, by address."""
+    if not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} does not exist")
+    status = _read_json(run_dir / "status.json") or {}
+    view = _read_json(run_dir / WORKERS_VIEW)
+    if not status and view is None:
+        raise UsageError(f"--run-dir {run_dir} holds no run (no status.json, no {WORKERS_VIEW})")
+    workers = {w["address"]: w for w in (view or {}).get("workers", []) if "address" in w}
+    if view is not None:
+        status = {**status, "view_updated_at": view.get("updated_at")}
+    return status, workers
+
+
 def run(settings: config.RunConfig) -> int:
     from coordinator.executor_client.connection import load_client_tls
 
-    addresses = settings.federation.addresses
+    addresses = list(settings.federation.addresses)
+    run_status: dict | None = None
+    views: dict[str, dict] = {}
+    if settings.output.run_dir:
+        run_status, views = _run_view(Path(settings.output.run_dir))
+        addresses = addresses or list(views)
+    if not addresses:
+        raise UsageError(
+            "give --addresses, or --run-dir of a run whose coordinator recorded its workers"
+        )
     timeout = settings.federation.connect_timeout
     tls = load_client_tls(settings.tls.tls_dir)
     with futures.ThreadPoolExecutor(len(addresses)) as pool:
         rows = list(pool.map(lambda a: _probe(a, timeout, tls), addresses))
+    if run_status is not None:
+        for row in rows:
+            view = views.get(row["address"])
+            row["run_view"] = (
+                {k: view[k] for k in ("state", "since", "reason", "outages", "rejoins")}
+                if view
+                else None
+            )
     if settings.output.json:
         for row in rows:
             print(json.dumps(row))
+        if run_status is not None:
+            print(json.dumps({"run": _run_summary(settings.output.run_dir, run_status)}))
     else:
         _print_table(rows)
+        if run_status is not None:
+            print(_run_line(settings.output.run_dir, run_status))
     return 0 if all(r["up"] for r in rows) else FederationError.exit_code
 
 
+def _run_summary(run_dir: str, status: dict) -> dict:
+    return {
+        "run_dir": run_dir,
+        "state": status.get("state", "unknown"),
+        "completed_rounds": status.get("completed_rounds"),
+        "target_rounds": status.get("target_rounds"),
+        "view_updated_at": status.get("view_updated_at"),
+    }
+
+
+def _run_line(run_dir: str, status: dict) -> str:
+    s = _run_summary(run_dir, status)
+    line = f"run {run_dir}: {s['state']}"
+    if s["completed_rounds"] is not None:
+        line += f", {s['completed_rounds']} of {s['target_rounds']} rounds done"
+    if s["view_updated_at"]:
+        line += f"; its view of the workers is {_age(s['view_updated_at'])} old"
+    return line
+
+
+def _age(at: float) -> str:
+    seconds = max(0, round(time.time() - at))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m"
+
+
+def _view_cell(row: dict) -> str:
+    view = row.get("run_view")
+    if view is None:
+        return "-" if "run_view" in row else ""
+    cell = view["state"]
+    if view["state"] != "up":
+        cell += f" {_age(view['since'])}"
+    return cell
+
+
 def _print_table(rows: list[dict]) -> None:
+    with_view = any("run_view" in r for r in rows)
     header = (
         "ADDRESS",
         "STATUS",
+        *(("RUN",) if with_view else ()),
         "DATASET",
         "SHARD",
         "CLIENTS",
@@ -92,6 +182,7 @@ def _print_table(rows: list[dict]) -> None:
                 (
                     r["address"],
                     "up",
+                    *((_view_cell(r),) if with_view else ()),
                     f"{r['dataset']} ({r['num_classes']})",
                     r["shard"],
                     str(r["clients"]),
@@ -103,13 +194,17 @@ def _print_table(rows: list[dict]) -> None:
                 )
             )
         else:
-            table.append((r["address"], "DOWN", "", "", "", "", "", "", "", ""))
+            cells = (r["address"], "DOWN", *((_view_cell(r),) if with_view else ()))
+            table.append(cells + ("",) * (len(header) - len(cells)))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for r in rows:
         if not r["up"]:
             print(f"  {r['error']}")
+        view = r.get("run_view")
+        if view and view["state"] != "up" and view.get("reason"):
+            print(f"  the run sees {r['address']} {view['state']}: {view['reason']}")
     up = [r for r in rows if r["up"]]
     if up:
         train = sum(r["train_examples"] for r in up)

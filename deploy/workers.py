@@ -5,6 +5,11 @@ child's terminal output through a pipe (a thread drains it, keeping the last
 lines): the worker's ready line (`shared.worker_dir.READY_MARK`) says it
 serves, and its last line says why it stopped. The worker's log file is for
 people; readiness never depends on it being writable.
+
+While a run goes on, a `Supervisor` restarts a worker that exits (crashed, or
+its executor service was killed), on the same port and shard, a bounded
+number of times with back-off; the coordinator takes it back when its probe
+finds it serving its shard again.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class LocalWorker:
     log_file: Path
     process: subprocess.Popen
     output: _OutputTail
+    args: list[str] = dataclasses.field(default_factory=list)
+    """The command line it was started with (a restart uses it again)."""
+    restarts: int = 0
 
     @property
     def address(self) -> str:
@@ -73,6 +81,20 @@ class LocalWorker:
 
     def last_error(self) -> str:
         return self.output.last_error()
+
+
+def _spawn(args: list[str]) -> tuple[subprocess.Popen, _OutputTail]:
+    # The worker asks the kernel for SIGTERM on our death itself (so it can stop
+    # its executor in order): a restart happens while the coordinator's gRPC
+    # threads run, where forking with Python code before exec is not safe.
+    process = processes.spawn(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        death_signal=None,
+    )
+    assert process.stdout is not None
+    return process, _OutputTail(process.stdout)
 
 
 def worker_command(
@@ -144,17 +166,8 @@ def start_workers(
                 args = [*args, *extra_args(i)]
             if prefix is not None:
                 args = [*prefix(i), *args]
-            # SIGTERM on our death lets the worker stop its executor in order.
-            process = processes.spawn(
-                args,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                death_signal=signal.SIGTERM,
-            )
-            assert process.stdout is not None
-            workers.append(
-                LocalWorker(i, shard, port, log_file, process, _OutputTail(process.stdout))
-            )
+            process, output = _spawn(args)
+            workers.append(LocalWorker(i, shard, port, log_file, process, output, args))
         # The worker itself gives up after its ready timeout; a little more here.
         _wait_ready(workers, ready_timeout + 15.0)
     except BaseException:
@@ -194,3 +207,106 @@ def stop_workers(workers: Sequence[LocalWorker]) -> None:
     for w in workers:
         processes.stop(w.process, grace=10.0)
         w.output.join()
+
+
+def restart_worker(worker: LocalWorker) -> None:
+    """Starts `worker` again with its own command line (same shard, port and log
+    file); `wait_serving` tells when it serves."""
+    worker.output.join(timeout=0.5)
+    worker.process, worker.output = _spawn(worker.args)
+    worker.restarts += 1
+
+
+def wait_serving(worker: LocalWorker, timeout: float, stop: threading.Event | None = None) -> bool:
+    """Whether `worker` says it serves within `timeout` s (False: it exited,
+    did not say so in time, or `stop` was set)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.output.ready.is_set():
+            return True
+        if worker.process.poll() is not None or (stop is not None and stop.is_set()):
+            return False
+        time.sleep(0.05)
+    return worker.output.ready.is_set()
+
+
+class Supervisor:
+    """Restarts local workers that exit while a run goes on.
+
+    Each worker is restarted at most `max_restarts` times, the k-th time after
+    `backoff * 2**(k-1)` seconds (at most `MAX_BACKOFF`); every exit and restart
+    is logged. Restarted processes are children of the supervising thread,
+    whose death the kernel reports to them (`PR_SET_PDEATHSIG`): the thread
+    therefore lives until `stop`, and never dies of an error.
+    """
+
+    MAX_BACKOFF = 30.0
+
+    def __init__(
+        self,
+        workers: Sequence[LocalWorker],
+        *,
+        max_restarts: int,
+        backoff: float,
+        ready_timeout: float,
+    ):
+        self.workers = list(workers)
+        self.max_restarts = max_restarts
+        self.backoff = backoff
+        self.ready_timeout = ready_timeout
+        self._stop = threading.Event()
+        self._given_up: set[int] = set()
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """No restart from now on; a restart under way is abandoned (the caller
+        stops the workers)."""
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for worker in self.workers:
+                if self._stop.is_set():
+                    return
+                if worker.index in self._given_up or worker.process.poll() is None:
+                    continue
+                try:
+                    self._restart(worker)
+                except Exception:  # the supervisor must outlive any one restart
+                    log.exception("restarting worker %d failed", worker.index)
+
+    def _restart(self, worker: LocalWorker) -> None:
+        worker.output.join(timeout=0.5)
+        why = f"exited with code {worker.process.returncode}: {worker.last_error()}"
+        if worker.restarts >= self.max_restarts:
+            self._given_up.add(worker.index)
+            log.error(
+                "worker %d (%s) %s; it was restarted %d times already (--worker-restarts); "
+                "not restarting it, the run goes on without it (log: %s)",
+                worker.index, worker.address, why, worker.restarts, worker.log_file,
+            )  # fmt: skip
+            return
+        wait = min(self.MAX_BACKOFF, self.backoff * 2.0**worker.restarts)
+        log.warning(
+            "worker %d (%s) %s; restarting it in %.1fs (restart %d of %d)",
+            worker.index, worker.address, why, wait, worker.restarts + 1, self.max_restarts,
+        )  # fmt: skip
+        if self._stop.wait(wait):
+            return
+        started = time.monotonic()
+        restart_worker(worker)
+        if wait_serving(worker, self.ready_timeout + 15.0, self._stop):
+            log.info(
+                "worker %d serves again on %s (restart %d, %.1fs)",
+                worker.index, worker.address, worker.restarts, time.monotonic() - started,
+            )  # fmt: skip
+        elif not self._stop.is_set():
+            log.warning(
+                "worker %d did not come back after restart %d: %s",
+                worker.index, worker.restarts, worker.last_error(),
+            )  # fmt: skip

@@ -88,6 +88,54 @@ class FederationConfig:
 
 
 @dataclasses.dataclass
+class ResilienceConfig:
+    """What a run does when workers fail, stall or come back (README: *Failures*)."""
+
+    round_timeout: float = setting(
+        300.0,
+        "seconds a round's workers have to deliver their partial aggregates (and then the "
+        "finisher to merge and finish them); a worker not done by then is dropped from the "
+        "round like a failed one",
+        above=0,
+    )
+    min_coverage: float = setting(
+        0.5,
+        "share of --clients-per-round whose updates a round must include to be applied; a "
+        "round that lost more (with its workers) is retried on the workers that are up",
+        above=0,
+        maximum=1,
+    )
+    round_retries: int = setting(
+        3,
+        "times a round that fell short of --min-coverage is retried before the run stops",
+        minimum=0,
+    )
+    retry_wait: float = setting(
+        5.0,
+        "seconds to wait before retrying a round, for down workers to come back (a worker "
+        "that rejoins ends the wait)",
+        minimum=0,
+    )
+    probe_interval: float = setting(
+        1.0,
+        "seconds before the first probe of a worker that went down; doubles per probe",
+        above=0,
+    )
+    probe_interval_max: float = setting(
+        30.0, "longest wait in seconds between two probes of a down worker", above=0
+    )
+    worker_restarts: int = setting(
+        5, "run: times each local worker that crashed is restarted (0: never)", minimum=0
+    )
+    restart_backoff: float = setting(
+        1.0,
+        "run: seconds before restarting a crashed local worker; doubles with each restart of "
+        "it, up to 30",
+        minimum=0,
+    )
+
+
+@dataclasses.dataclass
 class WorkerConfig:
     shard: str = setting("", "shard directory made by `fedcompose data`", metavar="DIR")
     port: int = setting(10000, "port to serve on", minimum=1, maximum=65535)
@@ -195,6 +243,13 @@ class BenchConfig:
         False,
         "a small grid that finishes in a few minutes; settings given explicitly still apply",
     )
+    chaos: bool = setting(
+        False,
+        "instead of the grid, a soak of a run that loses workers: `run` with the linear model "
+        "(--rounds default 200, --workers 3, --clients-per-round 10) while workers are "
+        "SIGKILLed and SIGSTOPped every few rounds, and the coordinator once",
+    )
+    chaos_every: int = setting(6, "chaos soak: mean rounds between two faults", minimum=2)
 
 
 @dataclasses.dataclass
@@ -236,6 +291,7 @@ class ProvisionConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "federation": FederationConfig,
+    "resilience": ResilienceConfig,
     "worker": WorkerConfig,
     "model": ModelConfig,
     "training": TrainingConfig,
@@ -250,6 +306,7 @@ settings.check_unique_names(SECTIONS)
 RUN_SECTIONS = (
     "data",
     "federation",
+    "resilience",
     "worker",
     "model",
     "training",
@@ -263,6 +320,7 @@ RUN_SECTIONS = (
 class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
+    resilience: ResilienceConfig = dataclasses.field(default_factory=ResilienceConfig)
     worker: WorkerConfig = dataclasses.field(default_factory=WorkerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
@@ -284,6 +342,11 @@ class RunConfig:
 
 
 _TRAINING = ("model", "training", "evaluation")
+_COORDINATOR_RESILIENCE = tuple(
+    f.name
+    for f in dataclasses.fields(ResilienceConfig)
+    if f.name not in ("worker_restarts", "restart_backoff")
+)
 _PER_PROCESS = ("shard", "port", "log_file")
 COMMANDS: dict[str, settings.Command] = {
     "run": settings.Command(
@@ -291,6 +354,7 @@ COMMANDS: dict[str, settings.Command] = {
         {
             "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
             "federation": ("workers", "base_port", "rpc_timeout", "connect_timeout"),
+            "resilience": "*",
             "worker": tuple(
                 f.name for f in dataclasses.fields(WorkerConfig) if f.name not in _PER_PROCESS
             ),
@@ -302,6 +366,7 @@ COMMANDS: dict[str, settings.Command] = {
         "train",
         {
             "federation": ("addresses", "rpc_timeout", "connect_timeout"),
+            "resilience": _COORDINATOR_RESILIENCE,
             "tls": ("tls_dir",),
             **{s: "*" for s in _TRAINING},
             "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
@@ -323,10 +388,9 @@ COMMANDS: dict[str, settings.Command] = {
         {
             "federation": ("addresses", "connect_timeout"),
             "tls": ("tls_dir",),
-            "output": ("json", "verbose"),
+            "output": ("run_dir", "json", "verbose"),
         },
         defaults={"connect_timeout": 10.0},
-        required=frozenset({"addresses"}),
     ),
     "provision": settings.Command(
         "provision",
@@ -346,6 +410,7 @@ COMMANDS: dict[str, settings.Command] = {
                 "seed",
             ),
             "federation": ("workers", "rpc_timeout"),
+            "resilience": ("round_timeout",),
             "data": ("data_seed",),
             "bench": "*",
             "output": ("run_dir", "verbose"),
@@ -357,6 +422,7 @@ COMMANDS: dict[str, settings.Command] = {
             "workers": [1, 2, 4],
             "rounds": 3,
             "rpc_timeout": 1800.0,
+            "round_timeout": 3.0,
         },
     ),
 }

@@ -29,9 +29,15 @@ def _prctl_pdeathsig(sig: int) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
+PARENT_ENV = "FEDCOMPOSE_PARENT_PID"
+"""Set by `spawn` for a child that asks for its death signal itself: the
+parent it must die with, so that a parent that died before the child asked
+is noticed too."""
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Asks the kernel to send `sig` to this process when its parent dies."""
-    parent = os.getppid()
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
     _prctl_pdeathsig(sig)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
@@ -44,16 +50,25 @@ def spawn(
     env: dict[str, str] | None = None,
     stdout=None,
     stderr=None,
-    death_signal: int = signal.SIGKILL,
+    death_signal: int | None = signal.SIGKILL,
 ) -> subprocess.Popen:
-    """Starts `args` as a child that the kernel kills when we die."""
+    """Starts `args` as a child that the kernel kills when we die.
+
+    `death_signal=None`: the child asks for it itself (`die_with_parent`, as
+    `fedcompose worker` does). Then no Python code runs between fork and exec,
+    which is what makes starting a child safe from a thread of a process that
+    has gRPC running (a fork there can crash or hang it).
+    """
 
     def preexec() -> None:
+        assert death_signal is not None
         _prctl_pdeathsig(death_signal)
         # A child of ours ignores Ctrl-C in the terminal; we stop it ourselves,
         # in order, instead of racing the terminal's SIGINT.
         os.setpgrp()
 
+    if death_signal is None:
+        env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
     return subprocess.Popen(
         list(args),
         cwd=cwd,
@@ -61,7 +76,8 @@ def spawn(
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=preexec,
+        preexec_fn=preexec if death_signal is not None else None,
+        process_group=None if death_signal is not None else 0,
         close_fds=True,
     )
 
@@ -72,9 +88,12 @@ def stop(proc: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) 
         return proc.returncode
     try:
         os.killpg(proc.pid, sig)
+        # A stopped process (SIGSTOP) acts on `sig` only once it runs again.
+        os.killpg(proc.pid, signal.SIGCONT)
     except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+            proc.send_signal(signal.SIGCONT)
     try:
         return proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:

@@ -35,6 +35,7 @@ def main() -> None:
         options.pop("clients_per_round"),
         options.pop("seed"),
     )
+    clients_by_round = options.pop("clients_by_round", None)
     shard_dirs = [Path(s) for s in shards]
     client_ids = sorted(
         c.id for shard in shard_dirs for c in shard_format.read_manifest(shard).clients
@@ -46,6 +47,8 @@ def main() -> None:
         initial = alg.process.get_model_weights(state)
         for round_num in range(1, rounds + 1):
             ids = federation.sample_clients(client_ids, round_num, clients_per_round, seed)
+            if clients_by_round is not None:  # a run with failures: the clients that made it
+                ids = clients_by_round[round_num - 1]
             state = alg.process.next(state, LocalReference.tokens(ids, seed, round_num)).state
         weights = alg.process.get_model_weights(state)
     arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(weights.trainable)}

@@ -26,10 +26,13 @@ def _wait_for_rounds(run_dir, count: int, proc, timeout: float = 300) -> None:
 
 
 def _endless_training(workers, run_dir, rpc_timeout: int):
+    """Training that accepts no lost client and retries nothing (see
+    test_worker_failures.py for runs that survive failures)."""
     addresses = ",".join(w.address for w in workers)
     return start_fedcompose(
         "train", "--addresses", addresses, "--rounds", "500", "--eval-every", "0",
         "--rpc-timeout", str(rpc_timeout), "--run-dir", str(run_dir),
+        "--min-coverage", "1", "--round-retries", "0",
     )  # fmt: skip
 
 

@@ -37,10 +37,15 @@ _MAX_MESSAGE_BYTES = 2000 * 1000 * 1000
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    # Fail fast on a dead peer instead of waiting for TCP timeouts.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # Keepalive pings only during calls, and no more often than the executor
+    # service's gRPC server accepts (its default: one per 5 minutes without
+    # data, two strikes): pinging every 10 s made it close idle connections
+    # with "Too many pings", failing the next call of a healthy worker after a
+    # pause of a minute or two. Dead or stuck workers are caught by the call
+    # and round deadlines instead.
+    ("grpc.keepalive_time_ms", 360_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.enable_retries", 0),
 ]
 _DISPOSE_TIMEOUT = 10.0
@@ -97,11 +102,18 @@ class RemoteWorker:
         """Set once a call found the worker gone or past its deadline: clean-up
         calls to it are skipped, so that a stuck worker costs one deadline, not
         one per value and executor left to free."""
+        self.abandoned = ""
+        """Why the coordinator gave up on this worker (`abandon`); empty while it has not."""
         self.tls = tls
-        self._channel = connection.open_channel(address, tls, _CHANNEL_OPTIONS)
-        self._stub = CountingStub(self._channel, self.stats, self._lock)
         self._executors: dict[int, executor_pb2.ExecutorId] = {}
         self._loaded: dict[tuple[int, int], ValueRef] = {}
+        self._local = threading.local()
+        self._connect()
+
+    def _connect(self) -> None:
+        """Opens the channel (and its counting stub) that every call goes through."""
+        self._channel = connection.open_channel(self.address, self.tls, _CHANNEL_OPTIONS)
+        self._stub = CountingStub(self._channel, self.stats, self._lock)
 
     def __repr__(self) -> str:
         return f"RemoteWorker({self.label})"
@@ -149,17 +161,74 @@ class RemoteWorker:
         with self._lock:
             self.stats.calls += 1
 
+    @contextlib.contextmanager
+    def deadline(self, at: float, why: str):
+        """Calls made by this thread inside the block end by `at` (`time.monotonic()`),
+        or sooner by their own deadline; `why` names that deadline in the error."""
+        previous = getattr(self._local, "deadline", None)
+        self._local.deadline = (at, why)
+        try:
+            yield
+        finally:
+            self._local.deadline = previous
+
     def _rpc(self, method: str, request, timeout: float | None = None):
         call: Callable = getattr(self._stub, method)
         deadline = self.rpc_timeout if timeout is None else timeout
+        why = None
+        bound = getattr(self._local, "deadline", None)
+        if bound is not None and bound[0] - time.monotonic() < deadline:
+            deadline, why = max(0.001, bound[0] - time.monotonic()), bound[1]
         try:
             response = call(request, timeout=deadline)
         except grpc.RpcError as e:
             if e.code() in _GONE:  # type: ignore[attr-defined]
                 self.unresponsive = True
+            if why is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                raise WorkerError(self.label, f"no answer to {method} {why}") from None
+            if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:  # type: ignore[attr-defined]
+                raise WorkerError(self.label, f"{method} abandoned: {self.abandoned}") from None
             raise WorkerError(self.label, _describe_rpc_error(e, method, deadline)) from None
+        except ValueError:  # "Cannot invoke RPC on closed channel!"
+            raise WorkerError(
+                self.label, f"{method} not sent: {self.abandoned or 'the channel is closed'}"
+            ) from None
         self._count_call()
         return response
+
+    def abandon(self, why: str) -> None:
+        """Gives up on the worker now: closes the channel, which ends every call in
+        flight to it at once (a stopped worker would otherwise hold each caller until
+        its deadline), and skips clean-up calls to it from then on."""
+        self.abandoned = why or "abandoned"
+        self.unresponsive = True
+        self._channel.close()
+
+    def reconnect(self) -> list[executor_pb2.ExecutorId]:
+        """A fresh channel to a worker that came back, with nothing cached from before.
+
+        What the worker held (executors, loaded computations, values) is in an
+        unknown state: gone if it restarted, stale if it was only stopped. Returns
+        the executors this client had, for the caller to free on the worker
+        (`dispose_stale`) before making any new one: the service names executors
+        by their client count and counts references to them, so a stale reference
+        would keep an old executor alive, or be mistaken for a new one.
+        """
+        stale = list(self._executors.values())
+        self._executors.clear()
+        self._loaded.clear()
+        with contextlib.suppress(Exception):
+            self._channel.close()
+        self._connect()
+        self.unresponsive = False
+        self.abandoned = ""
+        return stale
+
+    def dispose_stale(self, executors: Sequence[executor_pb2.ExecutorId]) -> None:
+        """Frees executors a previous connection made (see `reconnect`); one the
+        worker no longer has (it restarted) has nothing to free."""
+        for executor in executors:
+            self._dispose_executor(executor, _DISPOSE_TIMEOUT)
 
     def executor(self, num_clients: int) -> executor_pb2.ExecutorId:
         """The worker's executor for `num_clients` clients, made on first use.

@@ -18,12 +18,22 @@ Large values never become Python objects on the way: the state is serialized
 once per round (or not at all, when it is the state the previous round
 returned) and the same bytes go to every worker; partials are forwarded as
 the workers serialized them.
+
+Workers may fail on the way. One that errs, dies or has not delivered by the
+round deadline is dropped and the partials that arrived are merged without
+it, in the same worker order. If the finisher is the one lost, another worker
+that delivered finishes the round from the partials, which the coordinator
+still holds as bytes (the finisher's own partial is lost with it). Whether
+what arrived is enough is the caller's rule (`accept`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import TYPE_CHECKING
 
@@ -31,13 +41,23 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 
-from coordinator.executor_client import CallTiming, PreparedComputation, RemoteWorker, ValueRef
+from coordinator.executor_client import (
+    CallTiming,
+    PreparedComputation,
+    RemoteWorker,
+    ValueRef,
+    WorkerError,
+)
 from coordinator.executor_client.computations import element_names
+from coordinator.rounds.pause import pause
 from coordinator.rounds.timing import RoundTiming, WorkerTiming
 from shared import preprocessing
+from shared.errors import FederationError
 
 if TYPE_CHECKING:
     from coordinator.federation import Federation
+
+log = logging.getLogger("fedcompose.coordinator")
 
 
 @dataclasses.dataclass
@@ -193,87 +213,327 @@ class MergeableRunner:
         tokens_by_worker: dict[int, list[str]],
         timing: RoundTiming,
         started: float,
-    ) -> executor_pb2.Value:
-        """Returns the serialized result of the round."""
+        *,
+        phase_timeout: float | None = None,
+        accept: Callable[[list[int]], bool] = bool,
+        round_num: int = 0,
+        track: Callable[[int, futures.Future], None] | None = None,
+    ) -> MergeOutcome:
+        """Runs the computation on the workers in `tokens_by_worker` and returns
+        the serialized result, with which workers' partials are in it.
+
+        A worker that fails (an error, killed, unreachable) or has not delivered
+        its partial `phase_timeout` seconds after the start is dropped; so is a
+        finisher that fails or takes longer than `phase_timeout` to merge and
+        finish, and then another worker that delivered finishes the round from
+        the partials held as bytes (the lost finisher's own partial is lost with
+        it). `accept(delivered)` decides whether the partials that made it are
+        enough; if not, `NotEnough` is raised before anything is finished.
+        `track(index, future)` is told of each worker's call.
+        """
         order = [index for index, tokens in sorted(tokens_by_worker.items()) if tokens]
-        finisher_index = max(order, key=lambda i: (len(tokens_by_worker[i]), -i))
+        finisher_index = _busiest(order, tokens_by_worker)
         finisher = federation.workers[finisher_index]
         clients = len(tokens_by_worker[finisher_index])
+        deadline = None if phase_timeout is None else time.monotonic() + phase_timeout
         # Values made on the finisher, by its own call's thread and by this one.
         kept_by_call: list[ValueRef] = []
         kept: list[ValueRef] = []
+        lost: dict[int, str] = {}
+        protos: dict[int, executor_pb2.Value] = {}
+        token_protos: dict[int, executor_pb2.Value] = {}
         original_arg: ValueRef | None = None
-        pending = []
+        merger = _Merger(self, finisher, clients, order, kept)
+        finisher_ok = True
+        pending: dict[futures.Future, int] = {}
         for index in order:
             tokens = self.up_to_merge.serialize_element(1, tokens_by_worker[index])
+            token_protos[index] = tokens
             if index == finisher_index:
-                pending.append(
-                    pool.submit(
-                        self._partial_on_finisher,
-                        finisher,
-                        index,
-                        state_proto,
-                        tokens,
-                        clients,
-                        kept_by_call,
-                    )
+                future = pool.submit(
+                    self._partial_on_finisher,
+                    finisher,
+                    index,
+                    state_proto,
+                    tokens,
+                    clients,
+                    kept_by_call,
                 )
             else:
                 arg = self.up_to_merge.struct_arg([state_proto, tokens])
                 worker = federation.workers[index]
-                pending.append(
-                    pool.submit(
-                        self._partial_elsewhere, worker, index, arg, len(tokens_by_worker[index])
-                    )
+                future = pool.submit(
+                    self._partial_elsewhere, worker, index, arg, len(tokens_by_worker[index])
                 )
+            pending[future] = index
+            if track is not None:
+                track(index, future)
         timing.prepare = time.perf_counter() - started
+
+        def on_finisher(step: Callable[[], None]) -> None:
+            """Runs a merge step on the finisher, within the phase's deadline; a
+            finisher that fails it is lost, with every partial forwarded to it."""
+            nonlocal finisher_ok
+            if not finisher_ok:
+                return
+            try:
+                if deadline is None:
+                    step()
+                else:
+                    with finisher.deadline(deadline, _within(phase_timeout, "to merge")):
+                        step()
+            except WorkerError as e:
+                finisher_ok = False
+                lost[finisher_index] = f"{e} (while merging, as the round's finisher)"
+
         try:
             # Partials are merged in worker order, each as soon as all before it
-            # are in, so that float sums (and thus whole runs) are reproducible.
-            on_finisher: dict[int, ValueRef] = {}
-            next_to_merge = 0
-            merged: ValueRef | None = None
-            for done in futures.as_completed(pending):
-                partial: _Partial = done.result()
-                now = time.perf_counter()
-                tokens = tokens_by_worker[partial.index]
-                timing.per_worker[f"worker{partial.index}"] = WorkerTiming(
-                    clients=sum(1 for t in tokens if t != preprocessing.EMPTY_CLIENT_TOKEN),
-                    padded_to=len(tokens),
-                    seconds=partial.seconds,
-                    compute=partial.call.compute,
-                    upload=partial.call.upload,
-                    setup=partial.call.setup,
-                    new_executor=partial.call.new_executor,
+            # are in or lost, so that float sums (and thus whole runs) are
+            # reproducible for a given set of delivered partials.
+            waiting = set(pending)
+            while waiting:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                done, waiting = futures.wait(
+                    waiting, timeout=left, return_when=futures.FIRST_COMPLETED
                 )
-                if not timing.first_partial:
-                    timing.first_partial = now - started
-                timing.workers_wall = now - started
-                t0 = time.perf_counter()
-                if partial.ref is not None:
-                    on_finisher[partial.index] = partial.ref
-                    original_arg = partial.original_arg
-                else:
-                    assert partial.proto is not None
-                    on_finisher[partial.index] = finisher.create_value(partial.proto, clients)
-                    kept.append(on_finisher[partial.index])
-                while next_to_merge < len(order) and order[next_to_merge] in on_finisher:
-                    ref = on_finisher[order[next_to_merge]]
-                    next_to_merge += 1
-                    merged = (
-                        ref
-                        if merged is None
-                        else self._merge_on(finisher, merged, ref, clients, kept)
-                    )
-                timing.merge += time.perf_counter() - t0
-            assert merged is not None and original_arg is not None
+                for future in done:
+                    index = pending[future]
+                    try:
+                        partial: _Partial = future.result()
+                    except WorkerError as e:
+                        lost[index] = str(e)
+                        if index == finisher_index:
+                            finisher_ok = False
+                        on_finisher(lambda i=index: merger.skip(i))
+                        continue
+                    self._record(timing, partial, tokens_by_worker, started)
+                    t0 = time.perf_counter()
+                    if partial.ref is not None:
+                        original_arg = partial.original_arg
+                        on_finisher(lambda p=partial: merger.add_ref(p.index, p.ref))
+                    else:
+                        assert partial.proto is not None
+                        protos[partial.index] = partial.proto
+                        on_finisher(lambda p=partial: merger.add_proto(p.index, p.proto))
+                    timing.merge += time.perf_counter() - t0
+            for future in waiting:
+                index = pending[future]
+                lost[index] = _within(phase_timeout, "to deliver its partial", missed=True)
+                if index == finisher_index:
+                    finisher_ok = False
+                on_finisher(lambda i=index: merger.skip(i))
             t0 = time.perf_counter()
-            result = self._finish_on(finisher, original_arg, merged, clients, kept)
+            if finisher_ok:
+                assert merger.done() and original_arg is not None
+                if not accept(merger.merged):
+                    raise NotEnough(merger.merged, lost)
+                pause("finish", round_num, finisher=finisher.address)
+                finish_by = None if phase_timeout is None else time.monotonic() + phase_timeout
+                try:
+                    if finish_by is None:
+                        result = self._finish_on(
+                            finisher, original_arg, merger.value, clients, kept
+                        )
+                    else:
+                        with finisher.deadline(finish_by, _within(phase_timeout, "to finish")):
+                            result = self._finish_on(
+                                finisher, original_arg, merger.value, clients, kept
+                            )
+                    timing.finalize = time.perf_counter() - t0
+                    return MergeOutcome(result, merger.merged, lost, finisher_index)
+                except WorkerError as e:
+                    finisher_ok = False
+                    lost[finisher_index] = f"{e} (as the round's finisher, while finishing it)"
+            outcome = self._refinish(
+                federation,
+                state_proto,
+                token_protos,
+                tokens_by_worker,
+                protos,
+                order,
+                lost,
+                accept,
+                phase_timeout,
+            )
             timing.finalize = time.perf_counter() - t0
+            return outcome
         except BaseException:
-            for p in pending:
-                p.cancel()
+            for future in pending:
+                future.cancel()
             raise
         finally:
-            finisher.dispose(kept_by_call + kept, clients)
-        return result
+            if finisher_ok:
+                finisher.dispose(kept_by_call + kept, clients)
+
+    def _record(
+        self,
+        timing: RoundTiming,
+        partial: _Partial,
+        tokens_by_worker: dict[int, list[str]],
+        started: float,
+    ) -> None:
+        now = time.perf_counter()
+        tokens = tokens_by_worker[partial.index]
+        timing.per_worker[f"worker{partial.index}"] = WorkerTiming(
+            clients=sum(1 for t in tokens if t != preprocessing.EMPTY_CLIENT_TOKEN),
+            padded_to=len(tokens),
+            seconds=partial.seconds,
+            compute=partial.call.compute,
+            upload=partial.call.upload,
+            setup=partial.call.setup,
+            new_executor=partial.call.new_executor,
+        )
+        if not timing.first_partial:
+            timing.first_partial = now - started
+        timing.workers_wall = now - started
+
+    def _refinish(
+        self,
+        federation: Federation,
+        state_proto: executor_pb2.Value,
+        token_protos: dict[int, executor_pb2.Value],
+        tokens_by_worker: dict[int, list[str]],
+        protos: dict[int, executor_pb2.Value],
+        order: list[int],
+        lost: dict[int, str],
+        accept: Callable[[list[int]], bool],
+        phase_timeout: float | None,
+    ) -> MergeOutcome:
+        """Finishes the round on another worker that delivered, after the finisher
+        was lost: from the other partials, held as the bytes the workers sent."""
+        while True:
+            delivered = [i for i in order if i in protos and i not in lost]
+            if not delivered or not accept(delivered):
+                raise NotEnough(delivered, lost)
+            index = _busiest(delivered, tokens_by_worker)
+            worker = federation.workers[index]
+            clients = len(tokens_by_worker[index])
+            log.warning(
+                "the round's finisher was lost; finishing on worker %s from %d partials",
+                worker.label,
+                len(delivered),
+            )
+            kept: list[ValueRef] = []
+            try:
+                by = None if phase_timeout is None else time.monotonic() + phase_timeout
+                with (
+                    worker.deadline(by, _within(phase_timeout, "to finish"))
+                    if by is not None
+                    else contextlib.nullcontext()
+                ):
+                    state_ref = worker.create_value(state_proto, clients)
+                    tokens_ref = worker.create_value(token_protos[index], clients)
+                    arg_ref = worker.create_struct(
+                        list(zip(self.arg_names, [state_ref, tokens_ref], strict=True)), clients
+                    )
+                    kept += [state_ref, tokens_ref, arg_ref]
+                    merged: ValueRef | None = None
+                    for i in delivered:
+                        ref = worker.create_value(protos[i], clients)
+                        kept.append(ref)
+                        merged = (
+                            ref
+                            if merged is None
+                            else self._merge_on(worker, merged, ref, clients, kept)
+                        )
+                    assert merged is not None
+                    result = self._finish_on(worker, arg_ref, merged, clients, kept)
+                worker.dispose(kept, clients)
+                return MergeOutcome(result, delivered, lost, index, refinished=True)
+            except WorkerError as e:
+                lost[index] = f"{e} (while finishing the round in place of the lost finisher)"
+
+
+def _busiest(indices: list[int], tokens_by_worker: dict[int, list[str]]) -> int:
+    """The worker with the most clients (the lowest index among equals): the
+    last one likely done, so its partial need not move."""
+    return max(indices, key=lambda i: (len(tokens_by_worker[i]), -i))
+
+
+def _within(seconds: float | None, what: str, missed: bool = False) -> str:
+    limit = f"the {seconds:g}s round deadline" if seconds is not None else "its deadline"
+    if missed:
+        return f"not done within {limit} {what}; dropped from the round"
+    return f"within {limit} {what}"
+
+
+@dataclasses.dataclass
+class MergeOutcome:
+    """A finished mergeable computation, and which workers' partials are in it."""
+
+    result: executor_pb2.Value
+    delivered: list[int]
+    """Workers whose partials were merged, in merge (worker) order."""
+    lost: dict[int, str]
+    """Workers dropped on the way, with why."""
+    finisher: int
+    refinished: bool = False
+    """The first finisher was lost; another worker finished the round."""
+
+
+class NotEnough(FederationError):
+    """The partials that made it are not enough to finish the round."""
+
+    def __init__(self, delivered: list[int], lost: dict[int, str]):
+        self.delivered = delivered
+        self.lost = lost
+        reasons = "; ".join(lost.values()) or "no partial"
+        super().__init__(f"only {len(delivered)} workers delivered ({reasons})")
+
+
+class _Merger:
+    """Merges partials on one worker in a fixed order, each as soon as all
+    before it are in or known to be lost."""
+
+    def __init__(
+        self,
+        runner: MergeableRunner,
+        worker: RemoteWorker,
+        clients: int,
+        order: list[int],
+        kept: list[ValueRef],
+    ):
+        self.runner, self.worker, self.clients = runner, worker, clients
+        self.order = order
+        self.kept = kept
+        self.refs: dict[int, ValueRef] = {}
+        self.skipped: set[int] = set()
+        self.position = 0
+        self.value: ValueRef | None = None
+        self.merged: list[int] = []
+
+    def add_ref(self, index: int, ref: ValueRef) -> None:
+        self.refs[index] = ref
+        self._advance()
+
+    def add_proto(self, index: int, proto: executor_pb2.Value) -> None:
+        ref = self.worker.create_value(proto, self.clients)
+        self.kept.append(ref)
+        self.refs[index] = ref
+        self._advance()
+
+    def skip(self, index: int) -> None:
+        self.skipped.add(index)
+        self._advance()
+
+    def done(self) -> bool:
+        return self.position == len(self.order)
+
+    def _advance(self) -> None:
+        while self.position < len(self.order):
+            index = self.order[self.position]
+            if index in self.skipped:
+                self.position += 1
+                continue
+            ref = self.refs.get(index)
+            if ref is None:
+                return
+            self.position += 1
+            self.value = (
+                ref
+                if self.value is None
+                else self.runner._merge_on(self.worker, self.value, ref, self.clients, self.kept)
+            )
+            self.merged.append(index)

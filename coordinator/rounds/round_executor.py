@@ -5,24 +5,63 @@ turns a round's sampled clients into padded client tokens per worker
 (`executor_reuse`), runs the composed `next` in its mergeable form across the
 workers (`mergeable`), and returns the new state with metrics, timing and
 bytes on the wire (`timing`).
+
+Workers can fail in a round. One that does (or misses the round deadline) is
+dropped from it: the coordinator abandons its calls, marks it down (the
+federation's `Liveness` probes it from then on), and the round finishes with
+the partials that made it if they cover the clients the caller requires,
+else `RoundIncomplete` is raised (the caller retries). A worker that comes
+back is reset before it rejoins (`admit_rejoining`): new channel, its old
+executors freed, its executor-reuse policy forgotten.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import time
 from concurrent import futures
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from coordinator import algorithm as algorithm_lib
-from coordinator.executor_client import PreparedComputation, RemoteWorker, WireStats
+from coordinator.executor_client import (
+    PreparedComputation,
+    RemoteWorker,
+    WireStats,
+    WorkerError,
+)
 from coordinator.executor_client.server import ServerExecutor
 from coordinator.federation import Federation
 from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse
-from coordinator.rounds.mergeable import MergeableRunner
+from coordinator.rounds.mergeable import MergeableRunner, MergeOutcome, NotEnough
+from coordinator.rounds.pause import pause
 from coordinator.rounds.timing import RoundResult, RoundTiming
 from shared import preprocessing
+from shared.errors import FederationError
+
+log = logging.getLogger("fedcompose.coordinator")
+
+
+class RoundIncomplete(FederationError):
+    """Too few of a round's sampled clients made it into its result."""
+
+    def __init__(self, message: str, lost: dict[str, str]):
+        super().__init__(message)
+        self.lost = lost
+
+
+WARM_UP_PROGRESS_MIN = 30.0
+"""Seconds a worker may take to build one executor ahead, whatever the round
+deadline: the first ones build TensorFlow graphs for every computation, which
+took over 3 s per worker with three workers warming up at once on 2 cores."""
+
+
+def required_clients(clients_per_round: int, min_coverage: float) -> int:
+    """Clients a round must include to be applied: `min_coverage` of the
+    configured round size, at least one."""
+    return max(1, math.ceil(min_coverage * clients_per_round - 1e-9))
 
 
 @dataclasses.dataclass
@@ -61,11 +100,18 @@ class RoundExecutor:
         self._eval_set_weights = PreparedComputation(
             algorithm.evaluation.set_model_weights, "eval.set_model_weights"
         )
+        # Twice the workers: calls abandoned in one round (ending once their
+        # channel is closed) never hold up the next round's.
         self._pool = futures.ThreadPoolExecutor(
-            max(1, len(federation.workers)), thread_name_prefix="worker-call"
+            max(2, 2 * len(federation.workers)), thread_name_prefix="worker-call"
         )
         self._known: _KnownState | None = None
-        self._warmed_for: set[int] = set()
+        self._warmed: list[set[int]] = [set() for _ in federation.workers]
+        """Per worker, the numbers of clients per round it has built executors for."""
+        self._calls: dict[int, list[futures.Future]] = {}
+        """Per worker, its calls of the last round: a worker rejoins only once
+        they have all ended (calls abandoned on a closed channel end at once),
+        so none of them can reach the new channel."""
 
     def close(self) -> None:
         self._known = None
@@ -106,15 +152,23 @@ class RoundExecutor:
         for count in self.reuse[index].use(clients):
             self.federation.workers[index].dispose_executor(count)
 
-    def warm_up(self, state_proto: executor_pb2.Value, clients_per_round: int) -> None:
-        """Builds, on every worker at once, the executors for the (padded) client
-        counts that sampling `clients_per_round` clients will likely give it.
+    def warm_up(
+        self,
+        state_proto: executor_pb2.Value,
+        clients_per_round: int,
+        indices: list[int],
+        phase_timeout: float | None = None,
+    ) -> dict[int, str]:
+        """Builds, on the given workers at once, the executors for the (padded)
+        client counts that sampling `clients_per_round` clients will likely give
+        each; returns the workers that failed or missed `phase_timeout`.
 
         Each costs the worker tens to hundreds of milliseconds once, instead of
         in some round later on; a round that still meets a new count builds its
         executor then, as without warm-up.
         """
         total = self.federation.num_clients
+        progress = {i: time.monotonic() for i in indices}
 
         def warm(index: int) -> None:
             worker = self.federation.workers[index]
@@ -123,32 +177,159 @@ class RoundExecutor:
                 if not worker.is_loaded(self._train.after_merge, clients):
                     self._make_room(index, clients)
                     self._train.warm_up(worker, state_proto, clients)
+                progress[index] = time.monotonic()
+            self._warmed[index].add(clients_per_round)
 
-        list(self._pool.map(warm, range(len(self.federation.workers))))
+        # Each executor built must take less than the deadline: a worker that
+        # makes no progress for that long is dropped.
+        calls = {self._pool.submit(warm, i): i for i in indices}
+        for future, index in calls.items():
+            self._track(index, future)
+        lost: dict[int, str] = {}
+        pending = set(calls)
+        while pending:
+            if phase_timeout is not None:
+                now = time.monotonic()
+                late = {f for f in pending if now - progress[calls[f]] >= phase_timeout}
+                for f in late:
+                    lost[calls[f]] = (
+                        f"no progress for {phase_timeout:g}s building its executors ahead; "
+                        "dropped from the round"
+                    )
+                pending -= late
+                if not pending:
+                    break
+            timeout = (
+                None
+                if phase_timeout is None
+                else min(progress[calls[f]] for f in pending) + phase_timeout - time.monotonic()
+            )
+            done, pending = futures.wait(
+                pending, timeout=max(0.0, timeout) if timeout is not None else None,
+                return_when=futures.FIRST_COMPLETED,
+            )  # fmt: skip
+            for future in done:
+                try:
+                    future.result()
+                except WorkerError as e:
+                    lost[calls[future]] = str(e)
+        return lost
+
+    def _track(self, index: int, future: futures.Future) -> None:
+        calls = [f for f in self._calls.get(index, []) if not f.done()]
+        self._calls[index] = [*calls, future]
+
+    def _lose(self, lost: dict[int, str]) -> None:
+        """Drops workers lost in a round: their calls are abandoned now, and the
+        federation probes them until they come back."""
+        for index, reason in lost.items():
+            self.federation.workers[index].abandon(reason)
+            if self.federation.liveness is not None:
+                self.federation.liveness.mark_down(index, reason)
+
+    def admit_rejoining(self) -> list[int]:
+        """Takes back the workers that came back serving their shard, resetting
+        everything known about them first: whatever they held is gone (a
+        restart) or stale (a stop), so the channel is new, their old executors
+        are freed, and executor reuse starts over. They are not warmed up again
+        (that would hold up the round of the others): rounds build the
+        executors they need."""
+        liveness = self.federation.liveness
+        if liveness is None:
+            return []
+        admitted = []
+        for index in liveness.take_rejoining():
+            if not all(call.done() for call in self._calls.get(index, [])):
+                continue  # at the next round
+            worker = self.federation.workers[index]
+            worker.dispose_stale(worker.reconnect())
+            self.reuse[index].forget()
+            liveness.mark_up(index)
+            admitted.append(index)
+        return admitted
 
     def train_round(
-        self, state: object, sampled: dict[int, list[str]], shuffle_seed: int
+        self,
+        state: object,
+        sampled: dict[int, list[str]],
+        shuffle_seed: int,
+        *,
+        round_num: int = 0,
+        required: int | None = None,
+        round_timeout: float | None = None,
     ) -> RoundResult:
+        """Runs one round on the sampled clients.
+
+        `required`: clients the result must include (default: every sampled
+        one, so that any lost worker fails the round); `round_timeout`: seconds
+        the workers have to deliver (and, again, the finisher to finish).
+        Raises `RoundIncomplete` when too few clients made it; lost workers
+        are dropped (`_lose`) either way.
+        """
         wire_before = self._wire()
         timing = RoundTiming()
         started = time.perf_counter()
         state_proto = self._state_proto(state)
         clients_per_round = sum(len(ids) for ids in sampled.values())
-        if clients_per_round not in self._warmed_for:
-            self._warmed_for.add(clients_per_round)
+        needed = clients_per_round if required is None else required
+        cold = [i for i in sorted(sampled) if clients_per_round not in self._warmed[i]]
+        lost: dict[int, str] = {}
+        if cold:
             t0 = time.perf_counter()
-            self.warm_up(state_proto, clients_per_round)
+            deadline = None if round_timeout is None else max(round_timeout, WARM_UP_PROGRESS_MIN)
+            lost.update(self.warm_up(state_proto, clients_per_round, cold, deadline))
             timing.warm_up = time.perf_counter() - t0
         run_started = time.perf_counter()
+        running = {i: ids for i, ids in sampled.items() if i not in lost}
         tokens = {
             i: self._padded(i, [preprocessing.make_token(c, shuffle_seed) for c in ids])
-            for i, ids in sampled.items()
+            for i, ids in running.items()
         }
-        for i, worker_tokens in tokens.items():
-            self._make_room(i, len(worker_tokens))
-        result_proto = self._train.run(
-            self.federation, self._pool, state_proto, tokens, timing, run_started
-        )
+        pause("dispatch", round_num, workers=[self.federation.workers[i].address for i in tokens])
+        outcome: MergeOutcome | None = None
+        try:
+            for i, worker_tokens in tokens.items():
+                self._make_room(i, len(worker_tokens))
+            if tokens:
+                outcome = self._train.run(
+                    self.federation,
+                    self._pool,
+                    state_proto,
+                    tokens,
+                    timing,
+                    run_started,
+                    phase_timeout=round_timeout,
+                    accept=lambda delivered: sum(len(sampled[i]) for i in delivered) >= needed,
+                    round_num=round_num,
+                    track=self._track,
+                )
+                lost.update(outcome.lost)
+        except NotEnough as e:
+            lost.update(e.lost)
+            got = sum(len(sampled[i]) for i in e.delivered)
+            self._lose(lost)
+            raise RoundIncomplete(
+                f"{got} of {clients_per_round} sampled clients delivered, {needed} needed "
+                f"({'; '.join(lost.values())})",
+                {self.federation.workers[i].address: r for i, r in lost.items()},
+            ) from None
+        except WorkerError as e:
+            # A call outside the partial and merge phases (making room for a
+            # client count) failed: that worker is lost before it started.
+            index = next(i for i, w in enumerate(self.federation.workers) if w.label == e.worker)
+            lost[index] = str(e)
+            self._lose(lost)
+            raise RoundIncomplete(str(e), {e.worker: str(e)}) from None
+        self._lose(lost)
+        if outcome is None:
+            raise RoundIncomplete(
+                "no worker could run the round",
+                {self.federation.workers[i].address: r for i, r in lost.items()},
+            )
+        if self.federation.liveness is not None:
+            for i in outcome.delivered:
+                self.federation.liveness.delivered(i)
+        result_proto = outcome.result
         output = self._train.after_merge.deserialize_result(result_proto)
         index = self._train.state_index
         self._known = (
@@ -160,46 +341,76 @@ class RoundExecutor:
         metrics = output.metrics["client_work"]["train"]
         wire_after = self._wire()
         by_peer = {label: wire_after[label].since(wire_before[label]) for label in wire_after}
+        delivered = set(outcome.delivered)
+        dropped = sorted(c for i, ids in sampled.items() if i not in delivered for c in ids)
         return RoundResult(
             state=output.state,
             metrics={
                 "loss": float(metrics["loss"]),
                 "accuracy": float(metrics["accuracy"]),
                 "examples": int(metrics["num_examples"]),
-                "clients": sum(len(v) for v in sampled.values()),
+                "clients": clients_per_round - len(dropped),
                 "update_non_finite": int(output.metrics["finalizer"]["update_non_finite"]),
             },
             timing=timing,
             wire=WireStats.total(by_peer.values()),
             wire_by_peer=by_peer,
+            sampled=clients_per_round,
+            lost={f"worker{i}": reason for i, reason in sorted(lost.items())},
+            dropped_clients=dropped,
+            finisher=f"worker{outcome.finisher}",
+            refinished=outcome.refinished,
         )
 
-    def evaluate(self, state: object) -> dict:
-        """Loss and accuracy of the global model on every writer's test examples."""
+    def evaluate(self, state: object, round_timeout: float | None = None) -> dict | None:
+        """Loss and accuracy of the global model on the held-out examples of every
+        writer on a live worker; None if no worker could evaluate.
+
+        A worker lost on the way is dropped like in a round; the figures then
+        cover the writers of the workers that delivered (`examples` and
+        `clients` say how many, `workers_lost` who was missing).
+        """
         weights = self.model_weights(state)
         eval_state = self.server.worker.call(self._eval_initialize, None)
         eval_state = self.server.worker.call(self._eval_set_weights, (eval_state, weights))
+        live = self.federation.live()
         tokens = {
-            i: [preprocessing.make_token(c, 0) for c in self.federation.clients_of(i)]
-            for i in range(len(self.federation.workers))
+            i: [preprocessing.make_token(c, 0) for c in self.federation.clients_of(i)] for i in live
         }
-        for i, worker_tokens in tokens.items():
-            self._make_room(i, len(worker_tokens))
         timing = RoundTiming()
         started = time.perf_counter()
-        result_proto = self._eval.run(
-            self.federation,
-            self._pool,
-            self._eval.up_to_merge.serialize_element(0, eval_state),
-            tokens,
-            timing,
-            started,
-        )
-        output = self._eval.after_merge.deserialize_result(result_proto)
+        lost: dict[int, str] = {}
+        outcome = None
+        try:
+            for i, worker_tokens in tokens.items():
+                self._make_room(i, len(worker_tokens))
+            if tokens:
+                outcome = self._eval.run(
+                    self.federation,
+                    self._pool,
+                    self._eval.up_to_merge.serialize_element(0, eval_state),
+                    tokens,
+                    timing,
+                    started,
+                    phase_timeout=round_timeout,
+                    track=self._track,
+                )
+                lost.update(outcome.lost)
+        except NotEnough as e:
+            lost.update(e.lost)
+        self._lose(lost)
+        if outcome is None:
+            log.warning("no worker could evaluate the model: %s", "; ".join(lost.values()))
+            return None
+        output = self._eval.after_merge.deserialize_result(outcome.result)
         metrics = output.metrics["client_work"]["eval"]["current_round_metrics"]
-        return {
+        evaluation = {
             "loss": float(metrics["loss"]),
             "accuracy": float(metrics["sparse_categorical_accuracy"]),
             "examples": int(metrics["num_examples"]),
+            "clients": sum(len(self.federation.clients_of(i)) for i in outcome.delivered),
             "seconds": time.perf_counter() - started,
         }
+        if lost:
+            evaluation["workers_lost"] = {f"worker{i}": r for i, r in sorted(lost.items())}
+        return evaluation

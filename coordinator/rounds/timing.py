@@ -66,6 +66,21 @@ class RoundResult:
     wire: WireStats
     wire_by_peer: dict[str, WireStats] = dataclasses.field(default_factory=dict)
     """Bytes per worker label, and for the coordinator's own server executor."""
+    sampled: int = 0
+    """Clients sampled; `metrics["clients"]` are those whose updates made it."""
+    lost: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Workers dropped from the round (label -> why)."""
+    dropped_clients: list[str] = dataclasses.field(default_factory=list)
+    """Sampled clients whose updates did not make it (they were on lost workers)."""
+    finisher: str = ""
+    refinished: bool = False
+    """The first finisher was lost and another worker finished the round."""
+    live: list[int] = dataclasses.field(default_factory=list)
+    """Workers the round's clients were sampled from (all that were up)."""
+    workers_total: int = 0
+    attempts: int = 1
+    failed_attempts: list[str] = dataclasses.field(default_factory=list)
+    """Why each earlier attempt of this round fell short."""
 
     def record(self) -> dict:
         """The round as plain data: what the run directory's metrics and the
@@ -96,4 +111,15 @@ class RoundResult:
                 "server_bytes_received": server.bytes_received if server else 0,
             },
             "update_non_finite": self.metrics["update_non_finite"],
+            "clients_sampled": self.sampled,
+            "clients_dropped": len(self.dropped_clients),
+            "dropped_clients": self.dropped_clients,
+            "workers_lost": self.lost,
+            "live_workers": self.live,
+            "workers_total": self.workers_total,
+            "degraded": int(bool(self.dropped_clients or self.lost or self.failed_attempts)),
+            "attempts": self.attempts,
+            "failed_attempts": self.failed_attempts,
+            "finisher": self.finisher,
+            "refinished": int(self.refinished),
         }

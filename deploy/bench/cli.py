@@ -104,9 +104,40 @@ def _build_data(config: config_lib.RunConfig) -> dict[int, list[Path]]:
         return synthetic.build_shard_sets(spec, cache, counts, bar.update)
 
 
+def _chaos(config: config_lib.RunConfig) -> int:
+    """The chaos soak (`deploy.bench.chaos`) instead of the grid."""
+    from deploy.bench import chaos
+
+    given = config.given
+    t, f = config.training, config.federation
+    if "model" in given and config.model.model != ["linear"]:
+        raise UsageError("--chaos runs the linear model only; leave out --model")
+    plan = chaos.ChaosPlan(
+        rounds=t.rounds if "rounds" in given else 200,
+        workers=f.workers[0] if "workers" in given else 3,
+        clients_per_round=t.clients_per_round[0] if "clients_per_round" in given else 10,
+        every=config.bench.chaos_every,
+        seed=t.seed,
+        round_timeout=config.resilience.round_timeout,
+    )
+    if plan.workers < 2:
+        raise UsageError("--chaos needs --workers 2 or more (one always keeps serving)")
+    run_dir = Path(
+        config.output.run_dir
+        or Path("bench-results") / f"chaos-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
+    return chaos.run_soak(plan, run_dir)
+
+
 def run(config: config_lib.RunConfig) -> int:
     from shared import interrupts, logs
 
+    if config.bench.chaos:
+        if config.output.run_dir:
+            Path(config.output.run_dir).mkdir(parents=True, exist_ok=True)
+        logs.setup(verbose=config.output.verbose, name="bench")
+        interrupts.install()
+        return _chaos(config)
     config = with_quick_defaults(config)
     run_dir = Path(
         config.output.run_dir or Path("bench-results") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"

@@ -1,0 +1,35 @@
+"""`fedcompose bench --chaos` runs a short soak end to end and checks itself.
+
+A smoke test of the command, not a timed test: the soak's own checks (every
+round recorded once, checkpoints complete, no temporary file, no process
+left, none outliving the SIGKILLed coordinator) must hold, and its report
+must hold the figures the README quotes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import fedcompose
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_chaos_soak_finishes_and_loses_nothing(tmp_path):
+    work = tmp_path / "chaos"
+    result = fedcompose(
+        "bench", "--chaos", "--rounds", "40", "--chaos-every", "4", "--run-dir", str(work),
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    report = json.loads((work / "chaos.json").read_text())
+    assert report["rounds_recorded_once_in_order"] and report["state"] == "finished"
+    assert report["checkpoints"][-1] == 40 and report["checkpoints_ok"]
+    assert report["orphans"] == [] and report["leftover_temporaries"] == []
+    assert report["coordinator_kill"]["orphans_after_it"] == 0
+    assert sum(report["faults"].values()) >= 3, report["fault_log"]
+    for key in ("rounds_degraded", "clients_dropped", "rounds_with_a_worker_down"):
+        assert report[key] >= 0
+    assert "chaos soak: 40 rounds" in result.stdout and "time to recover" in result.stdout

@@ -1,0 +1,113 @@
+"""`fedcompose run` restarts crashed local workers (a bounded number of times),
+and `fedcompose status` shows the run's own view of each worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import psutil
+import pytest
+
+from coordinator.rounds.pause import ENV as PAUSE_ENV
+from tests.conftest import fedcompose, kill_tree, start_fedcompose
+from tests.test_worker_failures import _paused, _rows, _wait_view
+
+
+def _worker_binary_on(run_proc, address: str) -> psutil.Process:
+    """The executor service of the local worker serving `address`."""
+    port = address.rsplit(":", 1)[1]
+    for child in psutil.Process(run_proc.pid).children():
+        cmdline = child.cmdline()
+        if "worker" in cmdline and cmdline[cmdline.index("--port") + 1] == port:
+            return next(c for c in child.children() if "worker_binary" in " ".join(c.cmdline()))
+    raise AssertionError(f"no local worker on {address}")
+
+
+@pytest.mark.slow
+def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
+    run_dir = tmp_path / "run"
+    kill, look, back, again = (tmp_path / name for name in ("kill", "look", "back", "again"))
+    env = dict(os.environ)
+    env[PAUSE_ENV] = f"dispatch:4:{kill};dispatch:6:{look};dispatch:12:{back};dispatch:16:{again}"
+    proc = start_fedcompose(
+        "run", "--workers", "3", "--rounds", "25", "--eval-every", "0",
+        "--worker-restarts", "1", "--restart-backoff", "2", "--run-dir", str(run_dir), env=env,
+    )  # fmt: skip
+    try:
+        address = _paused(kill, proc)["workers"][0]
+        index = int(re.search(r"worker (\d+) ready on " + re.escape(address),
+                              (run_dir / "logs/launcher.log").read_text()).group(1))  # fmt: skip
+        _worker_binary_on(proc, address).kill()
+        kill.unlink()
+
+        _paused(look, proc)  # it was lost in round 4; the launcher waits 2 s to restart it
+        status = fedcompose("status", "--run-dir", str(run_dir), "--connect-timeout", "3")
+        line = next(line for line in status.stdout.splitlines() if line.startswith(address))
+        # Down, or already restarted and answering (the launcher waits only 2 s).
+        assert line.split()[2] in ("down", "rejoining"), status.stdout
+        assert "run " + str(run_dir) + ": running, 5 of 25 rounds done" in status.stdout
+        look.unlink()
+
+        _paused(back, proc)
+        _wait_view(run_dir, index, "rejoining", "up")  # "up": it rejoined before round 12
+        back.unlink()
+
+        _paused(again, proc)
+        _worker_binary_on(proc, address).kill()  # its one restart is used up
+        again.unlink()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    # The launcher logs to the terminal and, once the coordinator runs, to its log.
+    for log in (stderr, (run_dir / "logs/coordinator.log").read_text()):
+        assert f"worker {index} ({address}) exited with code" in log
+        assert "restarting it in 2.0s (restart 1 of 1)" in log
+        assert f"worker {index} serves again on {address} (restart 1" in log
+        assert "restarted 1 times already (--worker-restarts); not restarting it" in log
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 26))
+    assert index not in rows[5]["live_workers"]
+    assert all(r["live_workers"] == [0, 1, 2] for r in rows[12:15])
+    assert all(index not in r["live_workers"] for r in rows[17:])
+
+
+def test_status_shows_the_runs_view_of_each_worker(workers2, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    now = time.time()
+    states = (("up", ""), ("rejoining", "answered; joins at the next round"))
+    view = [
+        {"index": i, "address": w.address, "state": state, "since": now - 5, "reason": why,
+         "outages": 1, "rejoins": 0}
+        for i, (w, (state, why)) in enumerate(zip(workers2, states, strict=True))
+    ]  # fmt: skip
+    (run_dir / "workers.json").write_text(json.dumps({"updated_at": now, "workers": view}))
+    (run_dir / "status.json").write_text(
+        json.dumps({"state": "running", "completed_rounds": 7, "target_rounds": 30})
+    )
+    result = fedcompose("status", "--run-dir", str(run_dir), timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ADDRESS", "STATUS", "RUN", "DATASET"]
+    assert lines[1].split()[:3] == [workers2[0].address, "up", "up"]
+    assert lines[2].split()[:3] == [workers2[1].address, "up", "rejoining"]
+    assert re.fullmatch(r"\d+s", lines[2].split()[3]) and int(lines[2].split()[3][:-1]) >= 5
+    assert f"the run sees {workers2[1].address} rejoining: answered" in result.stdout
+    assert f"run {run_dir}: running, 7 of 30 rounds done" in result.stdout
+
+    as_json = fedcompose("status", "--run-dir", str(run_dir), "--json", timeout=120)
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["run_view"]["state"] for r in rows[:2]] == ["up", "rejoining"]
+    assert rows[2]["run"]["completed_rounds"] == 7
+
+    missing = fedcompose("status", "--run-dir", str(tmp_path / "nowhere"), timeout=60)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        f"fedcompose status: error: --run-dir {tmp_path / 'nowhere'} does not exist"
+    )
+    neither = fedcompose("status", timeout=60)
+    assert neither.returncode == 2 and "give --addresses, or --run-dir" in neither.stderr
