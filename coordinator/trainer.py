@@ -10,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from coordinator import federation as federation_lib
-from coordinator.algorithm import AlgorithmSpec
+from coordinator.algorithm import AlgorithmSpec, privacy
+from coordinator.round_checks import RoundChecks
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
@@ -28,6 +29,8 @@ class TrainSummary:
     final_eval: dict | None
     resumed_from: int | None
     already_finished: bool = False
+    privacy: dict | None = None
+    """(epsilon, delta) spent, with a DP aggregator."""
 
 
 def _check_resume(run: RunDirectory, config: RunConfig) -> None:
@@ -52,6 +55,10 @@ def _round_line(row: dict) -> str:
         f"acc {row['train']['accuracy']:.4f}",
         f"{row['round_seconds']:.2f}s",
     ]
+    if row.get("dropped_clients"):
+        parts.insert(3, f"dropped {row['dropped_clients']}")
+    if "privacy" in row:
+        parts.append(f"| {privacy.describe(row['privacy'])}")
     if "eval" in row:
         parts.append(f"| held-out loss {row['eval']['loss']:.4f} acc {row['eval']['accuracy']:.4f}")
     return "  ".join(parts)
@@ -99,9 +106,9 @@ def train(
                     f"--clients-per-round {t.clients_per_round} is more than the "
                     f"{federation.num_clients} clients the workers host"
                 )
-            executor = session.round_executor(
-                AlgorithmSpec.from_config(config, federation.task.num_classes)
-            )
+            spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
+            log.info("algorithm: %s", spec.describe())
+            executor = session.round_executor(spec)
             state = executor.initialize()
             start_round = 1
             if latest is not None:
@@ -114,8 +121,11 @@ def train(
             run.write_status(
                 state="running", completed_rounds=start_round - 1, target_rounds=t.rounds
             )
-            final_eval = _loop(config, run, executor, federation, state, start_round, show_progress)
-        return TrainSummary(run_dir, t.rounds, final_eval, latest)
+            checks = RoundChecks(config, executor, federation)
+            final_eval = _loop(
+                config, run, executor, federation, state, start_round, show_progress, checks
+            )
+        return TrainSummary(run_dir, t.rounds, final_eval, latest, privacy=checks.privacy(t.rounds))
     except KeyboardInterrupt:
         run.write_status(state="interrupted")
         raise
@@ -126,7 +136,9 @@ def train(
         raise
 
 
-def _loop(config, run, executor, federation, state, start_round, show_progress) -> dict | None:
+def _loop(
+    config, run, executor, federation, state, start_round, show_progress, checks: RoundChecks
+) -> dict | None:
     t, e = config.training, config.evaluation
     bar = tqdm(
         total=t.rounds,
@@ -137,20 +149,23 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
         file=sys.stderr,
     )
     # A crash after the last checkpoint but before the end leaves no rounds to run.
-    evaluation = executor.evaluate(state) if start_round > t.rounds else None
+    evaluation = checks.evaluate(t.rounds, state) if start_round > t.rounds else None
     try:
         for round_num in range(start_round, t.rounds + 1):
             interrupts.raise_if_requested()
             sampled = federation.sample(round_num, t.clients_per_round, t.seed)
-            result = executor.train_round(
-                state, sampled, federation_lib.shuffle_seed(t.seed, round_num)
-            )
+            shuffle_seed = federation_lib.shuffle_seed(t.seed, round_num)
+            result = executor.train_round(state, sampled, shuffle_seed)
+            checks.after_train(round_num, state, sampled, shuffle_seed, result)
             state = result.state
             last = round_num == t.rounds
             evaluation = None
             if last or (e.eval_every and round_num % e.eval_every == 0):
-                evaluation = executor.evaluate(state)
+                evaluation = checks.evaluate(round_num, state)
             row = _row(round_num, result, evaluation)
+            spent = checks.privacy(round_num)
+            if spent is not None:
+                row["privacy"] = spent
             run.record_round(row)
             if last or (
                 config.output.checkpoint_every and round_num % config.output.checkpoint_every == 0
@@ -170,7 +185,10 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
         bar.close()
     run.write_model(executor.model_weights(state))
     plot = run.write_plot(f"{config.model.model} model, {len(federation.workers)} workers")
-    run.write_status(state="finished", final_eval=evaluation)
+    spent = checks.privacy(t.rounds)
+    run.write_status(
+        state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
+    )
     if evaluation is not None:
         log.info(
             "final model on all %d held-out examples: loss %.4f, accuracy %.4f",
@@ -178,6 +196,8 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
             evaluation["loss"],
             evaluation["accuracy"],
         )
+    if spent is not None:
+        log.info("privacy spent after %d rounds: %s", t.rounds, privacy.describe(spent))
     log.info(
         "run directory: %s (metrics.csv, metrics.png%s, tensorboard/, checkpoints/)",
         run.path,

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from concurrent import futures
 
+import numpy as np
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from coordinator import algorithm as algorithm_lib
@@ -46,6 +47,10 @@ class RoundExecutor:
         executor_budget: int = EXECUTOR_BUDGET,
     ):
         self.algorithm = algorithm
+        # Empty clients change no example-weighted sum but do change anything
+        # that counts clients (an unweighted mean, DP, adaptive clipping or
+        # zeroing): pad only when the aggregator has nothing of the kind.
+        pad_clients = pad_clients and algorithm.empty_clients_harmless
         self.reuse = [ExecutorReuse(executor_budget, pad_clients) for _ in federation.workers]
         self.federation = federation
         self.server = server
@@ -168,19 +173,27 @@ class RoundExecutor:
                 "examples": int(metrics["num_examples"]),
                 "clients": sum(len(v) for v in sampled.values()),
                 "update_non_finite": int(output.metrics["finalizer"]["update_non_finite"]),
+                "dropped_clients": int(metrics["dropped_clients"]),
+                "dropped_examples": int(metrics["dropped_examples"]),
+                "aggregator": _scalars(output.metrics["aggregator"]),
             },
             timing=timing,
             wire=WireStats.total(by_peer.values()),
             wire_by_peer=by_peer,
         )
 
-    def evaluate(self, state: object) -> dict:
-        """Loss and accuracy of the global model on every writer's test examples."""
+    def evaluate(self, state: object, leave_out: frozenset[str] = frozenset()) -> dict:
+        """Loss and accuracy of the global model on every writer's test examples
+        (but those of the clients in `leave_out`)."""
         weights = self.model_weights(state)
         eval_state = self.server.worker.call(self._eval_initialize, None)
         eval_state = self.server.worker.call(self._eval_set_weights, (eval_state, weights))
         tokens = {
-            i: [preprocessing.make_token(c, 0) for c in self.federation.clients_of(i)]
+            i: [
+                preprocessing.make_token(c, 0)
+                for c in self.federation.clients_of(i)
+                if c not in leave_out
+            ]
             for i in range(len(self.federation.workers))
         }
         for i, worker_tokens in tokens.items():
@@ -203,3 +216,16 @@ class RoundExecutor:
             "examples": int(metrics["num_examples"]),
             "seconds": time.perf_counter() - started,
         }
+
+
+def _scalars(measurements: object, prefix: str = "") -> dict[str, float]:
+    """A block's measurements as flat `name/sub: number` pairs, for the metrics."""
+    out: dict[str, float] = {}
+    items = measurements.items() if hasattr(measurements, "items") else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.update(_scalars(value, name + "/"))
+        elif np.ndim(value) == 0:
+            out[name] = float(value)
+    return out

@@ -96,4 +96,7 @@ class RoundResult:
                 "server_bytes_received": server.bytes_received if server else 0,
             },
             "update_non_finite": self.metrics["update_non_finite"],
+            "dropped_clients": self.metrics.get("dropped_clients", 0),
+            "dropped_examples": self.metrics.get("dropped_examples", 0),
+            **({"aggregator": a} if (a := self.metrics.get("aggregator")) else {}),
         }
