@@ -60,12 +60,13 @@ class RoundChecks:
             self._diagnosis = diagnosis.ClientDiagnosis(self.executor.algorithm, self.federation)
         return self._diagnosis
 
-    def _fail_or_warn(self, message: str) -> None:
+    def _fail_or_warn(self, message: str, dropped: str = "") -> None:
+        """Raises with `message` (fail), or logs it with what was done (drop)."""
         if self.policy == "fail":
             raise TrainingError(
                 f"{message}; --on-non-finite drop leaves such clients out and goes on"
             )
-        log.warning("%s", message)
+        log.warning("%s%s", message, f"; {dropped}" if dropped else "")
 
     def after_train(
         self,
@@ -86,8 +87,8 @@ class RoundChecks:
             else:
                 who = "the clients could not be told apart on recomputing"
             self._fail_or_warn(
-                f"round {round_num}: {dropped} client update(s) not finite, dropped: {who}; "
-                f"{_HINT_TRAIN}"
+                f"round {round_num}: {dropped} client update(s) not finite: {who}; {_HINT_TRAIN}",
+                "left out of this round's update and train figures",
             )
         if m.get("update_non_finite"):
             self._fail_or_warn(

@@ -46,13 +46,18 @@ def _check_resume(run: RunDirectory, config: RunConfig) -> None:
         )
 
 
+def _figure(value: float | None, digits: int = 4) -> str:
+    """A train figure; None when no client of the round had a finite update."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _round_line(row: dict) -> str:
     parts = [
         f"round {row['round']:>4}",
         f"clients {row['clients']:>4}",
         f"examples {row['examples']:>6}",
-        f"loss {row['train']['loss']:.4f}",
-        f"acc {row['train']['accuracy']:.4f}",
+        f"loss {_figure(row['train']['loss'])}",
+        f"acc {_figure(row['train']['accuracy'])}",
         f"{row['round_seconds']:.2f}s",
     ]
     if row.get("dropped_clients"):
@@ -174,8 +179,8 @@ def _loop(
             run.write_status(completed_rounds=round_num)
             tqdm.write(_round_line(row), file=sys.stderr)
             postfix = {
-                "loss": f"{row['train']['loss']:.3f}",
-                "acc": f"{row['train']['accuracy']:.3f}",
+                "loss": _figure(row["train"]["loss"], 3),
+                "acc": _figure(row["train"]["accuracy"], 3),
             }
             if evaluation:
                 postfix["held-out acc"] = f"{evaluation['accuracy']:.3f}"
@@ -190,9 +195,12 @@ def _loop(
         state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
     )
     if evaluation is not None:
+        left_out = evaluation.get("left_out_clients")
         log.info(
-            "final model on all %d held-out examples: loss %.4f, accuracy %.4f",
+            "final model on %s %d held-out examples%s: loss %.4f, accuracy %.4f",
+            "the" if left_out else "all",
             evaluation["examples"],
+            f" ({left_out} client(s) left out: not finite)" if left_out else "",
             evaluation["loss"],
             evaluation["accuracy"],
         )

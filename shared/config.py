@@ -604,7 +604,10 @@ def _check_algorithm(config: RunConfig) -> None:
     if a.aggregator in REFUSED_AGGREGATORS:
         raise UsageError(f"--aggregator {a.aggregator}: {REFUSED_AGGREGATORS[a.aggregator]}")
     aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
+    dp = a.aggregator.startswith("dp_")
     for name in sorted(changed & aggregator_params):
+        if name == "weighting" and dp and a.weighting == "uniform":
+            continue  # what DP aggregators are; a resolved config.toml says so
         if name not in AGGREGATOR_PARAMETERS[a.aggregator]:
             raise UsageError(_applies_only(name, "aggregator", a.aggregator, AGGREGATOR_PARAMETERS))
     for side in ("client", "server"):
@@ -626,7 +629,7 @@ def _check_algorithm(config: RunConfig) -> None:
         raise UsageError("--zeroing-norm needs --zeroing")
     if not a.clipping and "clipping_norm" in changed:
         raise UsageError("--clipping-norm needs --clipping")
-    if a.aggregator.startswith("dp_"):
+    if dp:
         # TFF's DP factories are unweighted: every sampled client counts once.
         a.weighting = "uniform"
     # TFF spends noise of stddev 0.05 x clients per round on the clipped count

@@ -168,8 +168,9 @@ class RoundExecutor:
         return RoundResult(
             state=output.state,
             metrics={
-                "loss": float(metrics["loss"]),
-                "accuracy": float(metrics["accuracy"]),
+                # Over the clients whose update was finite; none (all dropped): no figure.
+                "loss": float(metrics["loss"]) if metrics["num_examples"] else None,
+                "accuracy": float(metrics["accuracy"]) if metrics["num_examples"] else None,
                 "examples": int(metrics["num_examples"]),
                 "clients": sum(len(v) for v in sampled.values()),
                 "update_non_finite": int(output.metrics["finalizer"]["update_non_finite"]),
