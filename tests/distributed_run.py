@@ -40,10 +40,13 @@ def main() -> None:
     report: dict[str, dict] = {}
     with FederationSession(addresses.split(","), rpc_timeout=300, connect_timeout=60) as session:
         assert session.federation is not None and session.server is not None
+        built: dict[str, algorithm.Algorithm] = {}
         for run in runs:
-            spec = algorithm.AlgorithmSpec.from_dict(run["spec"])
+            key = json.dumps(run["spec"], sort_keys=True)
+            if key not in built:  # the same algorithm, run with and without padding
+                built[key] = algorithm.build(algorithm.AlgorithmSpec.from_dict(run["spec"]))
             executor = RoundExecutor(
-                algorithm.build(spec),
+                built[key],
                 session.federation,
                 session.server,
                 pad_clients=run.get("pad", "auto") != "off",

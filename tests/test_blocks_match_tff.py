@@ -195,3 +195,95 @@ def test_aggregators_equal_tff_presets_or_the_same_composition_locally(workers2,
     # Quantizing to 4 bits changed the result, so the compression run tests it.
     plain = dist["robust_fixed_norms__trainable_0"]
     assert np.abs(dist["compression__trainable_0"] - plain).max() > 1e-6
+
+
+# Every aggregator offered, as `--aggregator` and its parameters give it.
+AGGREGATORS = {
+    "mean": {},
+    "mean_uniform": {"weighting": "uniform"},
+    "robust": {"aggregator": "robust"},
+    "robust_fixed_norms": {"aggregator": "robust", "zeroing_norm": 0.5, "clipping_norm": 0.3},
+    "robust_uniform": {"aggregator": "robust", "weighting": "uniform"},
+    "compression": {
+        "aggregator": "compression",
+        "quantization_threshold": 1000,
+        "quantization_rounding": "deterministic",
+    },
+    "dp_fixed": {"aggregator": "dp_fixed", "noise_multiplier": 0.0},
+    "dp_adaptive": {"aggregator": "dp_adaptive", "noise_multiplier": 0.0},
+}
+PADDED = {"mean", "robust_fixed_norms"}
+"""The aggregators whose every aggregate is example-weighted: the only ones padded."""
+
+
+def test_padding_changes_no_result_for_any_aggregator(workers2, tmp_path):
+    from coordinator.algorithm import AlgorithmSpec, aggregator
+    from shared.config import AGGREGATORS as OFFERED
+    from shared.config import REFUSED_AGGREGATORS
+
+    # Every aggregator offered (but the refused) is covered here.
+    covered = {blocks.get("aggregator", "mean") for blocks in AGGREGATORS.values()}
+    assert covered == set(OFFERED) - set(REFUSED_AGGREGATORS)
+    for name, blocks in AGGREGATORS.items():
+        harmless = aggregator.empty_clients_harmless(AlgorithmSpec.from_dict({"blocks": blocks}))
+        assert harmless == (name in PADDED), name
+
+    runs = []
+    for name, blocks in AGGREGATORS.items():
+        for pad in ("auto", "off"):
+            run = _run(f"{name}_{pad}", blocks)
+            run["pad"] = pad
+            runs.append(run)
+    # A control: padding an unweighted mean anyway changes its result.
+    control = _run("mean_uniform_forced", AGGREGATORS["mean_uniform"])
+    control["pad"] = "forced"
+    runs.append(control)
+    dist, report = distributed(workers2, runs, tmp_path, "padding")
+
+    for name in AGGREGATORS:
+        assert report[f"{name}_off"]["padded_clients"] == 0
+        padded = report[f"{name}_auto"]["padded_clients"]
+        assert (padded > 0) == (name in PADDED), (name, padded)
+        for i in (0, 1):
+            a, b = dist[f"{name}_auto__trainable_{i}"], dist[f"{name}_off__trainable_{i}"]
+            assert np.abs(a - b).max() <= 1e-6, (name, float(np.abs(a - b).max()))
+    assert report["mean_uniform_forced"]["padded_clients"] > 0
+    forced = dist["mean_uniform_forced__trainable_0"]
+    assert np.abs(forced - dist["mean_uniform_off__trainable_0"]).max() > 1e-4
+
+
+def test_dp_noise_has_the_configured_scale(workers2, tmp_path):
+    """One round from the same model on the same clients, with and without noise:
+    the difference is the noise on the mean update, of stddev z * clip / clients
+    (dp_adaptive: TFF's value noise multiplier for a total z, at the initial clip)."""
+    from tensorflow_federated.python.aggregators.differential_privacy import (
+        adaptive_clip_noise_params,
+    )
+
+    clients, z, clip = 24, 2.0, 0.5
+    cases = {
+        "dp_fixed": ({"aggregator": "dp_fixed", "dp_clip_norm": clip}, z),
+        "dp_adaptive": (
+            {"aggregator": "dp_adaptive", "dp_clip_norm": clip},
+            adaptive_clip_noise_params(z, clients)[0],
+        ),
+    }
+    runs = []
+    for name, (blocks, _) in cases.items():
+        for noise in (z, 0.0):
+            run = _run(f"{name}_{noise}", {**blocks, "zeroing": False, "noise_multiplier": noise})
+            run["rounds"] = 1
+            runs.append(run)
+    dist, _ = distributed(workers2, runs, tmp_path, "noise")
+    for name, (_, value_noise_multiplier) in cases.items():
+        noise = np.concatenate(
+            [
+                (dist[f"{name}_{z}__trainable_{i}"] - dist[f"{name}_0.0__trainable_{i}"]).ravel()
+                for i in (0, 1)
+            ]
+        )
+        expected = value_noise_multiplier * clip / clients
+        # 7,850 independent draws: the sample stddev is within 3% of the truth
+        # with overwhelming probability (its relative standard error is 0.8%).
+        assert abs(noise.std() / expected - 1) < 0.03, (name, noise.std(), expected)
+        assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size), (name, noise.mean())
