@@ -165,10 +165,13 @@ class TrainingConfig:
         10, "clients sampled (without replacement) per round", minimum=1, fixed_on_resume=True
     )
     client_learning_rate: float = setting(
-        0.3, "client SGD learning rate", above=0, fixed_on_resume=True
+        0.3, "client optimizer's learning rate", above=0, fixed_on_resume=True
     )
     server_learning_rate: float = setting(
-        1.0, "server SGD learning rate (finalizer)", above=0, fixed_on_resume=True
+        1.0,
+        "server optimizer's learning rate (finalizer)",
+        above=0,
+        fixed_on_resume=True,
     )
     batch_size: int = setting(20, "client batch size", minimum=1, fixed_on_resume=True)
     local_epochs: int = setting(
