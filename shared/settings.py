@@ -334,6 +334,9 @@ def resolve(
         for item in value if f.name in command.sweep and isinstance(value, list) else [value]:
             check(f, item)
         if f.name in command.required and f.name not in given and value in ("", [], None):
+            if f.name == command.positional:
+                what = f.metadata.get("metavar") or f.name.upper()
+                raise UsageError(f"give at least one {what}: fedcompose {command.name} {what}...")
             raise UsageError(f"{flag(f.name)} is required")
     config.given = frozenset(given)
     if command.sweep:
