@@ -112,6 +112,12 @@ class RoundChecks:
                 evaluation["left_out_clients"] = len(self.left_out_of_eval)
             return evaluation
         findings = self._diagnose().evaluation(self.executor.model_weights(state))
+        if len(findings) == self.federation.num_clients:
+            raise TrainingError(
+                f"round {round_num}: the model's held-out loss is not finite on every client: "
+                "the model has diverged (its weights are finite but extreme); lower the "
+                "learning rates"
+            )
         who = diagnosis.describe(findings) if findings else "no single client is to blame"
         self._fail_or_warn(
             f"round {round_num}: the held-out loss is not finite: {who}; "
