@@ -88,6 +88,7 @@ def assert_match(runs, dist, ref, atol=1e-5) -> None:
         for i in (0, 1):
             key = f"{run['name']}__trainable_{i}"
             diff = float(np.abs(dist[key] - ref[key]).max())
+            print(f"{run['name']} weights {i}: max |distributed - reference| {diff:.2e}")
             if not diff <= atol:
                 failures.append(f"{run['name']} weights {i}: max |diff| {diff:.3g}")
     assert not failures, failures
