@@ -16,9 +16,10 @@ log = logging.getLogger("fedcompose.worker")
 DESCRIPTION = (
     "Serve one shard of clients behind TFF's C++ executor service over gRPC. "
     "The coordinator sends computations; the examples never leave this machine. "
-    "WARNING: the executor service listens on all interfaces without TLS or "
-    "authentication; expose the port only to the coordinator (firewall, private "
-    "network or SSH tunnel)."
+    "By default --port listens on loopback only (this machine, or an SSH tunnel into "
+    "it). With --tls-dir (a kit from `fedcompose provision`) it serves every interface "
+    "with mutual TLS, and only the coordinator's certificate may call. "
+    "--insecure-plaintext-network serves every interface without TLS or authentication."
 )
 
 
@@ -30,6 +31,12 @@ def run(settings: config.RunConfig) -> int:
     processes.die_with_parent(signal.SIGTERM)
 
     from client_worker import service, shard_check
+    from shared import loopback, tls
+
+    # Everything a user can get wrong about TLS and confinement fails here, in
+    # one line, before the shard is read or anything starts.
+    kit = tls.load_kit(settings.tls.tls_dir, tls.WORKER) if settings.tls.tls_dir else None
+    loopback.confine_children()
 
     shard_dir = Path(w.shard).expanduser()
     started = time.monotonic()
@@ -67,16 +74,26 @@ def run(settings: config.RunConfig) -> int:
             executor_log=executor_log,
             ready_timeout=w.ready_timeout,
             max_message_mb=w.max_message_mb,
+            kit=kit,
+            plaintext_network=settings.tls.insecure_plaintext_network,
         )
     except service.WorkerStartError as e:
         log.error("cannot start: %s", e)
         raise
+    if settings.tls.insecure_plaintext_network:
+        log.warning(
+            "port %d is open to EVERY host that can reach this machine, WITHOUT TLS OR "
+            "AUTHENTICATION: anyone there can run TensorFlow graphs (read and write files) "
+            "as this user; use --tls-dir with a kit from `fedcompose provision` instead",
+            w.port,
+        )
     log.info(
-        "%s %d clients on port %d (pid %d)",
+        "%s %d clients on port %d (pid %d; %s)",
         worker_dir.READY_MARK,
         len(manifest.clients),
         w.port,
         svc.process.pid,
+        svc.exposure,
     )
     try:
         while not stop_requested:

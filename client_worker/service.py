@@ -5,6 +5,12 @@ working directory. The worker gives it a private working directory that holds
 a link to the shard and a `worker.json` describing the worker, so that
 computations sent by the coordinator can read the shard's clients and nothing
 needs to be copied.
+
+The executor service listens on loopback only and owns its port
+(`shared.loopback`). By default that is the worker's port: only this machine
+(and SSH tunnels into it) can reach it. With a TLS kit, or with the explicit
+plaintext opt-in, the executor gets a private loopback port and the worker's
+port is served by `client_worker.proxy`.
 """
 
 from __future__ import annotations
@@ -13,17 +19,17 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from shared import executor_binary, processes, shard_format, worker_dir
+from client_worker import proxy as proxy_lib
+from shared import executor_binary, loopback, ports, processes, scratch, shard_format, worker_dir
 from shared.errors import FedcomposeError
+from shared.tls import Kit
 
 log = logging.getLogger("fedcompose.worker")
 
@@ -40,10 +46,23 @@ class WorkerService:
     runtime_dir: Path
     process: subprocess.Popen
     executor_log: Path
+    executor_port: int = 0
+    proxy: proxy_lib.Proxy | None = None
+
+    @property
+    def exposure(self) -> str:
+        """Who can reach the worker's port, for its log."""
+        if self.proxy is None:
+            return "loopback only"
+        if self.proxy.forwarder._allowed is not None:
+            return f"every interface, mutual TLS, only {self.proxy.forwarder._allowed!r} may call"
+        return "EVERY INTERFACE, PLAINTEXT, NO AUTHENTICATION"
 
     def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
         processes.stop(self.process, grace=5.0, sig=signal.SIGTERM)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        scratch.release(self.runtime_dir)
 
     def executor_log_tail(self, lines: int = 5) -> str:
         try:
@@ -68,10 +87,19 @@ def check_port_free(port: int) -> None:
             return
 
 
+def _listens_on(pid: int, port: int) -> bool:
+    try:
+        return any(p == port for _, p in loopback.listening_addresses(pid))
+    except OSError:
+        return False
+
+
 def _wait_until_serving(port: int, process: subprocess.Popen, timeout: float) -> bool:
+    """Until *our* executor serves `port`: another process answering there (one
+    that won a race for the port) does not count."""
     import grpc
 
-    channel = grpc.insecure_channel(f"localhost:{port}")
+    channel = grpc.insecure_channel(executor_binary.loopback_address(port))
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -79,9 +107,11 @@ def _wait_until_serving(port: int, process: subprocess.Popen, timeout: float) ->
                 return False
             try:
                 grpc.channel_ready_future(channel).result(timeout=0.25)
-                return True
             except grpc.FutureTimeoutError:
                 continue
+            if _listens_on(process.pid, port):
+                return True
+            time.sleep(0.1)
         return False
     finally:
         channel.close()
@@ -95,9 +125,16 @@ def start(
     executor_log: Path | None = None,
     ready_timeout: float = 60.0,
     max_message_mb: int = executor_binary.DEFAULT_MAX_MESSAGE_MB,
+    kit: Kit | None = None,
+    plaintext_network: bool = False,
 ) -> WorkerService:
+    """Starts the executor over `shard_dir`; `port` is served on loopback, or
+    through the proxy on every interface with `kit` (mutual TLS) or
+    `plaintext_network`."""
     check_port_free(port)
-    runtime_dir = Path(tempfile.mkdtemp(prefix=f"fedcompose-worker-{port}-"))
+    public = kit is not None or plaintext_network
+    executor_port = ports.free_port() if public else port
+    runtime_dir = scratch.make("worker", str(port))
     info = worker_dir.WorkerInfo(
         tff_version=executor_binary.tff_version(),
         python=sys.version.split()[0],
@@ -106,17 +143,29 @@ def start(
         port=port,
         shard=str(shard_dir.resolve()),
         started_at=time.time(),
+        tls=kit is not None,
     )
     worker_dir.lay_out(runtime_dir, shard_dir, info)
     executor_log = executor_log or runtime_dir / "executor.log"
     executor_log.parent.mkdir(parents=True, exist_ok=True)
     with open(executor_log, "ab") as log_file:
-        process = executor_binary.start(port, runtime_dir, log_file, max_message_mb)
-    service = WorkerService(shard_dir, port, manifest, runtime_dir, process, executor_log)
-    if not _wait_until_serving(port, process, ready_timeout):
+        try:
+            process = executor_binary.start(executor_port, runtime_dir, log_file, max_message_mb)
+        except BaseException:
+            scratch.release(runtime_dir)
+            raise
+    service = WorkerService(
+        shard_dir, port, manifest, runtime_dir, process, executor_log, executor_port
+    )
+    if not _wait_until_serving(executor_port, process, ready_timeout):
         code = process.poll()
         tail = service.executor_log_tail()
         service.stop()
+        if "Address already in use" in tail or (code is None and not _port_free(executor_port)):
+            raise WorkerStartError(
+                f"port {executor_port} is already in use by another process (another worker "
+                "started on it at the same moment?); choose another with --port"
+            )
         if code is None:
             raise WorkerStartError(
                 f"TFF's executor service did not start serving on port {port} within "
@@ -126,4 +175,21 @@ def start(
             f"TFF's executor service exited with code {code} at start"
             + (f": {tail}" if tail else "")
         )
+    try:
+        loopback.check_confined(process.pid, f"TFF's executor service (pid {process.pid})")
+        if public:
+            service.proxy = proxy_lib.start(
+                port, executor_binary.loopback_address(executor_port), kit
+            )
+    except BaseException:
+        service.stop()
+        raise
     return service
+
+
+def _port_free(port: int) -> bool:
+    try:
+        check_port_free(port)
+    except WorkerStartError:
+        return False
+    return True

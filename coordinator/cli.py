@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,12 @@ DESCRIPTION = (
 
 
 def run(config: config_lib.RunConfig) -> int:
+    from shared import loopback, tls
+
+    # A kit or shim problem is a one-line error before the run directory is touched.
+    if config.tls.tls_dir:
+        tls.load_kit(config.tls.tls_dir, tls.COORDINATOR)
+    loopback.confine_children()
     return run_training(config, list(config.federation.addresses), command="train")
 
 
@@ -25,30 +32,43 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def prepare_run_dir(config: config_lib.RunConfig) -> Path:
+def resolve_run_dir(config: config_lib.RunConfig) -> Path:
+    """The run directory (given, or a new one under runs/), recorded in the config."""
     run_dir = Path(config.output.run_dir) if config.output.run_dir else default_run_dir()
     config.output.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
+def log_removed_temporaries(removed: list[Path]) -> None:
+    if removed:
+        logging.getLogger("fedcompose").info(
+            "removed %d temporary file(s) a killed run left: %s",
+            len(removed),
+            ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""),
+        )
+
+
 def run_training(config: config_lib.RunConfig, addresses: list[str], command: str) -> int:
-    """Trains as a command does: logs in the run directory, TensorFlow quiet,
-    SIGTERM stopping the run like Ctrl-C, the result in one line."""
-    from shared import interrupts, logs
+    """Trains as a command does: the run directory locked, logs in it,
+    TensorFlow quiet, SIGTERM stopping the run like Ctrl-C, the result in
+    one line."""
+    from coordinator import run_dir as run_dir_lib
+    from shared import interrupts
     from shared.quiet import quiet_tensorflow
 
-    run_dir = prepare_run_dir(config)
-    logs.setup(
-        verbose=config.output.verbose, log_file=run_dir / "logs" / "coordinator.log", name=command
-    )
-    quiet_tensorflow(config.output.verbose)
-    interrupts.install()
+    run_dir = resolve_run_dir(config)
+    with run_dir_lib.locked(run_dir, command) as removed:
+        run_dir_lib.setup_logs(run_dir, "coordinator.log", config.output.verbose, command)
+        log_removed_temporaries(removed)
+        quiet_tensorflow(config.output.verbose)
+        interrupts.install()
 
-    from coordinator import trainer
-    from coordinator.algorithm import privacy
+        # Refusals that need only the directory come before TensorFlow loads.
+        run_dir_lib.plan_resume(run_dir_lib.RunDirectory(run_dir), config, command)
+        from coordinator import trainer
+        from coordinator.algorithm import privacy
 
-    summary = trainer.train(config, addresses, run_dir)
+        summary = trainer.train(config, addresses, run_dir, command=command)
     if summary.final_eval is not None:
         print(
             f"held-out accuracy {summary.final_eval['accuracy']:.4f} "

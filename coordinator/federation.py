@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from coordinator.executor_client import PreparedComputation, RemoteWorker, WorkerError
+from coordinator.executor_client.connection import ClientTLS
 from shared import shard_format, worker_dir
 from shared.errors import FederationError
 
@@ -150,15 +151,18 @@ def connect(
     *,
     rpc_timeout: float,
     connect_timeout: float,
+    tls: ClientTLS | None = None,
 ) -> Federation:
-    """Reaches every worker (in parallel), reads what it hosts, checks the whole."""
+    """Reaches every worker (in parallel), reads what it hosts, checks the whole.
+    With `tls`, every channel is mutual TLS with the coordinator's kit."""
     if not addresses:
         raise FederationError("no worker addresses given")
     if len(set(addresses)) != len(addresses):
         dup = next(a for a in addresses if list(addresses).count(a) > 1)
         raise FederationError(f"worker address {dup} is listed twice")
     workers = [
-        RemoteWorker(a, rpc_timeout=rpc_timeout, connect_timeout=connect_timeout) for a in addresses
+        RemoteWorker(a, rpc_timeout=rpc_timeout, connect_timeout=connect_timeout, tls=tls)
+        for a in addresses
     ]
     try:
         with futures.ThreadPoolExecutor(len(workers)) as pool:

@@ -1,34 +1,71 @@
 """A run's directory: resolved config, metrics, TensorBoard, plot, checkpoints.
 
 config.toml        the resolved configuration (feed it back with --config)
-status.json        running / finished / failed, and the last completed round
+status.json        running / finished / failed / interrupted, rounds done and checkpointed
+trained_on.json    what the run was trained on: shard build, dataset, clients
 metrics.csv        one row per round (TFF's CSVFileReleaseManager)
 metrics.jsonl      the same, one JSON object per round, with per-worker times
 tensorboard/       event files (TFF's TensorBoardReleaseManager)
-checkpoints/       server state (TFF's FileProgramStateManager: atomic saves)
+checkpoints/       server state (TFF's SavedModel format; written aside, synced, renamed)
 metrics.png        loss and accuracy against round
 final_model.npz    the final global model weights
 logs/              coordinator and worker logs
+.lock              held (flock) by the one process that uses the directory
+
+Rules that keep the directory whole, whatever happens to the process:
+
+* One user at a time: `locked` takes an exclusive `flock` on `.lock` for the
+  process's life. The kernel drops it when the holder dies, even by SIGKILL,
+  so a killed run never leaves the directory stuck; a second coordinator is
+  refused before it writes anything.
+* Nothing changes before the resume is known to be sound: `plan_resume`
+  (settings) and `check_trained_on` (data) only read.
+* Every file is replaced in one step (temporary + rename); a temporary a
+  killed writer left is removed at the next start, under the lock.
+* The newest checkpoint is the truth a resume continues from; metrics after
+  it are dropped, and `status.json` is set from what is on disk when a run
+  stops, so it agrees with the checkpoints and metrics.
+* A checkpoint that cannot be read (cut short by a crash or a full disk) is
+  set aside with a warning and the newest intact one is used; one that reads
+  but does not fit the model is refused.
+* Every failure to write is one line naming the file (`RunDirError`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
 import json
 import logging
+import os
+import re
+import shutil
+import socket
 import time
 import tomllib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared import files
-from shared.errors import RunDirError
+from shared import files, pause_points, settings, shard_format
+from shared.config import COMMANDS, SECTIONS, RunConfig, resume_conflicts
+from shared.errors import RunDirError, UsageError
 
 log = logging.getLogger("fedcompose.coordinator")
 
 CHECKPOINT_PREFIX = "round_"
+LOCK_NAME = ".lock"
+UNREADABLE_PREFIX = "unreadable-"
+_CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# What TFF's own writers leave when killed midway: `<target>_temp<4 digits>`.
+_TFF_TEMPORARY = re.compile(rf"^({CHECKPOINT_PREFIX}\d+|metrics\.csv)_temp\d{{4}}$")
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
@@ -39,12 +76,244 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
         out[prefix] = float(value)
 
 
+@contextlib.contextmanager
+def _writing(what: str, path: Path) -> Iterator[None]:
+    """Turns a failed write (OSError or TensorFlow's file errors) into one
+    line naming `path`."""
+    try:
+        yield
+    except RunDirError:
+        raise
+    except Exception as e:
+        if not files.is_file_error(e):
+            raise
+        raise RunDirError(f"cannot write {what}: {files.failure(e, path)}") from None
+
+
+# --- the lock ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Held:
+    fd: int
+    count: int
+
+
+_held: dict[str, _Held] = {}
+
+
+@contextlib.contextmanager
+def locked(directory: Path, command: str) -> Iterator[list[Path]]:
+    """Makes `directory` (if needed) and holds its lock while the block runs.
+
+    Re-entrant within a process (`run` holds it while its coordinator takes
+    it again). On first taking it, removes the temporaries that killed
+    writers left, and yields their paths (for the caller to log once its
+    logging is set up). Raises `RunDirError` if the path is not a usable
+    directory or another process holds the lock.
+    """
+    _make_directory(directory)
+    key = os.path.realpath(directory)
+    removed: list[Path] = []
+    if key in _held:
+        _held[key].count += 1
+    else:
+        _held[key] = _Held(_lock(directory, command), 1)
+        removed = RunDirectory(directory).remove_temporaries()
+    try:
+        yield removed
+    finally:
+        held = _held[key]
+        held.count -= 1
+        if held.count == 0:
+            del _held[key]
+            os.close(held.fd)  # releases the lock
+
+
+def setup_logs(directory: Path, name: str, verbose: bool, command: str) -> None:
+    """Logging to the terminal and to `logs/<name>` in the run directory."""
+    from shared import logs
+
+    try:
+        logs.setup(verbose=verbose, log_file=directory / "logs" / name, name=command)
+    except UsageError as e:  # the log file cannot be opened: a run directory problem
+        raise RunDirError(str(e)) from None
+
+
+def _make_directory(directory: Path) -> None:
+    try:
+        is_file = directory.exists() and not directory.is_dir()
+    except OSError as e:  # a parent we may not search
+        raise RunDirError(f"--run-dir {directory} cannot be used: {files.failure(e)}") from None
+    if is_file:
+        raise RunDirError(f"--run-dir {directory} exists and is not a directory; give a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"--run-dir {directory} cannot be created: {files.failure(e)}") from None
+
+
+def _lock(directory: Path, command: str) -> int:
+    path = directory / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise RunDirError(f"--run-dir {directory} cannot be used: {files.failure(e)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise RunDirError(
+            f"--run-dir {directory} is in use by another fedcompose ({holder}); wait for it "
+            "to end or stop it, or choose another --run-dir"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        raise RunDirError(
+            f"--run-dir {directory}: cannot lock {path} ({e.strerror}); use a run directory "
+            "on a local file system"
+        ) from None
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    holder = f"fedcompose {command}, pid {os.getpid()} on {socket.gethostname()}, since {since}"
+    # Who holds it, for the refusal message; not needed for the lock itself.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+    return fd
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 300, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "pid unknown"
+
+
+# --- what a run was trained on -------------------------------------------------------
+
+
+def data_record(manifests: Sequence[shard_format.Manifest]) -> dict:
+    """What the workers serve, as `trained_on.json` records it."""
+    ids = sorted(c.id for m in manifests for c in m.clients)
+    first = manifests[0]
+    return {
+        "dataset": first.task.dataset,
+        "num_classes": first.task.num_classes,
+        "build_id": first.build_id,
+        "shards_built": first.num_shards,
+        "clients": len(ids),
+        "client_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "clients_per_shard": {
+            str(m.shard_index): len(m.clients)
+            for m in sorted(manifests, key=lambda m: m.shard_index)
+        },
+    }
+
+
+def describe_record(record: dict) -> str:
+    shards = record.get("clients_per_shard", {})
+    return (
+        f"build {record.get('build_id')} of {record.get('dataset')} "
+        f"({record.get('num_classes')} classes), {record.get('clients')} clients in "
+        f"{len(shards)} shard(s) of {record.get('shards_built')}"
+    )
+
+
+def record_differences(before: dict, now: dict) -> list[str]:
+    names = {
+        "dataset": "dataset",
+        "num_classes": "classes",
+        "build_id": "build",
+        "shards_built": "shards built",
+        "clients": "clients",
+        "clients_per_shard": "clients per shard",
+    }
+    found = [
+        f"{label} {before.get(key)!r} -> {now.get(key)!r}"
+        for key, label in names.items()
+        if before.get(key) != now.get(key)
+    ]
+    if not found and before.get("client_ids_sha256") != now.get("client_ids_sha256"):
+        found.append("other client ids")
+    return found
+
+
+# --- deciding how to start, from the directory alone ---------------------------------
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    status: dict
+    latest: int | None
+    """The newest checkpoint by name (it may yet prove unreadable)."""
+    finished: bool
+    """Finished and nothing left to do at the configured number of rounds."""
+
+    @property
+    def resuming(self) -> bool:
+        return self.latest is not None
+
+
+def _compared_settings(config: RunConfig, command: str) -> set[str]:
+    """Settings the command takes and therefore can have changed; data
+    settings do not describe shards served from --shards-dir (their
+    manifests, checked against trained_on.json, do)."""
+    names = {f.name for section, f in COMMANDS[command].fields(SECTIONS)}
+    if config.data.shards_dir:
+        names -= {f.name for f in dataclasses.fields(SECTIONS["data"])}
+    return names
+
+
+def plan_resume(run: RunDirectory, config: RunConfig, command: str) -> ResumePlan:
+    """Checks that `config` may continue what `run` holds, reading only.
+
+    Raises `RunDirError` naming every setting that would change the run.
+    """
+    run.check_layout()
+    saved = run.saved_config()
+    if saved is not None:
+        conflicts = resume_conflicts(saved, config, _compared_settings(config, command))
+        if conflicts:
+            raise RunDirError(
+                f"{run.path} holds a run with other settings ({'; '.join(conflicts)}); "
+                f"resume it with its own config (--config {run.config_path}) or use a new "
+                "--run-dir"
+            )
+    status = run.status()
+    latest = run.latest_checkpoint()
+    finished = (
+        latest is not None
+        and latest >= config.training.rounds
+        and status.get("state") == "finished"
+    )
+    return ResumePlan(status, latest, finished)
+
+
+def config_to_record(saved: dict | None, config: RunConfig, command: str) -> str:
+    """The config.toml to write: this command's settings, and the saved values
+    of settings it does not take (`train` resuming a `run` keeps its data)."""
+    values = config.to_dict()
+    taken = {f.name for _, f in COMMANDS[command].fields(SECTIONS)}
+    for section, fields in (saved or {}).items():
+        if section not in values or not isinstance(fields, dict):
+            continue
+        for name, value in fields.items():
+            if name in values[section] and name not in taken:
+                values[section][name] = value
+    return settings.to_toml(
+        values, "fedcompose run configuration (resolved: defaults, config file, flags)"
+    )
+
+
 class RunDirectory:
     def __init__(self, path: Path, keep_checkpoints: int = 3):
         self.path = path
         self.keep_checkpoints = keep_checkpoints
         self.config_path = path / "config.toml"
         self.status_path = path / "status.json"
+        self.trained_on_path = path / "trained_on.json"
         self.metrics_csv = path / "metrics.csv"
         self.metrics_jsonl = path / "metrics.jsonl"
         self.tensorboard_dir = path / "tensorboard"
@@ -52,78 +321,328 @@ class RunDirectory:
         self.plot_path = path / "metrics.png"
         self.model_path = path / "final_model.npz"
         self.logs_dir = path / "logs"
-        self._state_manager = None
         self._csv = None
         self._tensorboard = None
 
-    # --- config and status -------------------------------------------------
+    # --- reading ---------------------------------------------------------------------
+
+    def check_layout(self) -> None:
+        """Refuses a directory whose entries are not what a run writes there
+        (a file where a directory belongs, or the reverse), before any write."""
+        kept_files = (
+            self.config_path,
+            self.status_path,
+            self.trained_on_path,
+            self.metrics_csv,
+            self.metrics_jsonl,
+            self.plot_path,
+            self.model_path,
+        )
+        dirs = (self.tensorboard_dir, self.checkpoint_dir, self.logs_dir, self.path / "shards")
+        for path, want_dir in [*((p, False) for p in kept_files), *((p, True) for p in dirs)]:
+            if path.exists() and path.is_dir() != want_dir:
+                raise RunDirError(
+                    f"{path} is {'a file' if want_dir else 'a directory'}, where a run keeps "
+                    f"{'a directory' if want_dir else 'a file'}; move it away or use a new "
+                    "--run-dir"
+                )
+
+    def _read_text(self, path: Path, what: str) -> str | None:
+        """A file of the run, or None if it does not exist."""
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except UnicodeDecodeError:
+            raise RunDirError(
+                f"{path} is corrupt (not UTF-8 text); {what}, or use a new --run-dir"
+            ) from None
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, path)}") from None
 
     def saved_config(self) -> dict | None:
-        if not self.config_path.exists():
+        text = self._read_text(self.config_path, "restore it")
+        if text is None:
             return None
         try:
-            return tomllib.loads(self.config_path.read_text())
+            return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise RunDirError(f"{self.config_path} is corrupt ({e}); use a new --run-dir") from None
 
-    def write_config(self, toml_text: str) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(self.config_path, toml_text)
-
     def status(self) -> dict:
+        """status.json, or {} if it is missing or unreadable (it is rewritten
+        from what is on disk whenever a run starts or stops)."""
         try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, ValueError):
+            status = json.loads(self.status_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return {}
+        return status if isinstance(status, dict) else {}
+
+    def trained_on(self) -> dict | None:
+        text = self._read_text(self.trained_on_path, "delete it to accept the workers as they are")
+        if text is None:
+            return None
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise RunDirError(
+                f"{self.trained_on_path} is corrupt; delete it to accept the workers as they "
+                "are, or use a new --run-dir"
+            )
+        return record
+
+    def check_trained_on(self, now: dict, where: str = "the workers serve") -> None:
+        """Refuses to resume on data other than the run was trained on."""
+        before = self.trained_on()
+        if before is None:
+            return
+        differences = record_differences(before, now)
+        if differences:
+            raise RunDirError(
+                f"{self.path} was trained on {describe_record(before)}, but {where} "
+                f"{describe_record(now)} ({'; '.join(differences)}); resume it on the shards "
+                "it was trained on, or use a new --run-dir"
+            )
+
+    # --- temporaries -----------------------------------------------------------------
+
+    def remove_temporaries(self) -> list[Path]:
+        """Removes what killed writers left. Only under the lock: no writer lives."""
+        removed = files.remove_stale_temporaries(self.path, recursive=True, writers_may_live=False)
+        for directory in (self.path, self.checkpoint_dir):
+            with contextlib.suppress(OSError):
+                for entry in directory.iterdir():
+                    if _TFF_TEMPORARY.match(entry.name):
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
+                        removed.append(entry)
+        return removed
+
+    # --- writing: config, record, status ---------------------------------------------
+
+    def write_config(self, toml_text: str) -> None:
+        with _writing("the run's config", self.config_path):
+            files.write_atomic(self.config_path, toml_text)
+
+    def write_trained_on(self, record: dict) -> None:
+        with _writing("the run's data record", self.trained_on_path):
+            files.write_atomic(self.trained_on_path, json.dumps(record, indent=1) + "\n")
 
     def write_status(self, **fields: Any) -> None:
+        """Updates status.json. A new state drops the last one's error and
+        final evaluation. On a full disk, where no temporary can be written,
+        the file is overwritten in place rather than left saying `running`."""
         status = self.status()
+        if "state" in fields:
+            status.pop("error", None)
+            if fields["state"] == "running":
+                status.pop("final_eval", None)
         status.update(fields, updated_at=time.time())
-        files.write_atomic(self.status_path, json.dumps(status, indent=1))
+        text = json.dumps(status, indent=1) + "\n"
+        try:
+            files.write_atomic(self.status_path, text)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and self._overwrite_status(text):
+                return
+            raise RunDirError(f"cannot write the run's status: {files.failure(e)}") from None
 
-    # --- checkpoints ---------------------------------------------------------
+    def _overwrite_status(self, text: str) -> bool:
+        """Writes status.json in place (no new file, so usually no new disk
+        blocks); trailing spaces pad it to its old length, which JSON ignores."""
+        try:
+            fd = os.open(self.status_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            data = text.encode()
+            old = os.fstat(fd).st_size
+            os.pwrite(fd, data + b" " * max(0, old - len(data)), 0)
+            os.fsync(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
-    def _states(self):
-        if self._state_manager is None:
-            import tensorflow_federated as tff
+    def progress_on_disk(self) -> dict:
+        """Rounds recorded and checkpointed, as the files say."""
+        rows = self.metrics()
+        return {
+            "completed_rounds": max((int(r["round"]) for r in rows), default=0),
+            "checkpoint_round": self.latest_checkpoint() or 0,
+        }
 
-            self._state_manager = tff.program.FileProgramStateManager(
-                str(self.checkpoint_dir),
-                prefix=CHECKPOINT_PREFIX,
-                keep_total=self.keep_checkpoints,
-                keep_first=True,
-            )
-        return self._state_manager
+    def note_stopped(self, state: str, error: str | None = None) -> None:
+        """Records how a run stopped, with its progress as the files say it;
+        never raises (the reason it stopped matters more)."""
+        fields: dict[str, Any] = {"state": state}
+        if error:
+            fields["error"] = error
+        try:
+            fields.update(self.progress_on_disk())
+        except Exception as e:  # a damaged directory must not hide why we stop
+            log.debug("cannot read progress: %s", e)
+        try:
+            self.write_status(**fields)
+        except RunDirError as e:
+            log.warning("%s", e)
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def checkpoint_versions(self) -> list[int]:
+        """Rounds that have a checkpoint directory, oldest first."""
+        try:
+            names = os.listdir(self.checkpoint_dir)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, self.checkpoint_dir)}") from None
+        found = (_CHECKPOINT.match(name) for name in names)
+        return sorted(int(m.group(1)) for m in found if m)
 
     def latest_checkpoint(self) -> int | None:
-        if not self.checkpoint_dir.exists():
-            return None
-        versions = asyncio.run(self._states().get_versions())
-        return max(versions) if versions else None
+        versions = self.checkpoint_versions()
+        return versions[-1] if versions else None
+
+    def checkpoint_path(self, round_num: int) -> Path:
+        return self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{round_num}"
 
     def save_checkpoint(self, round_num: int, state: Any) -> None:
-        asyncio.run(self._states().save(state, round_num))
+        """Saves with TFF's program-state manager into a staging directory,
+        flushes it to disk and renames it into place: a crash or a full disk
+        leaves the previous checkpoints and, at worst, a temporary that the
+        next start removes. Then keeps the first and the newest ones."""
+        import tensorflow_federated as tff
 
-    def load_checkpoint(self, round_num: int, structure: Any) -> Any:
-        try:
-            return asyncio.run(self._states().load(round_num, structure))
-        except Exception as e:  # TF raises many kinds for a mismatched structure
+        target = self.checkpoint_path(round_num)
+        staging = files.temporary_path(self.checkpoint_dir / "staging")
+        with _writing(f"checkpoint {target}", target):
+            try:
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                manager = tff.program.FileProgramStateManager(
+                    str(staging), prefix=CHECKPOINT_PREFIX, keep_total=0
+                )
+                asyncio.run(manager.save(state, round_num))
+                written = staging / target.name
+                files.sync_tree(written)
+                pause_points.reached("checkpoint", round_num)
+                if target.exists():  # a leftover of an abandoned run past this round
+                    files.remove_tree(target)
+                os.rename(written, target)
+                files.sync_dir(self.checkpoint_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._keep_newest()
+
+    def _keep_newest(self) -> None:
+        versions = self.checkpoint_versions()
+        keep = {versions[0], *versions[-self.keep_checkpoints :]} if versions else set()
+        for version in versions:
+            if version not in keep:
+                files.remove_tree(self.checkpoint_path(version))
+
+    def restore(self, structure: Any) -> tuple[int, Any] | None:
+        """The newest checkpoint that can be read, as (round, state).
+
+        A checkpoint that cannot be read is set aside (renamed
+        `unreadable-round_N`) with a warning, and the next older one is tried;
+        one that reads but does not have `structure`'s shapes is refused.
+        Returns None if there are no checkpoints.
+        """
+        versions = self.checkpoint_versions()
+        unreadable: list[tuple[int, str]] = []
+        for version in reversed(versions):
+            state, problem = self._load(version, structure)
+            if problem is not None:
+                unreadable.append((version, problem))
+                continue
+            for bad, reason in unreadable:
+                aside = self._set_aside(bad)
+                log.warning(
+                    "checkpoint %s cannot be read (%s); resuming from %s, the newest intact "
+                    "checkpoint (the unreadable one is kept as %s)",
+                    self.checkpoint_path(bad),
+                    reason,
+                    self.checkpoint_path(version),
+                    aside,
+                )
+            return version, state
+        if unreadable:
+            version, reason = unreadable[0]
             raise RunDirError(
-                f"checkpoint {self.checkpoint_dir / f'{CHECKPOINT_PREFIX}{round_num}'} does not "
-                f"fit the configured model and algorithm ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}); use a new --run-dir"
-            ) from None
+                f"no checkpoint in {self.checkpoint_dir} can be read (the newest, "
+                f"{self.checkpoint_path(version)}: {reason}); use a new --run-dir"
+            )
+        return None
 
-    # --- metrics ---------------------------------------------------------------
+    def _load(self, version: int, structure: Any) -> tuple[Any, str | None]:
+        """(state, None), or (None, why it cannot be read); raises if it reads
+        but does not fit `structure`."""
+        import tensorflow as tf
+        import tensorflow_federated as tff
+        from tensorflow_federated.python.program import file_utils
+
+        path = self.checkpoint_path(version)
+        manager = tff.program.FileProgramStateManager(
+            str(self.checkpoint_dir), prefix=CHECKPOINT_PREFIX, keep_total=0
+        )
+        try:
+            state = asyncio.run(manager.load(version, structure))
+        except Exception as e:  # TF raises many kinds; sorted out below
+            try:
+                asyncio.run(file_utils.read_saved_model(str(path)))
+            except Exception as unreadable:
+                return None, _one_line(unreadable)
+            raise self._misfit(path, _one_line(e)) from None
+        try:
+            loaded, wanted = tf.nest.flatten(state), tf.nest.flatten(structure)
+        except (TypeError, ValueError) as e:
+            raise self._misfit(path, _one_line(e)) from None
+        if len(loaded) != len(wanted):
+            raise self._misfit(path, f"{len(loaded)} tensors, the model has {len(wanted)}")
+        for i, (a, b) in enumerate(zip(loaded, wanted, strict=True)):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise self._misfit(
+                    path,
+                    f"tensor {i} is {a.dtype}{list(a.shape)}, "
+                    f"the model's is {b.dtype}{list(b.shape)}",
+                )
+        return state, None
+
+    def _misfit(self, path: Path, reason: str) -> RunDirError:
+        return RunDirError(
+            f"checkpoint {path} does not fit the configured model and algorithm ({reason}); "
+            "use a new --run-dir"
+        )
+
+    def _set_aside(self, version: int) -> Path:
+        source = self.checkpoint_path(version)
+        aside = self.checkpoint_dir / f"{UNREADABLE_PREFIX}{source.name}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.checkpoint_dir / f"{UNREADABLE_PREFIX}{source.name}.{n}"
+        with _writing("checkpoints", self.checkpoint_dir):
+            os.rename(source, aside)
+        return aside
+
+    # --- metrics ---------------------------------------------------------------------
 
     def _release_managers(self):
         if self._csv is None:
             import tensorflow_federated as tff
 
-            self._csv = tff.program.CSVFileReleaseManager(
-                str(self.metrics_csv), key_fieldname="round"
-            )
-            self._tensorboard = tff.program.TensorBoardReleaseManager(str(self.tensorboard_dir))
+            with _writing("metrics", self.metrics_csv):
+                self._csv = tff.program.CSVFileReleaseManager(
+                    str(self.metrics_csv), key_fieldname="round"
+                )
+            with _writing("TensorBoard events", self.tensorboard_dir):
+                self._tensorboard = tff.program.TensorBoardReleaseManager(str(self.tensorboard_dir))
         return self._csv, self._tensorboard
 
     def record_round(self, row: dict) -> None:
@@ -133,39 +652,44 @@ class RunDirectory:
         _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
         csv, tensorboard = self._release_managers()
 
-        async def release() -> None:
-            await csv.release(scalars, key=round_num)
-            await tensorboard.release(scalars, key=round_num)
-
-        asyncio.run(release())
-        with open(self.metrics_jsonl, "a") as f:
+        with _writing("metrics", self.metrics_csv):
+            asyncio.run(csv.release(scalars, key=round_num))
+        with _writing("TensorBoard events", self.tensorboard_dir):
+            asyncio.run(tensorboard.release(scalars, key=round_num))
+        with _writing("metrics", self.metrics_jsonl), open(self.metrics_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def metrics(self) -> list[dict]:
-        if not self.metrics_jsonl.exists():
-            return []
+        text = self._read_text(self.metrics_jsonl, "delete it")
         rows = []
-        for line in self.metrics_jsonl.read_text().splitlines():
+        for line in (text or "").splitlines():
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by a crash
+                if isinstance(row, dict) and isinstance(row.get("round"), int):
+                    rows.append(row)
         return rows
 
     def truncate_metrics_after(self, round_num: int) -> None:
-        """Drops JSONL rows of rounds after the checkpoint we resume from."""
-        rows = [r for r in self.metrics() if int(r["round"]) <= round_num]
-        files.write_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        """Drops JSONL rows of rounds after the checkpoint we resume from (the
+        CSV drops its own when the next round is released)."""
+        rows = [r for r in self.metrics() if r["round"] <= round_num]
+        with _writing("metrics", self.metrics_jsonl):
+            files.write_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
 
-    # --- artefacts -----------------------------------------------------------------
+    # --- artefacts -------------------------------------------------------------------
 
     def write_model(self, weights: Any) -> None:
         arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(weights.trainable)}
         arrays.update(
             {f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(weights.non_trainable)}
         )
-        with files.atomic_target(self.model_path, ".npz") as tmp:
+        with (
+            _writing("the final model", self.model_path),
+            files.atomic_target(self.model_path, ".npz") as tmp,
+        ):
             np.savez(tmp, **arrays)
 
     def write_plot(self, title: str = "") -> Path | None:
@@ -174,5 +698,11 @@ class RunDirectory:
         rows = self.metrics()
         if not rows:
             return None
-        plots.plot_metrics(rows, self.plot_path, title)
+        with _writing("the plot", self.plot_path):
+            plots.plot_metrics(rows, self.plot_path, title)
         return self.plot_path
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from coordinator import algorithm as algorithm_lib
 from coordinator import federation as federation_lib
+from coordinator.executor_client.connection import ClientTLS
 from coordinator.executor_client.server import ServerExecutor
 from coordinator.rounds.round_executor import RoundExecutor
 from shared.errors import UsageError
@@ -32,11 +33,13 @@ class FederationSession:
         rpc_timeout: float,
         connect_timeout: float,
         log_dir: Path | None = None,
+        tls: ClientTLS | None = None,
     ):
         self.addresses = list(addresses)
         self.rpc_timeout = rpc_timeout
         self.connect_timeout = connect_timeout
         self.log_dir = log_dir
+        self.tls = tls
         self.server: ServerExecutor | None = None
         self.federation: federation_lib.Federation | None = None
         self._executors: list[RoundExecutor] = []
@@ -52,6 +55,7 @@ class FederationSession:
                 self.addresses,
                 rpc_timeout=self.rpc_timeout,
                 connect_timeout=self.connect_timeout,
+                tls=self.tls,
             )
         except BaseException:
             self.close()

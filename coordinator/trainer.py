@@ -10,13 +10,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from coordinator import federation as federation_lib
+from coordinator import run_dir as run_dir_lib
 from coordinator.algorithm import AlgorithmSpec, privacy
+from coordinator.executor_client.connection import load_client_tls
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
-from shared import interrupts
-from shared.config import RunConfig, resume_conflicts
+from shared import interrupts, pause_points
+from shared.config import RunConfig
 from shared.errors import RunDirError, UsageError
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -31,19 +33,6 @@ class TrainSummary:
     already_finished: bool = False
     privacy: dict | None = None
     """(epsilon, delta) spent, with a DP aggregator."""
-
-
-def _check_resume(run: RunDirectory, config: RunConfig) -> None:
-    saved = run.saved_config()
-    if saved is None:
-        return
-    conflicts = resume_conflicts(saved, config)
-    if conflicts:
-        raise RunDirError(
-            f"{run.path} holds a run with other settings ({'; '.join(conflicts)}); "
-            "resume it with its own config (--config "
-            f"{run.config_path}) or use a new --run-dir"
-        )
 
 
 def _figure(value: float | None, digits: int = 4) -> str:
@@ -77,32 +66,42 @@ def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
 
 
 def train(
-    config: RunConfig, addresses: list[str], run_dir: Path, show_progress: bool | None = None
+    config: RunConfig,
+    addresses: list[str],
+    run_dir: Path,
+    show_progress: bool | None = None,
+    command: str = "train",
 ) -> TrainSummary:
-    """Trains over the workers at `addresses`, writing everything to `run_dir`."""
+    """Trains over the workers at `addresses`, writing everything to `run_dir`.
+
+    The caller holds the run directory's lock (`run_dir.locked`). Nothing in
+    the directory changes until the resume is known to be sound: settings
+    (`plan_resume`), data (`check_trained_on`) and checkpoint all fit. A run
+    that fails or is interrupted after that leaves `status.json` saying so,
+    with the progress its files hold.
+    """
     t = config.training
     run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
-    _check_resume(run, config)
-    status = run.status()
-    latest = run.latest_checkpoint()
-    if latest is not None and latest >= t.rounds and status.get("state") == "finished":
+    plan = run_dir_lib.plan_resume(run, config, command)
+    if plan.finished:
         log.info(
             "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
             "or use a new --run-dir)",
             run_dir,
-            latest,
+            plan.latest,
         )
         return TrainSummary(
-            run_dir, latest, status.get("final_eval"), latest, already_finished=True
+            run_dir, plan.latest or 0, plan.status.get("final_eval"), plan.latest, True
         )
-    run.write_config(config.to_toml())
-
+    pause_points.reached("startup")
+    started = False
     try:
         with FederationSession(
             addresses,
             rpc_timeout=config.federation.rpc_timeout,
             connect_timeout=config.federation.connect_timeout,
             log_dir=run.logs_dir,
+            tls=load_client_tls(config.tls.tls_dir),
         ) as session:
             federation = session.federation
             assert federation is not None
@@ -111,33 +110,51 @@ def train(
                     f"--clients-per-round {t.clients_per_round} is more than the "
                     f"{federation.num_clients} clients the workers host"
                 )
+            record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
+            if plan.resuming:
+                run.check_trained_on(record)
             spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
             log.info("algorithm: %s", spec.describe())
             executor = session.round_executor(spec)
             state = executor.initialize()
+            restored = run.restore(state) if plan.resuming else None
+            # Everything fits: from here on the directory records this run.
+            started = True
+            run.write_config(run_dir_lib.config_to_record(run.saved_config(), config, command))
+            run.write_trained_on(record)
             start_round = 1
-            if latest is not None:
-                state = run.load_checkpoint(latest, state)
-                start_round = latest + 1
-                run.truncate_metrics_after(latest)
-                log.info("resuming %s after round %d", run_dir, latest)
-            elif status:
-                run.truncate_metrics_after(0)
+            if restored is not None:
+                start_round = restored[0] + 1
+                state = restored[1]
+                log.info("resuming %s after round %d", run_dir, restored[0])
+            if restored is not None or run.metrics_jsonl.exists():
+                run.truncate_metrics_after(start_round - 1)
             run.write_status(
-                state="running", completed_rounds=start_round - 1, target_rounds=t.rounds
+                state="running",
+                completed_rounds=start_round - 1,
+                checkpoint_round=start_round - 1,
+                target_rounds=t.rounds,
             )
             checks = RoundChecks(config, executor, federation)
             final_eval = _loop(
                 config, run, executor, federation, state, start_round, show_progress, checks
             )
-        return TrainSummary(run_dir, t.rounds, final_eval, latest, privacy=checks.privacy(t.rounds))
+        return TrainSummary(
+            run_dir,
+            max(t.rounds, start_round - 1),
+            final_eval,
+            start_round - 1 or None,
+            privacy=checks.privacy(max(t.rounds, start_round - 1)),
+        )
     except KeyboardInterrupt:
-        run.write_status(state="interrupted")
+        if started:
+            run.note_stopped("interrupted")
         raise
     except BaseException as exc:
-        run.write_status(
-            state="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        )
+        if started:
+            run.note_stopped(
+                "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            )
         raise
 
 
@@ -155,9 +172,11 @@ def _loop(
     )
     # A crash after the last checkpoint but before the end leaves no rounds to run.
     evaluation = checks.evaluate(t.rounds, state) if start_round > t.rounds else None
+    checkpointed = start_round - 1
     try:
         for round_num in range(start_round, t.rounds + 1):
             interrupts.raise_if_requested()
+            pause_points.reached("round", round_num)
             sampled = federation.sample(round_num, t.clients_per_round, t.seed)
             shuffle_seed = federation_lib.shuffle_seed(t.seed, round_num)
             result = executor.train_round(state, sampled, shuffle_seed)
@@ -166,6 +185,7 @@ def _loop(
             last = round_num == t.rounds
             evaluation = None
             if last or (e.eval_every and round_num % e.eval_every == 0):
+                pause_points.reached("evaluation", round_num)
                 evaluation = checks.evaluate(round_num, state)
             row = _row(round_num, result, evaluation)
             spent = checks.privacy(round_num)
@@ -176,7 +196,8 @@ def _loop(
                 config.output.checkpoint_every and round_num % config.output.checkpoint_every == 0
             ):
                 run.save_checkpoint(round_num, state)
-            run.write_status(completed_rounds=round_num)
+                checkpointed = round_num
+            run.write_status(completed_rounds=round_num, checkpoint_round=checkpointed)
             tqdm.write(_round_line(row), file=sys.stderr)
             postfix = {
                 "loss": _figure(row["train"]["loss"], 3),
@@ -188,6 +209,7 @@ def _loop(
             bar.update(1)
     finally:
         bar.close()
+    pause_points.reached("finish")
     run.write_model(executor.model_weights(state))
     plot = run.write_plot(f"{config.model.model} model, {len(federation.workers)} workers")
     spent = checks.privacy(t.rounds)

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from shared import config as config_lib
-from shared.errors import UsageError
+from shared import files
+from shared.errors import RunDirError, UsageError
 
 log = logging.getLogger("fedcompose.launcher")
 
@@ -25,60 +26,127 @@ DESCRIPTION = (
 
 
 def _shard_dirs(config: config_lib.RunConfig, run_dir: Path, workers_given: bool) -> list[Path]:
-    from deploy.data import build, progress, shards
+    """The shards to serve: --shards-dir's, or built (or reused) in the run directory."""
+    from deploy.data import build, progress
 
     if config.data.shards_dir:
-        found = shards.existing_shards(Path(config.data.shards_dir))
-        if not found:
-            raise UsageError(
-                f"--shards-dir {config.data.shards_dir} holds no shard-NNN directories; "
-                "build them with `fedcompose data`"
-            )
-        if workers_given and len(found) != config.federation.workers:
-            raise UsageError(
-                f"--workers {config.federation.workers} but --shards-dir "
-                f"{config.data.shards_dir} holds {len(found)} shards (one per worker); "
-                "leave out --workers"
-            )
+        found = _given_shards(config, workers_given)
         # One worker per shard, and the recorded config says so.
         config.federation.workers = len(found)
         return found
     log.info(
         "building %d worker shards from the %s data", config.federation.workers, config.data.source
     )
-    return build.build_shards(
-        config.data,
-        run_dir / "shards",
-        config.federation.workers,
-        progress=progress.bar,
-    )
+    target = run_dir / "shards"
+    try:
+        return build.build_shards(
+            config.data, target, config.federation.workers, progress=progress.bar
+        )
+    except OSError as e:
+        if not str(e.filename or "").startswith(str(target)):
+            raise
+        raise RunDirError(f"cannot write the run's shards: {files.failure(e)}") from None
+
+
+def _given_shards(config: config_lib.RunConfig, workers_given: bool) -> list[Path]:
+    from deploy.data import shards
+
+    root = Path(config.data.shards_dir)
+    if not root.is_dir():
+        raise UsageError(
+            f"--shards-dir {root} "
+            + ("is not a directory" if root.exists() else "does not exist")
+            + "; build shards there with `fedcompose data`"
+        )
+    found = shards.existing_shards(root)
+    if not found:
+        raise UsageError(
+            f"--shards-dir {root} holds no shard-NNN directories; build them with `fedcompose data`"
+        )
+    if workers_given and len(found) != config.federation.workers:
+        raise UsageError(
+            f"--workers {config.federation.workers} but --shards-dir {root} holds "
+            f"{len(found)} shards (one per worker); leave out --workers"
+        )
+    return found
+
+
+def _check_before_changes(config: config_lib.RunConfig, run_dir: Path) -> bool:
+    """Everything that can refuse this run from what is on disk, before the
+    run directory changes (shards rebuilt, workers started). Returns whether
+    the run is finished already."""
+    from coordinator import run_dir as run_dir_lib
+
+    run = run_dir_lib.RunDirectory(run_dir)
+    plan = run_dir_lib.plan_resume(run, config, "run")
+    if plan.finished or not plan.resuming:
+        return plan.finished
+    before = run.trained_on()
+    if before is None:
+        return False
+    if config.data.shards_dir:
+        manifests = _manifests(_given_shards(config, "workers" in config.given))
+        run.check_trained_on(
+            run_dir_lib.data_record(manifests), where=f"--shards-dir {config.data.shards_dir} holds"
+        )
+    elif before.get("shards_built") != config.federation.workers:
+        raise RunDirError(
+            f"{run.path} was trained on {run_dir_lib.describe_record(before)}, but --workers "
+            f"{config.federation.workers} would rebuild its shards for "
+            f"{config.federation.workers} workers; resume it with --workers "
+            f"{before.get('shards_built')}, or use a new --run-dir"
+        )
+    return False
+
+
+def _check_built_shards(config: config_lib.RunConfig, run_dir: Path, found: list[Path]) -> None:
+    """Before any worker starts: the shards are the ones the run was trained on."""
+    from coordinator import run_dir as run_dir_lib
+
+    run = run_dir_lib.RunDirectory(run_dir)
+    if run.latest_checkpoint() is not None:
+        run.check_trained_on(
+            run_dir_lib.data_record(_manifests(found)), where=f"the shards in {found[0].parent} are"
+        )
+
+
+def _manifests(shard_dirs: list[Path]) -> list:
+    from shared import shard_format
+
+    return [shard_format.read_manifest(d) for d in shard_dirs]
 
 
 def run(config: config_lib.RunConfig) -> int:
-
-    from coordinator.cli import prepare_run_dir, run_training
+    from coordinator import run_dir as run_dir_lib
+    from coordinator.cli import log_removed_temporaries, resolve_run_dir, run_training
     from deploy import workers as workers_lib
-    from shared import interrupts, logs
+    from shared import interrupts, loopback
 
-    run_dir = prepare_run_dir(config)
-    logs.setup(
-        verbose=config.output.verbose, log_file=run_dir / "logs" / "launcher.log", name="run"
-    )
-    interrupts.install()
-    started: list = []
-    try:
-        shard_dirs = _shard_dirs(config, run_dir, "workers" in config.given)
-        started = workers_lib.start_workers(
-            shard_dirs,
-            run_dir / "logs",
-            base_port=config.federation.base_port,
-            check=config.worker.shard_check,
-            ready_timeout=config.worker.ready_timeout,
-            max_message_mb=config.worker.max_message_mb,
-            verbose=config.output.verbose,
-        )
-        return run_training(config, [w.address for w in started], command="run")
-    finally:
-        if started:
-            log.info("stopping %d workers", len(started))
-        workers_lib.stop_workers(started)
+    # Every executor this starts is confined to loopback; without the shim, nothing starts.
+    loopback.confine_children()
+    run_dir = resolve_run_dir(config)
+    # Held until the workers have stopped: they write their logs here.
+    with run_dir_lib.locked(run_dir, "run") as removed:
+        run_dir_lib.setup_logs(run_dir, "launcher.log", config.output.verbose, "run")
+        log_removed_temporaries(removed)
+        interrupts.install()
+        if _check_before_changes(config, run_dir):
+            return run_training(config, [], command="run")  # says so, starts nothing
+        started: list = []
+        try:
+            shard_dirs = _shard_dirs(config, run_dir, "workers" in config.given)
+            _check_built_shards(config, run_dir, shard_dirs)
+            started = workers_lib.start_workers(
+                shard_dirs,
+                run_dir / "logs",
+                base_port=config.federation.base_port,
+                check=config.worker.shard_check,
+                ready_timeout=config.worker.ready_timeout,
+                max_message_mb=config.worker.max_message_mb,
+                verbose=config.output.verbose,
+            )
+            return run_training(config, [w.address for w in started], command="run")
+        finally:
+            if started:
+                log.info("stopping %d workers", len(started))
+            workers_lib.stop_workers(started)

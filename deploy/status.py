@@ -15,19 +15,22 @@ from shared.errors import FederationError
 
 DESCRIPTION = (
     "Show, for each worker address, whether it is up, what shard it serves (dataset, "
-    "clients, examples) and its TFF version, without running any training. "
+    "clients, examples) and its TFF version, without running any training; for a worker "
+    "that is down, why (refused, no answer, not a TFF executor service, or the TLS "
+    "problem). "
     "Exits 4 if any worker is down."
 )
 
 
-def _probe(address: str, timeout: float) -> dict:
+def _probe(address: str, timeout: float, tls=None) -> dict:
     from coordinator import federation
     from coordinator.executor_client import RemoteWorker
 
     started = time.perf_counter()
-    worker = RemoteWorker(address, rpc_timeout=timeout, connect_timeout=timeout)
+    worker = RemoteWorker(address, rpc_timeout=timeout, connect_timeout=timeout, tls=tls)
     try:
-        worker.wait_ready()
+        # A refused connection is an answer: nothing listens there now.
+        worker.wait_ready(retry_refused=False)
         description = federation.describe_worker(worker)
     except FederationError as e:
         return {"address": address, "up": False, "error": str(e)}
@@ -46,6 +49,7 @@ def _probe(address: str, timeout: float) -> dict:
         "train_examples": m.train_examples,
         "test_examples": m.test_examples,
         "tff_version": info.tff_version,
+        "tls": info.tls,
         "host": info.host,
         "uptime_s": round(time.time() - info.started_at) if info.started_at else None,
         "latency_ms": round((time.perf_counter() - started) * 1000),
@@ -53,10 +57,13 @@ def _probe(address: str, timeout: float) -> dict:
 
 
 def run(settings: config.RunConfig) -> int:
+    from coordinator.executor_client.connection import load_client_tls
+
     addresses = settings.federation.addresses
     timeout = settings.federation.connect_timeout
+    tls = load_client_tls(settings.tls.tls_dir)
     with futures.ThreadPoolExecutor(len(addresses)) as pool:
-        rows = list(pool.map(lambda a: _probe(a, timeout), addresses))
+        rows = list(pool.map(lambda a: _probe(a, timeout, tls), addresses))
     if settings.output.json:
         for row in rows:
             print(json.dumps(row))

@@ -69,7 +69,7 @@ class LocalWorker:
 
     @property
     def address(self) -> str:
-        return f"localhost:{self.port}"
+        return f"127.0.0.1:{self.port}"
 
     def last_error(self) -> str:
         return self.output.last_error()
@@ -116,11 +116,13 @@ def start_workers(
     max_message_mb: int = 2000,
     verbose: bool = False,
     prefix: Callable[[int], list[str]] | None = None,
+    extra_args: Callable[[int], list[str]] | None = None,
 ) -> list[LocalWorker]:
     """Starts one worker per shard and waits until every one serves, or fails.
 
     `prefix(i)` is put before worker i's command, e.g. `ip netns exec HOST`
-    to run it on another (simulated) network host.
+    to run it on another (simulated) network host; `extra_args(i)` after it,
+    e.g. `--tls-dir KIT` to serve mutual TLS.
     """
     count = len(shard_dirs)
     chosen = [base_port + i for i in range(count)] if base_port else ports.free_ports(count)
@@ -138,6 +140,8 @@ def start_workers(
                 max_message_mb=max_message_mb,
                 verbose=verbose,
             )
+            if extra_args is not None:
+                args = [*args, *extra_args(i)]
             if prefix is not None:
                 args = [*prefix(i), *args]
             # SIGTERM on our death lets the worker stop its executor in order.

@@ -21,7 +21,7 @@ SOURCES = ("default", "emnist")
 PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose")
+BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
 NON_FINITE_POLICIES = ("fail", "drop")
 
 # The learning algorithm's four building blocks and the parameters each choice
@@ -429,7 +429,8 @@ class BenchConfig:
     skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
     systems: list = setting(
         list(BENCH_SYSTEMS),
-        "systems to measure: keras (compute floor), tff_local, fedcompose",
+        "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
+        "(workers behind mutual TLS)",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"
@@ -437,6 +438,42 @@ class BenchConfig:
     quick: bool = setting(
         False,
         "a small grid that finishes in a few minutes; settings given explicitly still apply",
+    )
+
+
+@dataclasses.dataclass
+class TLSConfig:
+    tls_dir: str = setting(
+        "",
+        "this site's TLS kit made by `fedcompose provision`: a worker serves mutual TLS on "
+        "--port with it and lets only the coordinator call; train and status dial workers "
+        "with the coordinator's kit",
+        metavar="DIR",
+    )
+    insecure_plaintext_network: bool = setting(
+        False,
+        "worker: serve --port on EVERY interface WITHOUT TLS OR AUTHENTICATION; anyone who "
+        "reaches the port can run code as this user (without this or --tls-dir a worker "
+        "listens on loopback only)",
+    )
+
+
+@dataclasses.dataclass
+class ProvisionConfig:
+    kits_dir: str = setting(
+        "", "directory of the federation's CA and kits (created or extended)", metavar="DIR"
+    )
+    sites: list = setting(
+        [],
+        "workers to issue kits for, NAME=ADDRESS[:PORT] (port default 10000), comma "
+        "separated; repeat a name to add addresses it is dialled at",
+        metavar="NAME=ADDR,...",
+    )
+    coordinator_name: str = setting(
+        "coordinator", "the coordinator's identity (its certificate's common name)"
+    )
+    valid_days: int = setting(
+        365, "days the issued site certificates are valid", minimum=1, maximum=3650
     )
 
 
@@ -450,6 +487,8 @@ SECTIONS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "output": OutputConfig,
     "bench": BenchConfig,
+    "tls": TLSConfig,
+    "provision": ProvisionConfig,
     "compare": CompareConfig,
 }
 settings.check_unique_names(SECTIONS)
@@ -463,6 +502,7 @@ RUN_SECTIONS = (
     "algorithm",
     "evaluation",
     "output",
+    "tls",
 )
 
 
@@ -478,6 +518,8 @@ class RunConfig:
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
     compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
+    tls: TLSConfig = dataclasses.field(default_factory=TLSConfig)
+    provision: ProvisionConfig = dataclasses.field(default_factory=ProvisionConfig)
     given: frozenset[str] = frozenset()
     """Names of the settings a flag or the config file gave (the rest are defaults)."""
 
@@ -509,6 +551,7 @@ COMMANDS: dict[str, settings.Command] = {
         "train",
         {
             "federation": ("addresses", "rpc_timeout", "connect_timeout"),
+            "tls": ("tls_dir",),
             **{s: "*" for s in _TRAINING},
             "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
         },
@@ -520,13 +563,24 @@ COMMANDS: dict[str, settings.Command] = {
         required=frozenset({"shards_dir"}),
     ),
     "worker": settings.Command(
-        "worker", {"worker": "*", "output": ("verbose",)}, required=frozenset({"shard"})
+        "worker",
+        {"worker": "*", "tls": "*", "output": ("verbose",)},
+        required=frozenset({"shard"}),
     ),
     "status": settings.Command(
         "status",
-        {"federation": ("addresses", "connect_timeout"), "output": ("json", "verbose")},
+        {
+            "federation": ("addresses", "connect_timeout"),
+            "tls": ("tls_dir",),
+            "output": ("json", "verbose"),
+        },
         defaults={"connect_timeout": 10.0},
         required=frozenset({"addresses"}),
+    ),
+    "provision": settings.Command(
+        "provision",
+        {"provision": "*", "output": ("verbose",)},
+        required=frozenset({"kits_dir"}),
     ),
     "bench": settings.Command(
         "bench",
@@ -663,6 +717,11 @@ def _check_together(config: RunConfig, command: str) -> None:
             f"--base-port {f.base_port} with {f.workers} workers runs past port 65535; "
             "use 0 (pick free ports) or a lower port"
         )
+    if config.tls.tls_dir and config.tls.insecure_plaintext_network:
+        raise UsageError(
+            "--tls-dir and --insecure-plaintext-network exclude each other; "
+            "serve TLS with the kit, or plaintext without it"
+        )
     for address in f.addresses:
         match = _ADDRESS.match(address)
         if not match or not 0 < int(match.group(2)) < 65536:
@@ -716,16 +775,20 @@ def _check_together(config: RunConfig, command: str) -> None:
             )
 
 
-def resume_conflicts(saved: dict[str, dict[str, Any]], current: RunConfig) -> list[str]:
-    """Settings that must not change when a run is resumed, and did."""
+def resume_conflicts(
+    saved: dict[str, dict[str, Any]], current: RunConfig, names: set[str] | None = None
+) -> list[str]:
+    """Settings that must not change when a run is resumed, and did (among
+    `names`, if given: the settings the resuming command takes)."""
     conflicts = []
     for section in RUN_SECTIONS:
         cls = SECTIONS[section]
         now = dataclasses.asdict(getattr(current, section))
+        table = saved.get(section)
         for f in dataclasses.fields(cls):
-            if not f.metadata.get("fixed_on_resume"):
+            if not f.metadata.get("fixed_on_resume") or (names is not None and f.name not in names):
                 continue
-            before = saved.get(section, {}).get(f.name)
+            before = table.get(f.name) if isinstance(table, dict) else None
             if before is not None and before != now[f.name]:
                 conflicts.append(f"{section}.{f.name}: {before!r} -> {now[f.name]!r}")
     return conflicts

@@ -1,4 +1,9 @@
-"""Locating and starting TFF's C++ executor service (`worker_binary`)."""
+"""Locating and starting TFF's C++ executor service (`worker_binary`).
+
+Every `worker_binary` fedcompose starts listens on loopback only and owns its
+port (`shared.loopback`); anything that must be reached from other hosts goes
+through the worker's TLS proxy (`client_worker.proxy`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from shared import processes
+from shared import loopback, processes
 
 BINARY_NAME = "worker_binary"
 DEFAULT_MAX_MESSAGE_MB = 2000
@@ -51,7 +56,13 @@ def start(
     return processes.spawn(
         args,
         cwd=cwd,
+        env=loopback.environment(),
         stdout=log_file if log_file is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log_file is not None else subprocess.DEVNULL,
         death_signal=signal.SIGKILL,
     )
+
+
+def loopback_address(port: int) -> str:
+    """The address a local client dials a confined `worker_binary` at."""
+    return f"127.0.0.1:{port}"

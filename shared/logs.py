@@ -40,6 +40,19 @@ class _ResilientFileHandler(logging.FileHandler):
         if not self.failed:
             super().emit(record)
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:  # buffered lines a full disk refused: reported once, dropped
+            self.handleError(logging.LogRecord("fedcompose", logging.ERROR, "", 0, "", None, None))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            # The stream is closed even when its last flush fails.
+            self.stream = None  # type: ignore[assignment]
+
 
 def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedcompose") -> None:
     root = logging.getLogger()
@@ -57,6 +70,10 @@ def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedc
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)
             handler = _ResilientFileHandler(log_file)
+        except FileExistsError:  # mkdir met a file where the directory belongs
+            raise UsageError(
+                f"log file {log_file}: {log_file.parent} exists and is not a directory"
+            ) from None
         except OSError as e:
             raise UsageError(f"log file: {describe_os_error(e)}") from None
         handler.setFormatter(

@@ -241,8 +241,23 @@ def _number(text: str, kind: type, name: str) -> Any:
         ) from None
 
 
+def _check_text(name: str, value: Any) -> None:
+    """Text from the command line that is not UTF-8 (say a path with a byte
+    from another encoding) cannot be recorded in a config file or passed on."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "surrogateescape")
+            raise UsageError(
+                f"{flag(name)}: {raw!r} is not UTF-8 text; use a name that is"
+            ) from None
+
+
 def coerce(name: str, value: Any, kind: type) -> Any:
     """A flag's text or a TOML value as the setting's type."""
+    for item in value if isinstance(value, list) else [value]:
+        _check_text(name, item)
     if kind is bool:
         if not isinstance(value, bool):
             raise UsageError(f"{flag(name)} must be true or false, got {value!r}")

@@ -23,6 +23,13 @@ TEST_TAG = f"fedcompose-test-{uuid.uuid4().hex[:12]}"
 os.environ["FEDCOMPOSE_TEST_TAG"] = TEST_TAG
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Every executor service a test starts, TFF's own local ones included, listens
+# on loopback only (issue 9): the shim is preloaded into every child (it acts
+# only in `worker_binary`). Without the shim the session stops here, saying why.
+from shared import loopback  # noqa: E402
+
+loopback.confine_children()
+
 
 def tagged_processes() -> list[psutil.Process]:
     me = os.getpid()

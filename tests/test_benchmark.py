@@ -40,7 +40,14 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
 
     rows = {(r["system"], r["workers"], r["clients_per_round"]): r for r in results["rows"]}
-    systems = (("keras", None), ("tff_local", None), ("fedcompose", 1), ("fedcompose", 2))
+    systems = (
+        ("keras", None),
+        ("tff_local", None),
+        ("fedcompose", 1),
+        ("fedcompose", 2),
+        ("fedcompose_tls", 1),
+        ("fedcompose_tls", 2),
+    )
     expected = {(system, workers, clients) for clients in (3, 6) for system, workers in systems}
     assert set(rows) == expected
     for key, row in rows.items():
@@ -54,10 +61,13 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
         assert s["examples_per_round"] == floor["examples_per_round"], key
         assert s["ratio_vs_tff"] > 0 and s["ratio_vs_floor"] > 0, key
     for key, row in rows.items():
-        if key[0] != "fedcompose":
+        if key[0] not in ("fedcompose", "fedcompose_tls"):
             assert row["summary"]["process_rss"] > 0, key
             continue
         s = row["summary"]
+        if key[0] == "fedcompose_tls":
+            # Measured against fedcompose without TLS on the same workload.
+            assert s["tls_added"] is not None and s["tls_added_seconds"] is not None, key
         for name in ("worker_compute", "coordinator", "waiting", "overhead"):
             assert s[name] >= 0, (key, name)
         assert 0 < s["worker_compute"] <= s["seconds_per_round"]
@@ -74,3 +84,4 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
     assert results["targets"], "the targets are evaluated"
     # The table reaches the terminal.
     assert "fedcompose" in result.stdout and "Keras floor" in result.stdout
+    assert "fedcompose+TLS" in result.stdout

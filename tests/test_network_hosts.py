@@ -25,7 +25,10 @@ def _ip(*args: str) -> None:
 def hosts() -> Iterator[list[tuple[str, str]]]:
     """Two network namespaces, each linked to this one; yields (name, address)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create network namespaces")
+        pytest.fail(
+            "needs root and iproute2 to create network namespaces (CI runs as root)",
+            pytrace=False,
+        )
     made: list[tuple[str, str]] = []
     third = SUBNET % 250
     try:
@@ -55,6 +58,9 @@ def test_training_over_workers_on_two_network_hosts(hosts, shards2, tmp_path):
         tmp_path / "logs",
         check="quick",
         prefix=lambda i: ["ip", "netns", "exec", hosts[i][0]],
+        # Plaintext across hosts is an explicit opt-in (mutual TLS between
+        # hosts: tests/test_tls_hosts.py).
+        extra_args=lambda i: ["--insecure-plaintext-network"],
     )
     try:
         addresses = [f"{address}:{w.port}" for (_, address), w in zip(hosts, started, strict=True)]

@@ -1,8 +1,9 @@
 """The coordinator's own executor: where server-side computations run.
 
 Merging partial aggregates and the finalizer (server optimizer) run on a
-private `worker_binary` that the coordinator starts on localhost and that dies
-with it. The same executor backs TFF's default context in this process, so
+private `worker_binary` that the coordinator starts on loopback (confined
+there and owning its port, see `shared.loopback`) and that dies with it.
+The same executor backs TFF's default context in this process, so
 that a call such as `process.initialize()` never makes TFF start its own,
 unsupervised executor (which was seen outliving its parent).
 """
@@ -10,9 +11,7 @@ unsupervised executor (which was seen outliving its parent).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import tensorflow_federated as tff
@@ -22,7 +21,7 @@ from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.worker_client import RemoteWorker, WorkerError
-from shared import executor_binary, ports, processes
+from shared import executor_binary, loopback, ports, processes, scratch
 
 
 @dataclasses.dataclass
@@ -33,19 +32,26 @@ class ServerExecutor:
 
     @classmethod
     def start(cls, rpc_timeout: float = 600.0, log_path: Path | None = None) -> ServerExecutor:
-        workdir = Path(tempfile.mkdtemp(prefix="fedcompose-server-"))
+        workdir = scratch.make("server")
         port = ports.free_port()
         log_path = log_path or workdir / "executor.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log_file:
-            process = executor_binary.start(port, workdir, log_file)
+        try:
+            with open(log_path, "ab") as log_file:
+                process = executor_binary.start(port, workdir, log_file)
+        except BaseException:
+            scratch.release(workdir)
+            raise
         worker = RemoteWorker(
-            f"localhost:{port}", rpc_timeout=rpc_timeout, label="coordinator's server executor"
+            executor_binary.loopback_address(port),
+            rpc_timeout=rpc_timeout,
+            label="coordinator's server executor",
         )
         server = cls(worker, process, workdir)
         try:
             worker.wait_ready(timeout=60.0)
-        except WorkerError:
+            loopback.check_confined(process.pid, "the coordinator's server executor")
+        except (WorkerError, loopback.ConfinementError):
             server.stop()
             raise
         return server
@@ -53,7 +59,7 @@ class ServerExecutor:
     def stop(self) -> None:
         self.worker.close()
         processes.stop(self.process, grace=3.0)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        scratch.release(self.workdir)
 
     def install_as_default_context(self) -> None:
         tff.framework.set_default_context(ServerContext(self.worker))

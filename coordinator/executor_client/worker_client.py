@@ -28,6 +28,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
+from coordinator.executor_client import connection
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.wire import CountingStub, WireStats
 from shared.errors import FederationError
@@ -84,6 +85,7 @@ class RemoteWorker:
         rpc_timeout: float = 600.0,
         connect_timeout: float = 20.0,
         label: str | None = None,
+        tls: connection.ClientTLS | None = None,
     ):
         self.address = address
         self.label = label or address
@@ -95,7 +97,8 @@ class RemoteWorker:
         """Set once a call found the worker gone or past its deadline: clean-up
         calls to it are skipped, so that a stuck worker costs one deadline, not
         one per value and executor left to free."""
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.tls = tls
+        self._channel = connection.open_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = CountingStub(self._channel, self.stats, self._lock)
         self._executors: dict[int, executor_pb2.ExecutorId] = {}
         self._loaded: dict[tuple[int, int], ValueRef] = {}
@@ -103,16 +106,44 @@ class RemoteWorker:
     def __repr__(self) -> str:
         return f"RemoteWorker({self.label})"
 
-    def wait_ready(self, timeout: float | None = None) -> None:
+    def wait_ready(self, timeout: float | None = None, *, retry_refused: bool = True) -> None:
+        """Waits until the channel connects, or raises one line saying why it does not.
+
+        gRPC alone cannot tell a dead worker from a wrong port, a TLS mismatch or
+        a rejected certificate (all "unavailable"). Whenever the channel is not
+        ready after a short wait, a direct probe (`connection.probe`) says why;
+        an answer that waiting cannot change (wrong protocol, any TLS failure,
+        and a refused connection unless `retry_refused`: a worker may still be
+        starting) fails at once instead of after `timeout`.
+        """
         timeout = self.connect_timeout if timeout is None else timeout
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise WorkerError(
-                self.label,
-                f"not reachable within {timeout:g}s; is `fedcompose worker` running there "
-                "and is the address right?",
-            ) from None
+        deadline = time.monotonic() + timeout
+        wait = 0.5
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                grpc.channel_ready_future(self._channel).result(
+                    timeout=max(0.0, min(wait, remaining))
+                )
+                return
+            except grpc.FutureTimeoutError:
+                pass
+            wait = 1.0
+            remaining = deadline - time.monotonic()
+            diagnosis = connection.probe(
+                self.address, self.tls, timeout=min(3.0, max(remaining, 1.0))
+            )
+            if diagnosis.final or (diagnosis.kind == connection.REFUSED and not retry_refused):
+                raise WorkerError(self.label, diagnosis.message)
+            if time.monotonic() >= deadline:
+                if diagnosis.ok:
+                    message = (
+                        f"{diagnosis.message}, but its gRPC channel did not connect within "
+                        f"{timeout:g}s; check the worker's log"
+                    )
+                else:
+                    message = f"{diagnosis.message} (waited {timeout:g}s)"
+                raise WorkerError(self.label, message)
 
     def _count_call(self) -> None:
         with self._lock:
@@ -287,6 +318,13 @@ def _describe_rpc_error(e: grpc.RpcError, method: str, deadline: float) -> str:
             f"connection lost during {method} ({details or 'unavailable'}); the worker "
             "process died or the network is down; check its log"
         )
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return (
+            f"answers gRPC but is not a TFF executor service (it does not implement "
+            f"{method}); check the address"
+        )
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return f"refused {method}: {details or code.name}"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return f"{method} exceeded a gRPC limit ({details})"
     name = code.name if code is not None else "error"

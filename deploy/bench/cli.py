@@ -41,7 +41,8 @@ QUICK = {
 DESCRIPTION = (
     "Measure where a round's time goes, against the baselines users would pick: plain "
     "Keras over the same examples (compute floor), the same composed process in TFF's "
-    "single-process local context, and fedcompose with each number of local workers. "
+    "single-process local context, and fedcompose with each number of local workers, "
+    "without and with mutual TLS (every worker behind its TLS proxy, as on other machines). "
     "Prints a table (medians over the measured rounds, after one warm-up round) and "
     "writes every round's figures as JSON into the run directory. Synthetic writers "
     "derived from the offline sklearn digits are built once and cached under "
@@ -146,8 +147,12 @@ def run(config: config_lib.RunConfig) -> int:
     steps: list[tuple[str, int | None]] = [
         (system, None) for system in ("keras", "tff_local") if system in b.systems
     ]
-    if "fedcompose" in b.systems:
-        steps += [("fedcompose", workers) for workers in config.federation.workers]
+    # With and without TLS interleaved, per worker count, so that both see the
+    # same machine load (it is shared and noisy).
+    for workers in config.federation.workers:
+        steps += [
+            (system, workers) for system in ("fedcompose", "fedcompose_tls") if system in b.systems
+        ]
     total = len(list(plan.workloads())) * len(steps) * b.passes
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -179,7 +184,9 @@ def run(config: config_lib.RunConfig) -> int:
                         runner.tff_local(shard_sets[1])
                     else:
                         assert workers is not None
-                        runner.fedcompose(workers, shard_sets[workers])
+                        runner.fedcompose(
+                            workers, shard_sets[workers], tls=system == "fedcompose_tls"
+                        )
     finally:
         bar.close()
         if runner is not None:

@@ -54,6 +54,7 @@ def _model_bytes(weights) -> int:
 def main(config_path: str) -> int:
     bench_protocol.start_child()
     from coordinator import algorithm
+    from coordinator.executor_client.connection import load_client_tls
     from coordinator.session import FederationSession
 
     config = json.loads(Path(config_path).read_text())
@@ -63,6 +64,7 @@ def main(config_path: str) -> int:
         rpc_timeout=plan.rpc_timeout,
         connect_timeout=120.0,
         log_dir=Path(config["log_dir"]),
+        tls=load_client_tls(config.get("tls_dir", "")),
     ) as session:
         fed = session.federation
         assert fed is not None

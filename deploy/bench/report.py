@@ -17,7 +17,17 @@ from deploy.bench.plan import WARMUP_ROUND
 KERAS = "keras"
 TFF = "tff_local"
 FEDCOMPOSE = "fedcompose"
-SYSTEM_NAMES = {KERAS: "Keras floor", TFF: "TFF 1 process", FEDCOMPOSE: "fedcompose"}
+FEDCOMPOSE_TLS = "fedcompose_tls"
+"""fedcompose with every worker behind its mutual-TLS proxy (`client_worker.proxy`)."""
+FEDCOMPOSE_SYSTEMS = (FEDCOMPOSE, FEDCOMPOSE_TLS)
+SYSTEM_NAMES = {
+    KERAS: "Keras floor",
+    TFF: "TFF 1 process",
+    FEDCOMPOSE: "fedcompose",
+    FEDCOMPOSE_TLS: "fedcompose+TLS",
+}
+TLS_TARGET = 0.10
+"""TLS may add at most this share to a CNN round at 100 clients per round."""
 
 OVERHEAD_TARGET_S = 0.100
 
@@ -74,7 +84,7 @@ def summarize(row: Row) -> dict:
     }
     warmup = [r for r in row.rounds if r.get("round") == WARMUP_ROUND]
     summary["warmup_seconds"] = warmup[0]["seconds"] if warmup else None
-    if row.system == FEDCOMPOSE:
+    if row.system in FEDCOMPOSE_SYSTEMS:
         for name in (
             "worker_compute",
             "coordinator",
@@ -118,9 +128,13 @@ def summarize(row: Row) -> dict:
     return summary
 
 
-def _find(rows: Sequence[Row], model: str, clients: int, system: str) -> Row | None:
+def _find(
+    rows: Sequence[Row], model: str, clients: int, system: str, workers: int | None = None
+) -> Row | None:
     for row in rows:
-        if (row.model, row.clients_per_round, row.system) == (model, clients, system):
+        if (row.model, row.clients_per_round, row.system) == (model, clients, system) and (
+            workers is None or row.workers == workers
+        ):
             return row
     return None
 
@@ -142,6 +156,19 @@ def add_ratios(rows: Sequence[Row], summaries: dict[tuple, dict]) -> None:
         summary["ratio_vs_floor"] = (
             _ratio(seconds, summaries[floor.key]["seconds_per_round"]) if floor else None
         )
+        if row.system == FEDCOMPOSE_TLS:
+            plain = _find(rows, row.model, row.clients_per_round, FEDCOMPOSE, row.workers)
+            ratio = (
+                _ratio(seconds, summaries[plain.key]["seconds_per_round"])
+                if plain and not plain.error
+                else None
+            )
+            summary["tls_added"] = ratio - 1.0 if ratio is not None else None
+            summary["tls_added_seconds"] = (
+                seconds - summaries[plain.key]["seconds_per_round"]
+                if ratio is not None and seconds is not None
+                else None
+            )
 
 
 def targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
@@ -220,6 +247,22 @@ def targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
                         "met": s["overhead"] < OVERHEAD_TARGET_S,
                     }
                 )
+    for r in rows:
+        s = summaries[r.key]
+        if r.system == FEDCOMPOSE_TLS and not r.error and s.get("tls_added") is not None:
+            found.append(
+                {
+                    "target": "TLS adds under 10% to a CNN round at 100 clients/round"
+                    if (r.model, r.clients_per_round) == ("cnn", 100)
+                    else "TLS cost (no target for this workload)",
+                    "model": r.model,
+                    "workers": r.workers,
+                    "clients": r.clients_per_round,
+                    "tls_added": s["tls_added"],
+                    "tls_added_seconds": s["tls_added_seconds"],
+                    "met": s["tls_added"] < TLS_TARGET,
+                }
+            )
     return found
 
 
@@ -254,7 +297,7 @@ def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
     """The table the command prints: one line per system and workload."""
     header = "  ".join(f"{name:{align}}" for name, align in COLUMNS)
     lines = [header, "-" * len(header)]
-    order = {KERAS: 0, TFF: 1, FEDCOMPOSE: 2}
+    order = {KERAS: 0, TFF: 1, FEDCOMPOSE: 2, FEDCOMPOSE_TLS: 3}
     for row in sorted(
         rows, key=lambda r: (r.model, r.clients_per_round, order[r.system], r.workers or 0)
     ):
@@ -264,7 +307,7 @@ def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
             cells += [str(row.workers or ""), f"error: {row.error[:80]}"]
             lines.append("  ".join(cells))
             continue
-        fed = row.system == FEDCOMPOSE
+        fed = row.system in FEDCOMPOSE_SYSTEMS
         coord_mb = s.get("coordinator_rss") if fed else s.get("process_rss")
         if coord_mb and fed and s.get("server_executor_rss"):
             coord_text = f"{coord_mb / 2**20:.0f}+{s['server_executor_rss'] / 2**20:.0f}"
@@ -316,6 +359,13 @@ def targets_text(found: Sequence[dict]) -> str:
             detail = (
                 f"{t['model']} W={t['workers']}: {t['rss'][0] / 2**20:.0f} MB at "
                 f"{t['clients'][0]} clients, {t['rss'][1] / 2**20:.0f} MB at {t['clients'][1]}"
+            )
+        elif t["target"].startswith("TLS"):
+            verdict = verdict if "no target" not in t["target"] else "info"
+            detail = (
+                f"{t['model']} W={t['workers']} {t['clients']} clients: "
+                f"{t['tls_added'] * 100:+.1f}% ({t['tls_added_seconds'] * 1000:+.0f} ms) "
+                "against fedcompose without TLS"
             )
         elif t["target"].startswith("faster"):
             detail = f"{t['model']} W={t['workers']}: x{t['ratio_vs_tff']:.2f} of TFF's time"
@@ -372,7 +422,9 @@ def render(results: dict) -> str:
         "state); overhd = round minus compute; KB = bytes the coordinator sent and received "
         "per round; MB = peak RSS, process+executor child (coordinator+its server executor, "
         "largest worker+its executor); "
-        "xTFF / xfloor = round time over TFF's / Keras' for the same examples; load = the "
+        "xTFF / xfloor = round time over TFF's / Keras' for the same examples; "
+        "fedcompose+TLS = every worker behind its mutual-TLS proxy, as on other machines; "
+        "load = the "
         "machine's 1-minute load average at the workload's end, highest over passes (above "
         "the core count, other processes competed with the measurement)"
     )

@@ -168,13 +168,29 @@ class Runner:
             lambda pid: self.sampler.watch("process", pid, "process_executor"),
         )
 
-    def fedcompose(self, workers: int, shard_dirs: list[Path]) -> None:
+    def _tls_kits(self, workers: int) -> Path:
+        """A throwaway federation for this benchmark: kits for workers on 127.0.0.1."""
+        from deploy import provision
+
+        kits = self.work_dir / "tls-kits"
+        sites = {f"w{i}": (["127.0.0.1"], provision.DEFAULT_PORT) for i in range(workers)}
+        provision.provision(kits, sites, valid_days=7)
+        return kits
+
+    def fedcompose(self, workers: int, shard_dirs: list[Path], tls: bool = False) -> None:
+        """fedcompose with `workers` local workers; with `tls`, every worker serves
+        through its mutual-TLS proxy and the coordinator dials with its kit."""
         from deploy import workers as workers_lib
 
-        name = f"fedcompose-w{workers}"
+        name = f"fedcompose-{'tls-' if tls else ''}w{workers}"
         logs_dir = self.work_dir / name
+        kits = self._tls_kits(workers) if tls else None
         started = workers_lib.start_workers(
-            shard_dirs, logs_dir, check="quick", ready_timeout=300.0
+            shard_dirs,
+            logs_dir,
+            check="quick",
+            ready_timeout=300.0,
+            extra_args=(lambda i: ["--tls-dir", str(kits / f"w{i}")]) if kits else None,
         )
         try:
 
@@ -187,8 +203,12 @@ class Runner:
             self._child(
                 name,
                 "deploy.bench.fedcompose_child",
-                {"addresses": [w.address for w in started], "log_dir": str(logs_dir)},
-                "fedcompose",
+                {
+                    "addresses": [w.address for w in started],
+                    "log_dir": str(logs_dir),
+                    "tls_dir": str(kits / "coordinator") if kits else "",
+                },
+                "fedcompose_tls" if tls else "fedcompose",
                 workers,
                 watch,
             )

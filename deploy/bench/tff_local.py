@@ -38,7 +38,10 @@ class LocalReference:
         import tensorflow_federated as tff
 
         from deploy.data import shards
+        from shared import loopback
 
+        # TFF's local context starts its own executor service: on loopback only too.
+        loopback.confine_children()
         self._view = shards.merged_view(self.shard_dirs)
         os.chdir(self._view)
         tff.backends.native.set_sync_local_cpp_execution_context()

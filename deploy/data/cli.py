@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from deploy.data import build, progress
-from shared import config, logs, shard_format
-from shared.errors import UsageError
+from shared import config, files, logs, shard_format
+from shared.errors import FedcomposeError, UsageError
 from shared.quiet import quiet_tensorflow
 
 log = logging.getLogger("fedcompose.data")
@@ -50,9 +50,14 @@ def run(settings: config.RunConfig) -> int:
         raise UsageError(problem)
     timer = PhaseTimer()
     _check_writers(data, settings.federation.workers)
-    paths = build.build_shards(
-        data, out, settings.federation.workers, reuse=False, progress=timer.progress
-    )
+    try:
+        paths = build.build_shards(
+            data, out, settings.federation.workers, reuse=False, progress=timer.progress
+        )
+    except OSError as e:
+        if not str(e.filename or "").startswith(str(out)):
+            raise
+        raise FedcomposeError(f"cannot write the shards: {files.failure(e)}") from None
     manifests = [shard_format.read_manifest(p) for p in paths]
     labels = [shard_labels(p, m) for p, m in zip(paths, manifests, strict=True)]
     _print_to_stdout(summary(out, manifests, labels, timer))

@@ -52,6 +52,23 @@ def write_shards(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
+    try:
+        return _write_staged(source, assignment, out_dir, staging, partition, progress, recipe)
+    except BaseException:
+        # A full disk or an interrupt: give the space back now, not at the next build.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_staged(
+    source: FederatedSource,
+    assignment: Sequence[Sequence[int]],
+    out_dir: Path,
+    staging: Path,
+    partition: dict,
+    progress: Callable[[int], None] | None,
+    recipe: dict | None,
+) -> list[shard_format.Manifest]:
     per_shard: list[list[shard_format.ClientEntry]] = []
     for clients in assignment:
         entries = []

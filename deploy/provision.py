@@ -1,0 +1,450 @@
+"""`fedcompose provision`: a federation's CA and one TLS kit per site.
+
+Writes, under --kits-dir::
+
+    ca/              the CA's key and certificate: stays on the provisioning machine
+    coordinator/     the coordinator's kit (key, certificate, CA certificate, kit.json,
+                     commands.txt with ready `status` / `train` command lines)
+    <worker name>/   one kit per worker: key (0600), a certificate naming every
+                     address the worker is dialled at, the CA certificate, kit.json,
+                     commands.txt (a ready `fedcompose worker` line) and a systemd unit
+
+Certificates come from the `cryptography` package (ECDSA P-256, SHA-256).
+Re-running never replaces the CA: it adds the sites that are new, keeps the
+ones that exist unchanged, and refuses a site whose addresses changed (remove
+its directory to re-issue it). The coordinator's kit.json and commands list
+every worker provisioned so far.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from shared import config as config_lib
+from shared import tls
+from shared.errors import UsageError
+
+DESCRIPTION = (
+    "Create a federation's certificate authority and a TLS kit per site under --kits-dir: "
+    "for each worker named in --sites (NAME=ADDRESS[:PORT], repeat a name for more "
+    "addresses) its key, a certificate naming the addresses the coordinator dials it at, "
+    "the CA certificate, a ready command line and a systemd unit; for the coordinator its "
+    "key and certificate. Copy each kit to its machine; the CA key stays here. Re-running "
+    "adds new sites with the existing CA and never replaces it."
+)
+
+CA_DIR = "ca"
+CA_KEY = "ca.key"
+DEFAULT_PORT = 10000
+KIT_INSTALL_ROOT = "/etc/fedcompose"
+"""Where the generated command lines and units expect a kit to be copied."""
+CA_VALID_DAYS = 3650
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Creates `path` with mode 0600 from the start (never briefly readable by others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def new_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_ca(common_name: str, valid_days: int = CA_VALID_DAYS):
+    """A self-signed CA: (key, certificate)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue(
+    ca_key,
+    ca_cert,
+    common_name: str,
+    role: str,
+    hosts: list[str] = (),  # type: ignore[assignment]
+    *,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+    valid_days: int = 365,
+):
+    """A site certificate: (key, certificate).
+
+    A worker's names every host it is dialled at (IP SANs for addresses, DNS
+    SANs for names) and may only serve (serverAuth); the coordinator's may
+    only be a client (clientAuth), so neither can stand in for the other.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = new_key()
+    now = _now()
+    not_before = not_before or now - datetime.timedelta(minutes=5)
+    not_after = not_after or now + datetime.timedelta(days=valid_days)
+    usage = (
+        ExtendedKeyUsageOID.SERVER_AUTH if role == tls.WORKER else ExtendedKeyUsageOID.CLIENT_AUTH
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def write_kit(
+    directory: Path,
+    *,
+    ca_cert,
+    key,
+    cert,
+    info: dict,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """Writes a kit into a fresh `directory` (made whole, then renamed into place)."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir(mode=0o700)
+    try:
+        (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
+        (tmp / tls.CERT_FILE).write_bytes(_cert_pem(cert))
+        _write_private(tmp / tls.KEY_FILE, _key_pem(key))
+        (tmp / tls.KIT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def parse_sites(entries: list[str]) -> dict[str, tuple[list[str], int]]:
+    """`NAME=HOST[:PORT]` entries -> {name: ([hosts], port)}, checked."""
+    sites: dict[str, tuple[list[str], int | None]] = {}
+    for entry in entries:
+        name, sep, address = entry.partition("=")
+        name, address = name.strip(), address.strip()
+        if not sep or not name or not address:
+            raise UsageError(f"--sites: {entry!r} is not NAME=ADDRESS[:PORT]")
+        if not tls.NAME_PATTERN.match(name):
+            raise UsageError(
+                f"--sites: site name {name!r} must be letters, digits, '.', '_' or '-'"
+            )
+        host, port = _split_host_port(address, entry)
+        hosts, known_port = sites.get(name, ([], None))
+        if port is not None and known_port is not None and port != known_port:
+            raise UsageError(
+                f"--sites: {name} is given ports {known_port} and {port}; a worker serves one port"
+            )
+        if host not in hosts:
+            hosts.append(host)
+        sites[name] = (hosts, port if port is not None else known_port)
+    return {name: (hosts, port or DEFAULT_PORT) for name, (hosts, port) in sites.items()}
+
+
+def _split_host_port(address: str, entry: str) -> tuple[str, int | None]:
+    host, port_text = address, ""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, port_text = address.split(":")
+    port = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise UsageError(f"--sites: {entry!r} has an invalid port")
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not all(part and part.replace("-", "").isalnum() for part in host.split(".")):
+            raise UsageError(
+                f"--sites: {entry!r}: {host!r} is neither an IP address nor a host name"
+            ) from None
+    return host, port
+
+
+def dial_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _worker_files(name: str, port: int, kit_dir: str) -> dict[str, str]:
+    command = (
+        f"fedcompose worker --shard /var/lib/fedcompose/shard --port {port} "
+        f"--tls-dir {kit_dir} --log-file /var/log/fedcompose/worker.log"
+    )
+    unit = f"""# fedcompose worker {name}, serving mutual TLS on port {port}.
+# Copy this kit to {kit_dir} (key.pem mode 0600, owned by the service's user),
+# the shard to /var/lib/fedcompose/shard, fedcompose to /opt/fedcompose, then:
+#   cp {kit_dir}/fedcompose-worker.service /etc/systemd/system/
+#   systemctl daemon-reload && systemctl enable --now fedcompose-worker
+[Unit]
+Description=fedcompose client worker {name} (TFF executor service behind mutual TLS)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+WorkingDirectory=/opt/fedcompose
+ExecStart=/opt/fedcompose/.venv/bin/{command}
+KillSignal=SIGTERM
+TimeoutStopSec=20
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+    commands = (
+        f"# Worker {name}: copy this directory to {kit_dir} on its machine, then run\n{command}\n"
+    )
+    return {"commands.txt": commands, "fedcompose-worker.service": unit}
+
+
+def _coordinator_commands(workers: dict[str, list[str]], kit_dir: str) -> str:
+    addresses = ",".join(a for name in sorted(workers) for a in workers[name][:1])
+    if not addresses:
+        return "# No workers provisioned yet: `fedcompose provision --sites NAME=ADDRESS`.\n"
+    return (
+        f"# Coordinator: copy this directory to {kit_dir}, then\n"
+        f"fedcompose status --addresses {addresses} --tls-dir {kit_dir}\n"
+        f"fedcompose train --addresses {addresses} --tls-dir {kit_dir} --run-dir runs/federation\n"
+    )
+
+
+def _load_ca(ca_dir: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((ca_dir / tls.CA_FILE).read_bytes())
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(
+            f"--kits-dir: the CA in {ca_dir} cannot be read ({getattr(e, 'strerror', None) or e}); "
+            "it is never replaced: restore it, or provision a new federation in another directory"
+        ) from None
+    return key, cert
+
+
+def provision(
+    kits_dir: Path,
+    sites: dict[str, tuple[list[str], int]],
+    coordinator_name: str = "coordinator",
+    valid_days: int = 365,
+) -> list[str]:
+    """Creates or extends a federation under `kits_dir`; returns what it did, one line each."""
+    if not tls.NAME_PATTERN.match(coordinator_name):
+        raise UsageError(f"--coordinator-name {coordinator_name!r}: letters, digits, '.', '_', '-'")
+    if coordinator_name in sites or CA_DIR in sites:
+        clash = coordinator_name if coordinator_name in sites else CA_DIR
+        raise UsageError(f"--sites: {clash!r} is reserved (the coordinator's or the CA's kit)")
+    kits_dir.mkdir(parents=True, exist_ok=True)
+    done: list[str] = []
+    ca_dir = kits_dir / CA_DIR
+    coordinator_dir = kits_dir / coordinator_name
+    if ca_dir.exists():
+        ca_key, ca_cert = _load_ca(ca_dir)
+        done.append(f"kept the existing CA in {ca_dir}")
+    else:
+        existing = [p for p in kits_dir.iterdir() if (p / tls.KIT_FILE).exists()]
+        if existing:
+            raise UsageError(
+                f"--kits-dir {kits_dir} holds kits ({existing[0].name}, ...) but no CA in "
+                f"{ca_dir}; a new CA would not match them: restore the CA or use another directory"
+            )
+        from cryptography.x509.oid import NameOID
+
+        ca_key, ca_cert = make_ca(f"fedcompose federation CA {secrets.token_hex(4)}")
+        tmp = kits_dir / f".ca.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o700)
+        _write_private(tmp / CA_KEY, _key_pem(ca_key))
+        (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
+        os.rename(tmp, ca_dir)
+        cn = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        done.append(f"created the CA ({cn}) in {ca_dir}: keep ca.key here, never copy it")
+
+    ca_pem = _cert_pem(ca_cert)
+    workers: dict[str, list[str]] = {}
+    for name in sorted(p.name for p in kits_dir.iterdir() if not p.name.startswith(".")):
+        info_path = kits_dir / name / tls.KIT_FILE
+        if not info_path.is_file():
+            continue
+        info = json.loads(info_path.read_text())
+        if info.get("role") == tls.WORKER:
+            workers[name] = list(info.get("dial", []))
+    for name, (hosts, port) in sorted(sites.items()):
+        site_dir = kits_dir / name
+        dial = [dial_address(h, port) for h in hosts]
+        if site_dir.exists():
+            info_path = site_dir / tls.KIT_FILE
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            site_ca = site_dir / tls.CA_FILE
+            if site_ca.is_file() and site_ca.read_bytes() != ca_pem:
+                raise UsageError(
+                    f"--sites: {site_dir} was issued by another CA; remove it to re-issue"
+                )
+            if info.get("dial") != dial:
+                raise UsageError(
+                    f"--sites: {name} exists with addresses {', '.join(info.get('dial', []))}, "
+                    f"not {', '.join(dial)}; remove {site_dir} to re-issue it"
+                )
+            done.append(f"kept {name}'s kit in {site_dir}")
+            continue
+        key, cert = issue(ca_key, ca_cert, name, tls.WORKER, hosts, valid_days=valid_days)
+        kit_dir = f"{KIT_INSTALL_ROOT}/{name}"
+        write_kit(
+            site_dir,
+            ca_cert=ca_cert,
+            key=key,
+            cert=cert,
+            info={
+                "role": tls.WORKER,
+                "name": name,
+                "coordinator": coordinator_name,
+                "addresses": hosts,
+                "port": port,
+                "dial": dial,
+            },
+            extra_files=_worker_files(name, port, kit_dir),
+        )
+        workers[name] = dial
+        done.append(f"issued {name}'s kit in {site_dir} (dialled at {', '.join(dial)})")
+
+    coordinator_kit_dir = f"{KIT_INSTALL_ROOT}/{coordinator_name}"
+    coordinator_info = {
+        "role": tls.COORDINATOR,
+        "name": coordinator_name,
+        "coordinator": coordinator_name,
+        "workers": workers,
+    }
+    if coordinator_dir.exists():
+        info_path = coordinator_dir / tls.KIT_FILE
+        try:
+            old = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(
+                f"--kits-dir: {info_path} is unreadable; remove {coordinator_dir} to re-issue"
+            ) from None
+        if old.get("role") != tls.COORDINATOR:
+            raise UsageError(f"--coordinator-name {coordinator_name!r} names a worker's kit")
+        if old.get("workers") != workers:
+            info_path.write_text(json.dumps(coordinator_info, indent=1) + "\n")
+            (coordinator_dir / "commands.txt").write_text(
+                _coordinator_commands(workers, coordinator_kit_dir)
+            )
+            done.append(f"updated the coordinator's worker list in {coordinator_dir}")
+        else:
+            done.append(f"kept the coordinator's kit in {coordinator_dir}")
+    else:
+        key, cert = issue(ca_key, ca_cert, coordinator_name, tls.COORDINATOR, valid_days=valid_days)
+        write_kit(
+            coordinator_dir,
+            ca_cert=ca_cert,
+            key=key,
+            cert=cert,
+            info=coordinator_info,
+            extra_files={"commands.txt": _coordinator_commands(workers, coordinator_kit_dir)},
+        )
+        done.append(f"issued the coordinator's kit in {coordinator_dir}")
+    return done
+
+
+def run(config: config_lib.RunConfig) -> int:
+    p = config.provision
+    sites = parse_sites(list(p.sites))
+    for line in provision(Path(p.kits_dir).expanduser(), sites, p.coordinator_name, p.valid_days):
+        print(line)
+    return 0

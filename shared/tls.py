@@ -1,0 +1,159 @@
+"""A site's TLS kit: what `fedcompose provision` writes and every side loads.
+
+A kit is a directory::
+
+    ca.pem      the federation's CA certificate (trust anchor)
+    cert.pem    this site's certificate, signed by the CA
+    key.pem     this site's private key (mode 0600)
+    kit.json    who this site is: role, name, the coordinator's name, addresses
+
+A worker serves mutual TLS with its kit and lets only the coordinator's
+identity call (`client_worker.proxy`); the coordinator dials workers with its
+kit (`coordinator.executor_client`). Loading checks everything a user can get
+wrong (missing or unreadable files, a key readable by others, a key that does
+not match its certificate, an expired certificate, the wrong role's kit) and
+says so in one line before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+from shared.errors import UsageError
+
+CA_FILE = "ca.pem"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+KIT_FILE = "kit.json"
+WORKER = "worker"
+COORDINATOR = "coordinator"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kit:
+    """A loaded kit: the PEM bytes gRPC needs, and who this site is."""
+
+    directory: Path
+    role: str
+    name: str
+    coordinator: str
+    """The coordinator's identity (its certificate's common name)."""
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    not_after: datetime.datetime
+    addresses: tuple[str, ...] = ()
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / CA_FILE
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / CERT_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.directory / KEY_FILE
+
+
+def _read(path: Path, what: str, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(
+            f"{flag}: {what} {path} is missing; copy the whole kit that `fedcompose "
+            "provision` made for this site"
+        ) from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag}: {what} {path} is a directory, not a file") from None
+    except PermissionError:
+        raise UsageError(
+            f"{flag}: {what} {path} cannot be read (permission denied); run as its owner"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"{flag}: {what} {path} cannot be read ({e.strerror or e})") from None
+
+
+def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
+    """The kit in `directory` for a site of `role`, checked; one-line errors."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise UsageError(
+            f"{flag} {path}: no such directory; give the kit `fedcompose provision` made"
+        )
+    raw_info = _read(path / KIT_FILE, "kit description", flag)
+    try:
+        info = json.loads(raw_info)
+        kit_role, name, coordinator = info["role"], info["name"], info["coordinator"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{flag}: {path / KIT_FILE} is not a fedcompose kit description") from None
+    if kit_role != role:
+        raise UsageError(
+            f"{flag} {path} is the kit of {kit_role} {name!r}, not a {role}'s kit; give "
+            f"this {role}'s own kit"
+        )
+    ca_pem = _read(path / CA_FILE, "CA certificate", flag)
+    cert_pem = _read(path / CERT_FILE, "certificate", flag)
+    key_path = path / KEY_FILE
+    key_pem = _read(key_path, "private key", flag)
+    mode = stat.S_IMODE(os.stat(key_path).st_mode)
+    if mode & 0o077:
+        raise UsageError(
+            f"{flag}: private key {key_path} is readable by others (mode {mode:04o}); "
+            f"`chmod 600 {key_path}`"
+        )
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise UsageError(f"{flag}: {path} holds a certificate that is not valid PEM") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"{flag}: private key {key_path} is not an unencrypted PEM private key"
+        ) from None
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise UsageError(f"{flag}: private key {key_path} does not belong to {path / CERT_FILE}")
+    if cert.issuer != ca.subject:
+        raise UsageError(f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}")
+    now = datetime.datetime.now(datetime.UTC)
+    for what, c in (("certificate", cert), ("CA certificate", ca)):
+        if c.not_valid_after_utc < now:
+            raise UsageError(
+                f"{flag}: this site's {what} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} "
+                "UTC; provision a new kit (`fedcompose provision`)"
+            )
+        if c.not_valid_before_utc > now:
+            raise UsageError(
+                f"{flag}: this site's {what} is valid only from "
+                f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
+            )
+    return Kit(
+        directory=path,
+        role=role,
+        name=name,
+        coordinator=coordinator,
+        ca_pem=ca_pem,
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        not_after=cert.not_valid_after_utc,
+        addresses=tuple(info.get("addresses", ())),
+        info=info,
+    )

@@ -1,0 +1,324 @@
+"""The run directory's rules, checked fast: its lock, its files, its status,
+and the refusals that need no worker (through the real command line)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator import run_dir as run_dir_lib
+from shared import files
+from shared.errors import RunDirError
+from tests.conftest import ROOT, fedcompose
+from tests.fault_tools import assert_one_line_error, fill, snapshot, tmpfs
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from coordinator import run_dir
+with run_dir.locked(Path(sys.argv[1]), "train"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_lock(directory: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+# --- the lock ------------------------------------------------------------------------
+
+
+def test_a_held_run_dir_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir)
+    try:
+        (run_dir / "status.json").write_text('{"state": "running"}')
+        before = snapshot(run_dir)
+        for command in ("train", "run"):
+            args = ["--addresses", "localhost:9"] if command == "train" else ["--workers", "1"]
+            result = fedcompose(command, *args, "--run-dir", str(run_dir), timeout=120)
+            assert_one_line_error(
+                result, command, 5, f"--run-dir {run_dir} is in use by another fedcompose",
+                f"pid {holder.pid}",
+            )  # fmt: skip
+        assert snapshot(run_dir) == before  # not even a log line
+        with (
+            pytest.raises(RunDirError, match="in use by another fedcompose"),
+            run_dir_lib.locked(run_dir, "train"),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel drops a SIGKILLed holder's lock: nothing is left stuck.
+    with run_dir_lib.locked(run_dir, "train"), run_dir_lib.locked(run_dir, "train"):
+        pass  # re-entrant in one process
+
+
+def test_lock_takes_the_temporaries_killed_writers_left(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "round_3_temp1234" / "variables").mkdir(parents=True)
+    (run_dir / "checkpoints" / ".staging.tmp-1").mkdir()
+    (run_dir / f".status.json.tmp-{os.getpid()}").write_text("{")  # a recycled pid too
+    (run_dir / "metrics.csv_temp9876").write_text("round\n")
+    (run_dir / "shards").mkdir()
+    (run_dir / "shards" / ".manifest.json.tmp-99999999").write_text("")
+    (run_dir / "checkpoints" / "round_2").mkdir()
+    with run_dir_lib.locked(run_dir, "train") as removed:
+        assert len(removed) == 5
+    left = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*"))
+    assert left == [".lock", "checkpoints", "checkpoints/round_2", "shards"]
+
+
+# --- paths that are not usable run directories ---------------------------------------
+
+
+def test_run_dir_paths_that_cannot_be_used(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (a_file, "exists and is not a directory"),
+        (a_file / "sub", "cannot be created"),
+        (Path("/proc/version"), "exists and is not a directory"),
+    ]
+    for path, message in cases:
+        result = fedcompose("train", "--addresses", "localhost:9", "--run-dir", str(path))
+        assert_one_line_error(result, "train", 5, f"--run-dir {path}", message)
+    bad = os.fsencode(tmp_path) + b"/run\xff"
+    argv = ["train", "--addresses", "localhost:9", "--run-dir", os.fsdecode(bad)]
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(result, "train", 2, "--run-dir", "is not UTF-8")
+    assert not os.path.exists(bad)
+
+
+def test_read_only_and_foreign_run_dirs(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m") as fs:
+        (fs / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+        for path, message in (
+            (fs / "run", "Read-only file system"),
+            (fs / "new", "cannot be created"),
+        ):
+            result = fedcompose("train", "--addresses", "localhost:9", "--run-dir", str(path))
+            assert_one_line_error(result, "train", 5, str(path), message)
+    hidden = tmp_path / "hidden"  # pytest's own tmp_path is private to root
+    owned = Path(tempfile.mkdtemp(prefix="fedcompose-test-owned-"))  # searchable, not writable
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "this test runs fedcompose as user nobody with setpriv (util-linux)"
+    as_nobody = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    result = subprocess.run(
+        [*as_nobody, sys.executable, "-m", "deploy.cli", "train", "--addresses", "localhost:9",
+         "--run-dir", str(owned)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    try:
+        assert_one_line_error(result, "train", 5, str(owned / ".lock"), "Permission denied")
+        result = subprocess.run(
+            [*as_nobody, sys.executable, "-m", "deploy.cli", "train", "--addresses", "localhost:9",
+             "--run-dir", str(hidden)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert_one_line_error(result, "train", 5, str(hidden), "Permission denied")
+    finally:
+        owned.rmdir()
+
+
+def test_run_dir_entries_of_the_wrong_kind_are_refused_before_any_write(tmp_path):
+    cases = {
+        "logs": "file",
+        "tensorboard": "file",
+        "checkpoints": "file",
+        "status.json": "dir",
+        "config.toml": "dir",
+        "metrics.jsonl": "dir",
+    }
+    for name, kind in cases.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if kind == "file":
+            (run_dir / name).write_text("x")
+        else:
+            (run_dir / name).mkdir()
+        before = snapshot(run_dir, skip=("logs", ".lock"))
+        result = fedcompose("train", "--addresses", "localhost:9", "--run-dir", str(run_dir))
+        assert_one_line_error(result, "train", 5, str(run_dir / name))
+        assert snapshot(run_dir, skip=("logs", ".lock")) == before, name
+
+
+def test_corrupt_run_dir_files_are_refused_in_one_line(tmp_path):
+    cases = {
+        "config.toml": (b"\xff\xfe[model", "not UTF-8"),
+        "trained_on.json": (b"[1", "is corrupt"),
+    }
+    for name, (content, message) in cases.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / name).write_bytes(content)
+        (run_dir / "checkpoints" / "round_1").mkdir(parents=True)
+        result = fedcompose(
+            "run", "--workers", "1", "--run-dir", str(run_dir), "--ready-timeout", "5"
+        )
+        assert_one_line_error(result, "run", 5, str(run_dir / name), message)
+        assert "ready on" not in result.stderr  # refused before any worker started
+
+
+# --- status, atomic files, failures named ---------------------------------------------
+
+
+def test_status_agrees_with_disk_and_drops_old_errors(tmp_path):
+    run = run_dir_lib.RunDirectory(tmp_path)
+    run.write_status(state="failed", error="boom", completed_rounds=2)
+    run.write_status(state="running")
+    assert "error" not in run.status()
+    (tmp_path / "checkpoints" / "round_4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "round_12").mkdir()
+    (tmp_path / "checkpoints" / "round_13_temp0001").mkdir()
+    rows = "".join(json.dumps({"round": r}) + "\n" for r in range(1, 14)) + '{"round": 14, "lo'
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    run.note_stopped("interrupted")
+    status = run.status()
+    assert status["state"] == "interrupted" and "error" not in status
+    assert (status["completed_rounds"], status["checkpoint_round"]) == (13, 12)
+
+
+def test_status_is_updated_in_place_on_a_full_disk(tmp_path):
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        run = run_dir_lib.RunDirectory(fs)
+        run.write_status(state="running", completed_rounds=1)
+        fill(fs)
+        with pytest.raises(OSError) as info:
+            files.write_atomic(fs / "x", "y" * 10000)
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(fs / "x")
+        run.note_stopped("failed", error="cannot write metrics: no space")
+        status = run.status()
+        assert status["state"] == "failed" and status["error"].startswith("cannot write")
+        assert not [p for p in fs.iterdir() if ".tmp-" in p.name]
+
+
+def test_failures_of_tensorflow_file_writes_name_the_path():
+    class ResourceExhaustedError(Exception):
+        pass
+
+    ResourceExhaustedError.__module__ = "tensorflow.python.framework.errors_impl"
+    e = ResourceExhaustedError("/x/y_temp1234/variables; No space left on device\nmore")
+    assert files.is_file_error(e)
+    assert files.failure(e, "/x/y") == (
+        "/x/y: No space left on device (free some space or choose another directory)"
+    )
+    assert not files.is_file_error(ValueError("No space left on device"))
+
+
+# --- private directories of killed owners --------------------------------------------
+
+MAKE_SCRATCH = """
+from shared import scratch
+print(scratch.make("testkind"), flush=True)
+import time; time.sleep(600)
+"""
+
+
+def test_scratch_dirs_of_killed_owners_are_swept():
+    from shared import scratch
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", MAKE_SCRATCH], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    left = Path(owner.stdout.readline().strip())
+    assert left.is_dir() and left.parent == Path(tempfile.gettempdir())
+    assert scratch.remove_abandoned("testkind") == []  # its owner lives
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    time.sleep(0.1)
+    mine = scratch.make("testkind")  # sweeps first
+    try:
+        assert not left.exists() and mine.is_dir()
+        assert scratch.remove_abandoned("testkind") == []  # ours is held
+    finally:
+        scratch.release(mine)
+    assert not mine.exists()
+
+
+# --- commands' own bad input ----------------------------------------------------------
+
+
+def test_worker_log_file_that_cannot_be_a_file(tmp_path, shards2):
+    shard = str(shards2[0])
+    for log_file, message in (
+        (tmp_path, "Is a directory"),
+        (tmp_path / "missing-parent-is-file" / "w.log", None),
+    ):
+        if message is None:
+            (tmp_path / "missing-parent-is-file").write_text("x")
+            message = "exists and is not a directory"
+        result = fedcompose("worker", "--shard", shard, "--log-file", str(log_file), timeout=60)
+        assert_one_line_error(result, "worker", 2, "log file", message)
+
+
+def test_config_files_and_values_that_are_not_usable(tmp_path):
+    not_utf8 = tmp_path / "latin1.toml"
+    not_utf8.write_bytes("[training]\n# r\xe9glages\nrounds = 3\n".encode("latin-1"))
+    non_finite = tmp_path / "inf.toml"
+    non_finite.write_text("[training]\nclient_learning_rate = inf\n")
+    cases = [
+        (["--config", str(tmp_path)], "is a directory"),
+        (["--config", str(not_utf8)], "is not UTF-8"),
+        (["--config", str(tmp_path / "none.toml")], "does not exist"),
+        (["--config", str(non_finite)], "--client-learning-rate must be a finite number"),
+        (["--client-learning-rate", "inf"], "must be a finite number"),
+        (["--server-learning-rate=-inf"], "must be a finite number"),
+        (["--clip-norm", "1e999"], "must be a finite number"),
+        (["--rpc-timeout", "nan"], "must be a finite number"),
+        (["--base-port", "65535", "--workers", "2"], "runs past port 65535"),
+        (["--base-port=-1"], "--base-port must be >= 0"),
+    ]
+    for argv, message in cases:
+        result = fedcompose("run", *argv, "--run-dir", str(tmp_path / "never"), timeout=60)
+        assert_one_line_error(result, "run", 2, message)
+    assert not (tmp_path / "never").exists()
+
+
+def test_base_port_bounds_match_their_message():
+    from tests.test_config import _resolve
+
+    assert _resolve("--base-port", "65535", "--workers", "1").federation.base_port == 65535
+    assert _resolve("--base-port", "80", "--workers", "1").federation.base_port == 80
+    assert _resolve("--base-port", "65534", "--workers", "2").federation.base_port == 65534
+    help_text = fedcompose("run", "--help").stdout
+    assert "1024" not in help_text
+
+
+def test_shards_dir_sets_the_worker_count(tmp_path, shards2):
+    from deploy import local
+    from tests.test_config import _resolve
+
+    shards_dir = str(shards2[0].parent)
+    config = _resolve("--shards-dir", shards_dir)
+    assert local._shard_dirs(config, tmp_path, workers_given=False) == shards2
+    assert config.federation.workers == 2  # what config.toml will record
+    result = fedcompose("run", "--shards-dir", shards_dir, "--workers", "3", "--run-dir",
+                        str(tmp_path / "r"))  # fmt: skip
+    assert_one_line_error(result, "run", 2, "--workers 3 but --shards-dir", "holds 2 shards")

@@ -1,0 +1,372 @@
+"""Provisioning kits, confinement of the executor service, and connection failures
+told apart, on this machine's loopback (the tests over other network hosts are
+in `test_tls_hosts.py`)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import http.server
+import json
+import os
+import socket
+import socketserver
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from deploy import provision
+from shared import tls
+from shared.ports import free_ports
+from tests.conftest import fedcompose, start_fedcompose
+
+
+def _one_error_line(stderr: str, command: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith(f"fedcompose {command}:")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_provision_creates_kits_and_never_replaces_the_ca(tmp_path):
+    kits = tmp_path / "kits"
+    first = fedcompose(
+        "provision", "--kits-dir", str(kits),
+        "--sites", "w0=10.9.0.2:10001,w0=w0.example.org,w1=10.9.1.2",
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert "created the CA" in first.stdout
+    ca_pem = (kits / "ca" / "ca.pem").read_bytes()
+    for site in ("w0", "w1", "coordinator"):
+        kit = kits / site
+        assert stat.S_IMODE(os.stat(kit / "key.pem").st_mode) == 0o600
+        assert (kit / "ca.pem").read_bytes() == ca_pem
+        _cert(kit / "cert.pem").verify_directly_issued_by(_cert(kit / "ca.pem"))
+    assert stat.S_IMODE(os.stat(kits / "ca" / "ca.key").st_mode) == 0o600
+    # A worker's certificate names every address it is dialled at, and may only serve.
+    w0 = _cert(kits / "w0" / "cert.pem")
+    san = w0.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.9.0.2"]
+    assert san.get_values_for_type(x509.DNSName) == ["w0.example.org"]
+    assert list(w0.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH
+    ]
+    coordinator = _cert(kits / "coordinator" / "cert.pem")
+    assert list(coordinator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    # The ready command line and unit point at the kit and the dialled port.
+    assert "--port 10001 --tls-dir /etc/fedcompose/w0" in (kits / "w0" / "commands.txt").read_text()
+    assert "--tls-dir /etc/fedcompose/w1" in (kits / "w1" / "fedcompose-worker.service").read_text()
+    info = json.loads((kits / "coordinator" / "kit.json").read_text())
+    assert info["workers"] == {"w0": ["10.9.0.2:10001", "w0.example.org:10001"],
+                               "w1": ["10.9.1.2:10000"]}  # fmt: skip
+    w0_key = (kits / "w0" / "key.pem").read_bytes()
+
+    # Re-running adds a site with the same CA and keeps the others as they are.
+    again = fedcompose(
+        "provision", "--kits-dir", str(kits),
+        "--sites", "w0=10.9.0.2:10001,w0=w0.example.org,w2=10.9.2.2", timeout=120, check=True,
+    )  # fmt: skip
+    assert "kept the existing CA" in again.stdout
+    assert (kits / "ca" / "ca.pem").read_bytes() == ca_pem
+    assert (kits / "w2" / "ca.pem").read_bytes() == ca_pem
+    assert (kits / "w0" / "key.pem").read_bytes() == w0_key
+    assert "w2" in json.loads((kits / "coordinator" / "kit.json").read_text())["workers"]
+    # A changed site is refused, not silently re-issued.
+    changed = fedcompose("provision", "--kits-dir", str(kits), "--sites", "w1=10.9.7.7")
+    assert changed.returncode == 2
+    assert "w1 exists with addresses 10.9.1.2:10000" in _one_error_line(changed.stderr, "provision")
+    # Kits without their CA: a new CA would not match them.
+    os.rename(kits / "ca", tmp_path / "ca-moved")
+    lost = fedcompose("provision", "--kits-dir", str(kits), "--sites", "w3=10.9.3.2")
+    assert lost.returncode == 2
+    assert "no CA" in _one_error_line(lost.stderr, "provision")
+    assert not (kits / "ca").exists() and not (kits / "w3").exists()
+    bad = fedcompose("provision", "--kits-dir", str(tmp_path / "k2"), "--sites", "w 0=1.2.3.4")
+    assert bad.returncode == 2 and "site name" in _one_error_line(bad.stderr, "provision")
+
+
+def _kit_with(tmp_path: Path, kits: Path, name: str, role: str, **issue_args) -> Path:
+    """A kit of the federation in `kits` with a certificate made to order."""
+    ca_key = serialization.load_pem_private_key((kits / "ca" / "ca.key").read_bytes(), None)
+    ca_cert = _cert(kits / "ca" / "ca.pem")
+    key, cert = provision.issue(ca_key, ca_cert, name, role, **issue_args)
+    directory = tmp_path / f"kit-{name}-{len(list(tmp_path.iterdir()))}"
+    provision.write_kit(
+        directory,
+        ca_cert=ca_cert,
+        key=key,
+        cert=cert,
+        info={"role": role, "name": name, "coordinator": "coordinator", "dial": []},
+    )
+    return directory
+
+
+@pytest.fixture
+def kits(tmp_path) -> Path:
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.1"]))
+    return kits
+
+
+def test_kit_problems_are_one_line_usage_errors_before_anything_starts(kits, tmp_path, shards2):
+    (port,) = free_ports(1)
+    run_dir = tmp_path / "run"
+
+    def train(kit: Path):
+        return fedcompose(
+            "train", "--addresses", f"127.0.0.1:{port}", "--tls-dir", str(kit),
+            "--run-dir", str(run_dir), timeout=120,
+        )  # fmt: skip
+
+    missing_key = tmp_path / "no-key"
+    subprocess.run(["cp", "-a", str(kits / "coordinator"), str(missing_key)], check=True)
+    (missing_key / "key.pem").unlink()
+    result = train(missing_key)
+    assert result.returncode == 2
+    assert f"private key {missing_key / 'key.pem'} is missing" in _one_error_line(
+        result.stderr, "train"
+    )
+    assert not run_dir.exists(), "nothing may start before the kit is checked"
+
+    loose = tmp_path / "loose"
+    subprocess.run(["cp", "-a", str(kits / "coordinator"), str(loose)], check=True)
+    os.chmod(loose / "key.pem", 0o644)
+    result = train(loose)
+    assert result.returncode == 2 and "readable by others (mode 0644)" in result.stderr
+
+    result = train(kits / "w0")
+    assert result.returncode == 2
+    assert "is the kit of worker 'w0', not a coordinator's kit" in result.stderr
+
+    now = datetime.datetime.now(datetime.UTC)
+    expired = _kit_with(
+        tmp_path, kits, "coordinator", tls.COORDINATOR,
+        not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1),
+    )  # fmt: skip
+    result = train(expired)
+    assert result.returncode == 2 and "certificate expired on" in result.stderr
+    assert not run_dir.exists()
+
+    status = fedcompose("status", "--addresses", f"127.0.0.1:{port}", "--tls-dir", str(tmp_path))
+    assert status.returncode == 2 and "kit description" in _one_error_line(status.stderr, "status")
+
+    missing_worker_key = tmp_path / "w0-no-key"
+    subprocess.run(["cp", "-a", str(kits / "w0"), str(missing_worker_key)], check=True)
+    (missing_worker_key / "key.pem").unlink()
+    worker = fedcompose(
+        "worker", "--shard", str(shards2[0]), "--port", str(port),
+        "--tls-dir", str(missing_worker_key), timeout=120,
+    )  # fmt: skip
+    assert worker.returncode == 2 and "is missing" in _one_error_line(worker.stderr, "worker")
+    both = fedcompose(
+        "worker", "--shard", str(shards2[0]), "--tls-dir", str(kits / "w0"),
+        "--insecure-plaintext-network",
+    )  # fmt: skip
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_without_a_working_loopback_shim_nothing_is_exposed(tmp_path, shards2):
+    (port,) = free_ports(1)
+    env = {**os.environ, "FEDCOMPOSE_LOOPBACK_SHIM": str(tmp_path / "missing.so")}
+    env.pop("LD_PRELOAD", None)  # the session's own (working) shim
+    worker = fedcompose("worker", "--shard", str(shards2[0]), "--port", str(port), env=env)
+    assert worker.returncode == 1
+    assert "the loopback shim" in _one_error_line(worker.stderr, "worker")
+    assert "deploy/bootstrap.sh" in worker.stderr
+    run_dir = tmp_path / "run"
+    run = fedcompose("run", "--run-dir", str(run_dir), env=env)
+    assert run.returncode == 1 and "loopback shim" in _one_error_line(run.stderr, "run")
+    assert not run_dir.exists()
+
+    # A shim that loads but does not confine (here: one that does nothing) is
+    # caught by reading what the executor listens on, and it is stopped.
+    noop = tmp_path / "noop.c"
+    noop.write_text("int fedcompose_noop_shim;\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "noop.so"), str(noop)],
+                   check=True)  # fmt: skip
+    env["FEDCOMPOSE_LOOPBACK_SHIM"] = str(tmp_path / "noop.so")
+    worker = fedcompose(
+        "worker", "--shard", str(shards2[0]), "--port", str(port), "--shard-check", "quick",
+        env=env, timeout=180,
+    )  # fmt: skip
+    assert worker.returncode != 0
+    line = _one_error_line(worker.stderr, "worker")
+    assert "not on loopback only" in line and "it was stopped" in line
+    with socket.socket() as s:  # the port is free again: nothing kept serving it
+        s.bind(("0.0.0.0", port))
+
+
+def test_two_workers_started_at_once_on_one_port(shards2):
+    (port,) = free_ports(1)
+    args = ["worker", "--shard", str(shards2[0]), "--port", str(port), "--shard-check", "quick"]
+    procs = [start_fedcompose(*args) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        losers = [p for p in procs if p.poll() is not None]
+        assert len(losers) == 1, "exactly one of two workers on one port must give up"
+        loser = losers[0]
+        (winner,) = [p for p in procs if p is not loser]
+        _, stderr = loser.communicate(timeout=30)
+        assert loser.returncode != 0
+        line = _one_error_line(stderr, "worker")
+        assert f"port {port}" in line and ("in use" in line or "not available" in line)
+        time.sleep(2)
+        assert winner.poll() is None, "the worker that owns the port keeps serving"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+            p.communicate(timeout=60)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def impostors() -> Iterator[dict[str, int]]:
+    """Ports that are not TFF executor services: silent, HTTP, gRPC without TFF, nothing."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    web = socketserver.TCPServer(("127.0.0.1", 0), _QuietHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    other_grpc = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    grpc_port = other_grpc.add_insecure_port("127.0.0.1:0")
+    other_grpc.start()
+    (closed,) = free_ports(1)
+    try:
+        yield {
+            "silent": silent.getsockname()[1],
+            "web": web.server_address[1],
+            "grpc": grpc_port,
+            "closed": closed,
+        }
+    finally:
+        stop.set()
+        other_grpc.stop(0)
+        web.shutdown()
+        web.server_close()
+        silent.close()
+        for s in held:
+            s.close()
+
+
+@pytest.mark.slow
+def test_status_tells_connection_failures_apart_without_waiting(impostors):
+    addresses = {kind: f"127.0.0.1:{port}" for kind, port in impostors.items()}
+    started = time.monotonic()
+    result = fedcompose(
+        "status", "--addresses", ",".join(addresses.values()), "--connect-timeout", "120",
+        "--json", timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 4
+    rows = {row["address"]: row for row in map(json.loads, result.stdout.splitlines())}
+    errors = {kind: rows[address]["error"] for kind, address in addresses.items()}
+    assert not any(row["up"] for row in rows.values())
+    for kind, address in addresses.items():
+        assert errors[kind].startswith(f"worker {address}: "), errors[kind]
+        assert "\n" not in errors[kind]
+    assert "connection refused: nothing listens on port" in errors["closed"]
+    assert "does not answer the gRPC (HTTP/2) handshake" in errors["silent"]
+    assert "answers like a web server" in errors["web"]
+    assert "not a TFF executor service (it does not implement GetExecutor)" in errors["grpc"]
+    # Every answer was known long before the connect timeout (does-not-hang bound).
+    assert elapsed < 100, elapsed
+
+
+@pytest.mark.slow
+def test_expired_certificates_and_tls_against_a_plaintext_worker(kits, tmp_path, workers2):
+    """The coordinator's kit against a plaintext worker, against a worker whose
+    certificate has expired (its proxy started here with such a kit), and an
+    expired coordinator certificate against a valid worker."""
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, probe
+
+    plain = workers2[0].address
+    now = datetime.datetime.now(datetime.UTC)
+    past = {
+        "not_before": now - datetime.timedelta(days=30),
+        "not_after": now - datetime.timedelta(days=2),
+    }
+    expired_worker = _kit_with(tmp_path, kits, "w0", tls.WORKER, hosts=["127.0.0.1"], **past)
+    info = json.loads((expired_worker / "kit.json").read_text())
+    old_kit = tls.Kit(
+        directory=expired_worker,
+        role=tls.WORKER,
+        name="w0",
+        coordinator="coordinator",
+        ca_pem=(expired_worker / "ca.pem").read_bytes(),
+        cert_pem=(expired_worker / "cert.pem").read_bytes(),
+        key_pem=(expired_worker / "key.pem").read_bytes(),
+        not_after=past["not_after"],
+        info=info,
+    )
+    # A worker refuses to start with it...
+    started = fedcompose("worker", "--shard", "x", "--tls-dir", str(expired_worker))
+    assert started.returncode == 2 and "certificate expired on" in started.stderr
+    # ...so its proxy (as if the certificate expired while it ran) is started here.
+    expired_port, valid_port = free_ports(2)
+    stale = proxy.start(expired_port, plain, old_kit, host="127.0.0.1")
+    valid = proxy.start(valid_port, plain, tls.load_kit(kits / "w0", tls.WORKER), host="127.0.0.1")
+    try:
+        expired_address = f"127.0.0.1:{expired_port}"
+        result = fedcompose(
+            "status", "--addresses", f"{plain},{expired_address}", "--tls-dir",
+            str(kits / "coordinator"), "--json", "--connect-timeout", "60", timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 4
+        rows = {row["address"]: row for row in map(json.loads, result.stdout.splitlines())}
+        assert "speaks plaintext, not TLS" in rows[plain]["error"]
+        assert "its certificate expired on" in rows[expired_address]["error"]
+
+        coordinator_expired = _kit_with(tmp_path, kits, "coordinator", tls.COORDINATOR, **past)
+        client = ClientTLS(
+            (kits / "ca" / "ca.pem").read_bytes(),
+            coordinator_expired / "cert.pem",
+            coordinator_expired / "key.pem",
+        )
+        valid_address = f"127.0.0.1:{valid_port}"
+        diagnosis = probe(valid_address, client)
+        assert diagnosis.final
+        assert "this coordinator's certificate expired on" in diagnosis.message
+        # The valid coordinator kit gets through the same proxy.
+        good = fedcompose(
+            "status", "--addresses", valid_address, "--tls-dir", str(kits / "coordinator"),
+            timeout=300,
+        )  # fmt: skip
+        assert good.returncode == 0, good.stdout + good.stderr
+    finally:
+        stale.stop()
+        valid.stop()
