@@ -12,7 +12,6 @@ one more round, and only when something went wrong.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from coordinator import algorithm as algorithm_lib
 from coordinator.executor_client import PreparedComputation
@@ -103,7 +102,3 @@ def finite_tree(value: object) -> bool:
         if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
             return False
     return True
-
-
-def is_finite_number(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
