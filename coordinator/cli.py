@@ -10,8 +10,8 @@ from pathlib import Path
 from shared import config as config_lib
 
 DESCRIPTION = (
-    "Compose the learning algorithm from TFF's building blocks (broadcast, clipped "
-    "client SGD, weighted mean, server SGD) and train over running workers "
+    "Compose the learning algorithm from TFF's building blocks (distributor, client work, "
+    "aggregator, finalizer: see `fedcompose blocks`) and train over running workers "
     "(`fedcompose worker`). Only worker addresses are needed: the coordinator learns "
     "what each worker hosts from the worker itself and never reads shard files. "
     "Restarting with the same --run-dir resumes after the last checkpoint."
@@ -66,13 +66,16 @@ def run_training(config: config_lib.RunConfig, addresses: list[str], command: st
         # Refusals that need only the directory come before TensorFlow loads.
         run_dir_lib.plan_resume(run_dir_lib.RunDirectory(run_dir), config, command)
         from coordinator import trainer
+        from coordinator.algorithm import privacy
 
         summary = trainer.train(config, addresses, run_dir, command=command)
     if summary.final_eval is not None:
         print(
             f"held-out accuracy {summary.final_eval['accuracy']:.4f} "
             f"(loss {summary.final_eval['loss']:.4f}) on {summary.final_eval['examples']} "
-            f"test examples after {summary.rounds_completed} rounds; results in {run_dir}",
+            f"test examples after {summary.rounds_completed} rounds"
+            + (f", {privacy.describe(summary.privacy)}" if summary.privacy else "")
+            + f"; results in {run_dir}",
             file=sys.stderr,
         )
     return 0

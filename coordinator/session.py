@@ -20,6 +20,7 @@ from coordinator import federation as federation_lib
 from coordinator.executor_client.connection import ClientTLS
 from coordinator.executor_client.server import ServerExecutor
 from coordinator.rounds.round_executor import RoundExecutor
+from shared.errors import UsageError
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -77,9 +78,25 @@ class FederationSession:
         """The composed algorithm for `spec`, ready to drive rounds on this federation."""
         assert self.federation is not None and self.server is not None
         started = time.perf_counter()
-        executor = RoundExecutor(algorithm_lib.build(spec), self.federation, self.server)
+        algorithm = algorithm_lib.build(spec)
+        try:
+            executor = RoundExecutor(algorithm, self.federation, self.server)
+        except Exception as e:  # TFF's mergeable-form compiler raises several kinds
+            raise UsageError(
+                f"the algorithm ({spec.describe()}) cannot run across workers: TFF cannot "
+                "split its round into the mergeable form "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                "choose other blocks (`fedcompose blocks`)"
+            ) from e
         self._executors.append(executor)
-        log.info("composed %s model algorithm in %.1fs", spec.model, time.perf_counter() - started)
+        log.info(
+            "composed %s model algorithm in %.1fs%s",
+            spec.model,
+            time.perf_counter() - started,
+            ""
+            if algorithm.empty_clients_harmless
+            else " (rounds not padded: aggregator counts clients)",
+        )
         return executor
 
     def close(self) -> None:

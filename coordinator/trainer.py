@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from coordinator import federation as federation_lib
 from coordinator import run_dir as run_dir_lib
-from coordinator.algorithm import AlgorithmSpec
+from coordinator.algorithm import AlgorithmSpec, privacy
 from coordinator.executor_client.connection import load_client_tls
 from coordinator.liveness import WORKERS_VIEW
+from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
@@ -33,6 +34,13 @@ class TrainSummary:
     final_eval: dict | None
     resumed_from: int | None
     already_finished: bool = False
+    privacy: dict | None = None
+    """(epsilon, delta) spent, with a DP aggregator."""
+
+
+def _figure(value: float | None, digits: int = 4) -> str:
+    """A train figure; None when no client of the round had a finite update."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _round_line(row: dict) -> str:
@@ -40,17 +48,21 @@ def _round_line(row: dict) -> str:
         f"round {row['round']:>4}",
         f"clients {row['clients']:>4}",
         f"examples {row['examples']:>6}",
-        f"loss {row['train']['loss']:.4f}",
-        f"acc {row['train']['accuracy']:.4f}",
+        f"loss {_figure(row['train']['loss'])}",
+        f"acc {_figure(row['train']['accuracy'])}",
         f"{row['round_seconds']:.2f}s",
     ]
+    if row.get("dropped_clients"):
+        parts.insert(3, f"non-finite dropped {row['dropped_clients']}")
+    if "privacy" in row:
+        parts.append(f"| {privacy.describe(row['privacy'])}")
     if "eval" in row:
         parts.append(f"| held-out loss {row['eval']['loss']:.4f} acc {row['eval']['accuracy']:.4f}")
     if row.get("degraded"):
         lost = ", ".join(row["workers_lost"]) or "none"
         parts.append(
-            f"| degraded: {row['clients_dropped']} of {row['clients_sampled']} clients "
-            f"dropped, lost {lost}, attempt {row['attempts']}"
+            f"| degraded: {row['clients_lost']} of {row['clients_sampled']} clients "
+            f"lost with {lost}, attempt {row['attempts']}"
         )
     if row.get("live_workers") and len(row["live_workers"]) < row.get("workers_total", 0):
         parts.append(f"| {len(row['live_workers'])} of {row['workers_total']} workers up")
@@ -112,9 +124,9 @@ def train(
             record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
             if plan.resuming:
                 run.check_trained_on(record)
-            executor = session.round_executor(
-                AlgorithmSpec.from_config(config, federation.task.num_classes)
-            )
+            spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
+            log.info("algorithm: %s", spec.describe())
+            executor = session.round_executor(spec)
             federation.watch(
                 config.resilience.probe_interval,
                 config.resilience.probe_interval_max,
@@ -139,9 +151,16 @@ def train(
                 checkpoint_round=start_round - 1,
                 target_rounds=t.rounds,
             )
-            final_eval = _loop(config, run, executor, federation, state, start_round, show_progress)
+            checks = RoundChecks(config, executor, federation)
+            final_eval = _loop(
+                config, run, executor, federation, state, start_round, show_progress, checks
+            )
         return TrainSummary(
-            run_dir, max(t.rounds, start_round - 1), final_eval, start_round - 1 or None
+            run_dir,
+            max(t.rounds, start_round - 1),
+            final_eval,
+            start_round - 1 or None,
+            privacy=checks.privacy(max(t.rounds, start_round - 1)),
         )
     except KeyboardInterrupt:
         if started:
@@ -155,7 +174,9 @@ def train(
         raise
 
 
-def _loop(config, run, executor, federation, state, start_round, show_progress) -> dict | None:
+def _loop(
+    config, run, executor, federation, state, start_round, show_progress, checks: RoundChecks
+) -> dict | None:
     t, e = config.training, config.evaluation
     bar = tqdm(
         total=t.rounds,
@@ -166,29 +187,28 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
         file=sys.stderr,
     )
     plan = resilience.RoundPlan.of(t, config.resilience)
-    deadline = config.resilience.round_timeout
     # A crash after the last checkpoint but before the end leaves no rounds to run.
-    evaluation = executor.evaluate(state, deadline) if start_round > t.rounds else None
+    evaluation = checks.evaluate(t.rounds, state) if start_round > t.rounds else None
     checkpointed = start_round - 1
     try:
         for round_num in range(start_round, t.rounds + 1):
             interrupts.raise_if_requested()
             pause_points.reached("round", round_num)
+            shuffle_seed = federation_lib.shuffle_seed(t.seed, round_num)
             result = resilience.run_round(
-                executor,
-                federation,
-                plan,
-                round_num,
-                state,
-                federation_lib.shuffle_seed(t.seed, round_num),
+                executor, federation, plan, round_num, state, shuffle_seed
             )
+            checks.after_train(round_num, state, result.delivered, shuffle_seed, result)
             state = result.state
             last = round_num == t.rounds
             evaluation = None
             if last or (e.eval_every and round_num % e.eval_every == 0):
                 pause_points.reached("evaluation", round_num)
-                evaluation = executor.evaluate(state, deadline)
+                evaluation = checks.evaluate(round_num, state)
             row = _row(round_num, result, evaluation)
+            spent = checks.privacy(round_num)
+            if spent is not None:
+                row["privacy"] = spent
             run.record_round(row)
             if last or (
                 config.output.checkpoint_every and round_num % config.output.checkpoint_every == 0
@@ -198,8 +218,8 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
             run.write_status(completed_rounds=round_num, checkpoint_round=checkpointed)
             tqdm.write(_round_line(row), file=sys.stderr)
             postfix = {
-                "loss": f"{row['train']['loss']:.3f}",
-                "acc": f"{row['train']['accuracy']:.3f}",
+                "loss": _figure(row["train"]["loss"], 3),
+                "acc": _figure(row["train"]["accuracy"], 3),
             }
             if evaluation:
                 postfix["held-out acc"] = f"{evaluation['accuracy']:.3f}"
@@ -210,14 +230,22 @@ def _loop(config, run, executor, federation, state, start_round, show_progress) 
     pause_points.reached("finish")
     run.write_model(executor.model_weights(state))
     plot = run.write_plot(f"{config.model.model} model, {len(federation.workers)} workers")
-    run.write_status(state="finished", final_eval=evaluation)
+    spent = checks.privacy(t.rounds)
+    run.write_status(
+        state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
+    )
     if evaluation is not None:
+        left_out = evaluation.get("left_out_clients")
         log.info(
-            "final model on all %d held-out examples: loss %.4f, accuracy %.4f",
+            "final model on %s %d held-out examples%s: loss %.4f, accuracy %.4f",
+            "the" if left_out else "all",
             evaluation["examples"],
+            f" ({left_out} client(s) left out: not finite)" if left_out else "",
             evaluation["loss"],
             evaluation["accuracy"],
         )
+    if spent is not None:
+        log.info("privacy spent after %d rounds: %s", t.rounds, privacy.describe(spent))
     log.info(
         "run directory: %s (metrics.csv, metrics.png%s, tensorboard/, checkpoints/)",
         run.path,

@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("deploy.status", "show whether workers are up and what they host"),
     "provision": ("deploy.provision", "create a federation's CA and a TLS kit per site"),
     "bench": ("deploy.bench.cli", "measure where a round's time goes, against baselines"),
+    "blocks": ("deploy.blocks", "list the algorithm's building blocks and their settings"),
+    "compare": ("deploy.compare", "draw several runs' held-out curves in one picture"),
 }
 
 

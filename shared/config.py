@@ -22,6 +22,48 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
 BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
+NON_FINITE_POLICIES = ("fail", "drop")
+
+# The learning algorithm's four building blocks and the parameters each choice
+# takes (coordinator/algorithm/ maps every name to TFF's own constructors).
+DISTRIBUTORS = ("broadcast",)
+CLIENT_WORKS = ("clipped", "model_delta")
+OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi", "adagrad")
+OPTIMIZER_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "sgdm": ("momentum",),
+    "adam": ("beta_1", "beta_2", "epsilon"),
+    "yogi": ("beta_1", "beta_2", "epsilon", "initial_accumulator"),
+    "adagrad": ("epsilon", "initial_accumulator"),
+}
+"""Optimizer parameters, as `client_<name>` / `server_<name>` settings."""
+AGGREGATORS = ("mean", "robust", "compression", "dp_fixed", "dp_adaptive", "secure")
+_ROBUST = ("zeroing", "zeroing_norm", "clipping", "clipping_norm")
+_DP = ("zeroing", "zeroing_norm", "noise_multiplier", "dp_clip_norm", "dp_delta")
+AGGREGATOR_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "mean": ("weighting",),
+    "robust": ("weighting", *_ROBUST),
+    "compression": (
+        "weighting",
+        *_ROBUST,
+        "quantization_bits",
+        "quantization_threshold",
+        "quantization_rounding",
+    ),
+    "dp_fixed": _DP,
+    "dp_adaptive": (*_DP, "dp_target_quantile", "dp_clip_learning_rate"),
+    "secure": (),
+}
+REFUSED_AGGREGATORS = {
+    "secure": "TFF's secure sum (federated_secure_sum_bitwidth) cannot be split into the "
+    "mergeable form that runs a round across workers: TFF's compiler leaves it in "
+    "after_merge, where it would need every client at once; use --aggregator mean, robust, "
+    "compression, dp_fixed or dp_adaptive",
+}
+"""Aggregators offered by TFF that cannot run across workers, and why (found by
+compiling each with `tff.backends.native.compile_to_mergeable_comp_form`)."""
+WEIGHTINGS = ("examples", "uniform")
+ROUNDINGS = ("stochastic", "deterministic")
 MAX_LOCAL_WORKERS = 64
 DEFAULT_EMNIST_PATH = "~/.tff"
 """Where `tff.simulation.datasets.emnist.load_data` caches the file by default."""
@@ -171,10 +213,13 @@ class TrainingConfig:
         10, "clients sampled (without replacement) per round", minimum=1, fixed_on_resume=True
     )
     client_learning_rate: float = setting(
-        0.3, "client SGD learning rate", above=0, fixed_on_resume=True
+        0.3, "client optimizer's learning rate", above=0, fixed_on_resume=True
     )
     server_learning_rate: float = setting(
-        1.0, "server SGD learning rate (finalizer)", above=0, fixed_on_resume=True
+        1.0,
+        "server optimizer's learning rate (finalizer)",
+        above=0,
+        fixed_on_resume=True,
     )
     batch_size: int = setting(20, "client batch size", minimum=1, fixed_on_resume=True)
     local_epochs: int = setting(
@@ -187,6 +232,199 @@ class TrainingConfig:
         100, "client-side shuffle buffer (1 disables shuffling)", minimum=1, fixed_on_resume=True
     )
     seed: int = setting(0, "seed of client sampling and shuffling", minimum=0, fixed_on_resume=True)
+    on_non_finite: str = setting(
+        "fail",
+        "a client's update or loss, the aggregate, the model or a held-out figure that is "
+        "not finite (NaN/inf): fail stops the run naming the client; drop leaves such "
+        "clients out of the round (and out of the figures), says which, and goes on",
+        choices=NON_FINITE_POLICIES,
+    )
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    """The learning algorithm's four blocks (`fedcompose blocks` lists them).
+
+    The learning rates, the client gradient clip norm and local epochs stay in
+    [training], where they were before the blocks became choices.
+    """
+
+    distributor: str = setting(
+        "broadcast",
+        "distributor block: broadcast sends the server model to every sampled client "
+        "(tff.learning.templates.build_broadcast_process)",
+        choices=DISTRIBUTORS,
+        fixed_on_resume=True,
+    )
+    client_work: str = setting(
+        "clipped",
+        "client work block: clipped = the tutorial's local training with every gradient "
+        "clipped to --clip-norm; model_delta = TFF's model-delta client work, unclipped "
+        "(as in build_weighted_fed_avg / build_weighted_fed_prox)",
+        choices=CLIENT_WORKS,
+        fixed_on_resume=True,
+    )
+    client_optimizer: str = setting(
+        "sgd",
+        "client optimizer (tff.learning.optimizers.build_*) at --client-learning-rate",
+        choices=OPTIMIZERS,
+        fixed_on_resume=True,
+    )
+    client_momentum: float = setting(
+        0.9, "client sgdm momentum", minimum=0, below=1, fixed_on_resume=True
+    )
+    client_beta_1: float = setting(
+        0.9, "client adam/yogi first-moment decay", minimum=0, below=1, fixed_on_resume=True
+    )
+    client_beta_2: float = setting(
+        0.99, "client adam/yogi second-moment decay", minimum=0, below=1, fixed_on_resume=True
+    )
+    client_epsilon: float = setting(
+        1e-3,
+        "client adam/yogi/adagrad epsilon (tau of Reddi et al. 2021)",
+        above=0,
+        maximum=1e3,
+        fixed_on_resume=True,
+    )
+    client_initial_accumulator: float = setting(
+        1e-6,
+        "client yogi/adagrad initial second-moment (preconditioner) value",
+        minimum=0,
+        maximum=1e3,
+        fixed_on_resume=True,
+    )
+    proximal_mu: float = setting(
+        0.0,
+        "FedProx: strength mu of the proximal term mu/2 |w - w_server|^2 added to every "
+        "client's loss (0: none)",
+        minimum=0,
+        maximum=1e3,
+        fixed_on_resume=True,
+    )
+    aggregator: str = setting(
+        "mean",
+        "aggregator block: mean; robust (adaptive zeroing and clipping, "
+        "tff.learning.robust_aggregator); compression (quantized sum, "
+        "tff.learning.compression_aggregator); dp_fixed / dp_adaptive (Gaussian DP with fixed "
+        "or adaptive clipping, tff.aggregators.DifferentiallyPrivateFactory); secure (refused: "
+        "cannot run across workers)",
+        choices=AGGREGATORS,
+        fixed_on_resume=True,
+    )
+    weighting: str = setting(
+        "examples",
+        "mean/robust/compression: weight each client by its examples, or all alike "
+        "(uniform; DP aggregators are always uniform)",
+        choices=WEIGHTINGS,
+        fixed_on_resume=True,
+    )
+    zeroing: bool = setting(
+        True,
+        "robust/compression/dp: zero out a client's update whose largest value exceeds "
+        "--zeroing-norm (tff.aggregators.zeroing_factory)",
+        fixed_on_resume=True,
+    )
+    zeroing_norm: float = setting(
+        0.0,
+        "zeroing threshold; 0: adaptive, TFF's estimate (2 x the 0.98 quantile + 1)",
+        minimum=0,
+        maximum=1e9,
+        fixed_on_resume=True,
+    )
+    clipping: bool = setting(
+        True,
+        "robust/compression: clip every client's update to --clipping-norm in L2 "
+        "(tff.aggregators.clipping_factory)",
+        fixed_on_resume=True,
+    )
+    clipping_norm: float = setting(
+        0.0,
+        "update clipping norm; 0: adaptive, TFF's estimate of the 0.8 quantile",
+        minimum=0,
+        maximum=1e9,
+        fixed_on_resume=True,
+    )
+    quantization_bits: int = setting(
+        8, "compression: bits per quantized value", minimum=1, maximum=16, fixed_on_resume=True
+    )
+    quantization_threshold: int = setting(
+        20000,
+        "compression: only tensors with more than this many values are quantized (TFF's "
+        "default; the linear model's largest has 7840)",
+        minimum=0,
+        fixed_on_resume=True,
+    )
+    quantization_rounding: str = setting(
+        "stochastic",
+        "compression: stochastic (unbiased, TFF's default) or deterministic rounding",
+        choices=ROUNDINGS,
+        fixed_on_resume=True,
+    )
+    noise_multiplier: float = setting(
+        0.5,
+        "dp: Gaussian noise stddev over the clip norm (dp_adaptive: the total, "
+        "shared with the clip estimate, as TFF defines it)",
+        minimum=0,
+        maximum=1e3,
+        fixed_on_resume=True,
+    )
+    dp_clip_norm: float = setting(
+        0.1,
+        "dp_fixed: L2 norm every client's update is clipped to; dp_adaptive: the initial clip norm",
+        above=0,
+        maximum=1e6,
+        fixed_on_resume=True,
+    )
+    dp_target_quantile: float = setting(
+        0.5,
+        "dp_adaptive: share of clients whose update the clip norm should leave unclipped",
+        above=0,
+        below=1,
+        fixed_on_resume=True,
+    )
+    dp_clip_learning_rate: float = setting(
+        0.2,
+        "dp_adaptive: learning rate of the geometric clip-norm update",
+        above=0,
+        maximum=10,
+        fixed_on_resume=True,
+    )
+    dp_delta: float = setting(
+        1e-5,
+        "dp: the delta at which the privacy spent so far is reported as epsilon",
+        above=0,
+        below=1,
+    )
+    server_optimizer: str = setting(
+        "sgd",
+        "finalizer block: server optimizer at --server-learning-rate, applied to the "
+        "aggregated update (adam / yogi / adagrad: FedAdam / FedYogi / FedAdagrad)",
+        choices=OPTIMIZERS,
+        fixed_on_resume=True,
+    )
+    server_momentum: float = setting(
+        0.9, "server sgdm momentum", minimum=0, below=1, fixed_on_resume=True
+    )
+    server_beta_1: float = setting(
+        0.9, "server adam/yogi first-moment decay", minimum=0, below=1, fixed_on_resume=True
+    )
+    server_beta_2: float = setting(
+        0.99, "server adam/yogi second-moment decay", minimum=0, below=1, fixed_on_resume=True
+    )
+    server_epsilon: float = setting(
+        1e-3,
+        "server adam/yogi/adagrad epsilon (tau of Reddi et al. 2021)",
+        above=0,
+        maximum=1e3,
+        fixed_on_resume=True,
+    )
+    server_initial_accumulator: float = setting(
+        1e-6,
+        "server yogi/adagrad initial second-moment (preconditioner) value",
+        minimum=0,
+        maximum=1e3,
+        fixed_on_resume=True,
+    )
 
 
 @dataclasses.dataclass
@@ -214,6 +452,12 @@ class OutputConfig:
     )
     json: bool = setting(False, "print one JSON object per line instead of a table")
     verbose: bool = setting(False, "show debug logs and TensorFlow's own output")
+
+
+@dataclasses.dataclass
+class CompareConfig:
+    run_dirs: list = setting([], "run directories to compare", metavar="RUN_DIR")
+    output: str = setting("comparison.png", "where to write the picture (PNG)", metavar="FILE")
 
 
 @dataclasses.dataclass
@@ -295,11 +539,13 @@ SECTIONS: dict[str, type] = {
     "worker": WorkerConfig,
     "model": ModelConfig,
     "training": TrainingConfig,
+    "algorithm": AlgorithmConfig,
     "evaluation": EvaluationConfig,
     "output": OutputConfig,
     "bench": BenchConfig,
     "tls": TLSConfig,
     "provision": ProvisionConfig,
+    "compare": CompareConfig,
 }
 settings.check_unique_names(SECTIONS)
 
@@ -310,6 +556,7 @@ RUN_SECTIONS = (
     "worker",
     "model",
     "training",
+    "algorithm",
     "evaluation",
     "output",
     "tls",
@@ -324,9 +571,11 @@ class RunConfig:
     worker: WorkerConfig = dataclasses.field(default_factory=WorkerConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     bench: BenchConfig = dataclasses.field(default_factory=BenchConfig)
+    compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
     tls: TLSConfig = dataclasses.field(default_factory=TLSConfig)
     provision: ProvisionConfig = dataclasses.field(default_factory=ProvisionConfig)
     given: frozenset[str] = frozenset()
@@ -341,7 +590,7 @@ class RunConfig:
         )
 
 
-_TRAINING = ("model", "training", "evaluation")
+_TRAINING = ("model", "training", "algorithm", "evaluation")
 _COORDINATOR_RESILIENCE = tuple(
     f.name
     for f in dataclasses.fields(ResilienceConfig)
@@ -425,6 +674,13 @@ COMMANDS: dict[str, settings.Command] = {
             "round_timeout": 3.0,
         },
     ),
+    "compare": settings.Command(
+        "compare",
+        {"compare": "*", "output": ("verbose",)},
+        required=frozenset({"run_dirs"}),
+        positional="run_dirs",
+    ),
+    "blocks": settings.Command("blocks", {}, accepts_config_file=False),
 }
 
 
@@ -442,9 +698,84 @@ def resolve(args: argparse.Namespace, command: str) -> RunConfig:
     return config
 
 
+def _not_default(section: object) -> set[str]:
+    """Names of the section's settings set to something other than their default.
+
+    "Given" is not enough: a resolved config.toml fed back with --config holds
+    every setting, most at their defaults.
+    """
+    return {
+        f.name
+        for f in dataclasses.fields(section)  # type: ignore[arg-type]
+        if getattr(section, f.name) != settings.field_default(f)
+    }
+
+
+def _applies_only(name: str, kind: str, chosen: str, table: dict[str, tuple[str, ...]]) -> str:
+    takers = [choice for choice, params in table.items() if name in params]
+    return (
+        f"{settings.flag(name)} applies to {settings.flag(kind)} {' / '.join(takers)} "
+        f"only, not {chosen}"
+    )
+
+
+def _check_algorithm(config: RunConfig) -> None:
+    """Every block parameter must belong to the chosen block; combinations that
+    cannot run across workers are refused here, before anything starts."""
+    a, t = config.algorithm, config.training
+    changed = _not_default(a)
+    if a.aggregator in REFUSED_AGGREGATORS:
+        raise UsageError(f"--aggregator {a.aggregator}: {REFUSED_AGGREGATORS[a.aggregator]}")
+    aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
+    dp = a.aggregator.startswith("dp_")
+    for name in sorted(changed & aggregator_params):
+        if name == "weighting" and dp and a.weighting == "uniform":
+            continue  # what DP aggregators are; a resolved config.toml says so
+        if name not in AGGREGATOR_PARAMETERS[a.aggregator]:
+            raise UsageError(_applies_only(name, "aggregator", a.aggregator, AGGREGATOR_PARAMETERS))
+    for side in ("client", "server"):
+        chosen = getattr(a, f"{side}_optimizer")
+        for param in sorted({p for ps in OPTIMIZER_PARAMETERS.values() for p in ps}):
+            name = f"{side}_{param}"
+            if name in changed and param not in OPTIMIZER_PARAMETERS[chosen]:
+                takers = [o for o, ps in OPTIMIZER_PARAMETERS.items() if param in ps]
+                raise UsageError(
+                    f"{settings.flag(name)} applies to --{side}-optimizer "
+                    f"{' / '.join(takers)} only, not {chosen}"
+                )
+    if a.client_work != "clipped" and "clip_norm" in _not_default(t):
+        raise UsageError(
+            f"--clip-norm applies to --client-work clipped only; {a.client_work} does not "
+            "clip gradients"
+        )
+    if not a.zeroing and "zeroing_norm" in changed:
+        raise UsageError("--zeroing-norm needs --zeroing")
+    if not a.clipping and "clipping_norm" in changed:
+        raise UsageError("--clipping-norm needs --clipping")
+    if dp:
+        # TFF's DP factories are unweighted: every sampled client counts once.
+        a.weighting = "uniform"
+    # TFF spends noise of stddev 0.05 x clients per round on the clipped count
+    # and refuses a total noise multiplier it cannot reach that way
+    # (DifferentiallyPrivateFactory.gaussian_adaptive).
+    if (
+        a.aggregator == "dp_adaptive"
+        and a.noise_multiplier > 0
+        and a.noise_multiplier >= 0.1 * t.clients_per_round
+    ):
+        raise UsageError(
+            f"--noise-multiplier {a.noise_multiplier:g} with --aggregator dp_adaptive "
+            f"needs more than {10 * a.noise_multiplier:g} clients per round (TFF adds "
+            "noise of stddev 0.05 x clients per round to the clip estimate's count); "
+            "raise --clients-per-round, lower --noise-multiplier or use dp_fixed"
+        )
+
+
 def _check_together(config: RunConfig, command: str) -> None:
     """Rules that involve more than one setting."""
     d, f, t = config.data, config.federation, config.training
+    if command in ("run", "train"):
+        _check_algorithm(config)
     if command == "run" and f.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
     if command == "run" and f.base_port and f.base_port + f.workers - 1 > 65535:

@@ -14,6 +14,8 @@ Exit codes (also in README, *Commands*):
     3    data: a data source, shard or client file is missing or malformed
     4    federation: a worker is unreachable, failed, or the workers disagree
     5    run directory: locked by another run, holds another run, or unwritable
+    6    training: a client's update, the aggregate, the model or a held-out figure
+         was not finite (NaN/inf) and --on-non-finite is fail
     130  interrupted (Ctrl-C, SIGTERM)
 """
 
@@ -51,6 +53,13 @@ class RunDirError(FedcomposeError):
     """The run directory cannot be used: locked, another run's, corrupt or unwritable."""
 
     exit_code = 5
+
+
+class TrainingError(FedcomposeError):
+    """Training produced a non-finite value (NaN/inf); the message names the
+    round and, where one is to blame, the client and its worker."""
+
+    exit_code = 6
 
 
 INTERRUPTED = 130

@@ -35,12 +35,13 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     above: float | None = None,
+    below: float | None = None,
     fixed_on_resume: bool = False,
     metavar: str | None = None,
 ) -> Any:
     """A setting: its default, help text and rules.
 
-    `minimum`/`maximum` are inclusive bounds, `above` an exclusive lower one.
+    `minimum`/`maximum` are inclusive bounds, `above`/`below` exclusive ones.
     Floats must be finite. `fixed_on_resume`: resuming a run with another
     value is refused (it would change what the run computes).
     """
@@ -50,6 +51,7 @@ def setting(
         "minimum": minimum,
         "maximum": maximum,
         "above": above,
+        "below": below,
         "fixed_on_resume": fixed_on_resume,
         "metavar": metavar,
     }
@@ -86,6 +88,8 @@ class Command:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     required: frozenset[str] = frozenset()
     accepts_config_file: bool = True
+    positional: str | None = None
+    """A list setting taken as the command's positional arguments (`compare RUN_DIR...`)."""
 
     def fields(self, sections: Mapping[str, type]) -> list[tuple[str, dataclasses.Field]]:
         chosen = []
@@ -171,6 +175,16 @@ def add_arguments(
             "help": help_text,
         }
         choices = f.metadata.get("choices")
+        if f.name == command.positional:
+            # argparse keeps a positional's own default (None when not given).
+            group.add_argument(
+                f"{section}.{f.name}",
+                nargs="*",
+                default=None,
+                metavar=f.metadata.get("metavar") or f.name.upper(),
+                help=help_text,
+            )
+            continue
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif swept or kind is list:
@@ -280,6 +294,8 @@ def check(f: dataclasses.Field, value: Any) -> None:
     bounds = []
     if m.get("above") is not None:
         bounds.append((value > m["above"], f"> {m['above']:g}"))
+    if m.get("below") is not None:
+        bounds.append((value < m["below"], f"< {m['below']:g}"))
     if m.get("minimum") is not None:
         bounds.append((value >= m["minimum"], f">= {m['minimum']:g}"))
     if m.get("maximum") is not None:
@@ -308,7 +324,8 @@ def resolve(
         layers.append(load_file(config_path, sections))
     flags: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
-        if "." in dest:
+        # A positional list not given at all comes as None or [].
+        if "." in dest and value is not None and value != []:
             section, name = dest.split(".", 1)
             flags.setdefault(section, {})[name] = value
     layers.append(flags)
@@ -332,6 +349,9 @@ def resolve(
         for item in value if f.name in command.sweep and isinstance(value, list) else [value]:
             check(f, item)
         if f.name in command.required and f.name not in given and value in ("", [], None):
+            if f.name == command.positional:
+                what = f.metadata.get("metavar") or f.name.upper()
+                raise UsageError(f"give at least one {what}: fedcompose {command.name} {what}...")
             raise UsageError(f"{flag(f.name)} is required")
     config.given = frozenset(given)
     if command.sweep:

@@ -122,7 +122,7 @@ def test_one_flag_vocabulary_across_commands():
         parser = argparse.ArgumentParser()
         config_lib.add_arguments(parser, name)
         for action in parser._actions:
-            if action.dest and "." in action.dest:
+            if action.dest and "." in action.dest and action.option_strings:
                 flags.setdefault(action.dest.split(".", 1)[1], set()).update(
                     o for o in action.option_strings if not o.startswith("--no-")
                 )

@@ -121,8 +121,8 @@ def test_killed_executor_degrades_a_round_and_rejoins_after_a_restart(workers3, 
     label = f"worker{victim.index}"
     degraded = rows[4]
     assert degraded["degraded"] == 1 and label in degraded["workers_lost"]
-    assert degraded["clients_dropped"] > 0
-    assert degraded["clients"] == degraded["clients_sampled"] - degraded["clients_dropped"]
+    assert degraded["clients_lost"] > 0
+    assert degraded["clients"] == degraded["clients_sampled"] - degraded["clients_lost"]
     assert "round    5 " in stderr and "| degraded:" in stderr
     # While it was down its clients were not sampled; once back, they were again.
     down = [r for r in rows[5:] if victim.index not in r["live_workers"]]
@@ -206,7 +206,7 @@ def test_finisher_killed_while_merging_is_replaced_and_the_mean_is_over_delivere
     clients_by_round = []
     for row in rows:
         sampled = sample_live(ids, owner, row["live_workers"], row["round"], 24, 0)
-        delivered = [c for c in sampled if c not in set(row["dropped_clients"])]
+        delivered = [c for c in sampled if c not in set(row["lost_clients"])]
         assert len(delivered) == row["clients"]
         clients_by_round.append(delivered)
     assert len(clients_by_round[1]) < 24 and rows[2]["live_workers"] != [0, 1, 2]

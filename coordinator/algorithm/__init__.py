@@ -1,10 +1,17 @@
 """The learning algorithm, composed from TFF's four building blocks.
 
-    spec.py     what the algorithm is made of, as plain settings
-    compose.py  distributor, client work, aggregator and finalizer, composed, with the
-                dataset computations that let `next` take client tokens
+    spec.py         what the algorithm is made of, as plain settings
+    distributor.py  the distributor block (broadcast)
+    client_work.py  the client work block (clipped / model-delta local training,
+                    client optimizer, FedProx, local epochs)
+    aggregator.py   the aggregator block (mean, robust, compression, DP)
+    finalizer.py    the finalizer block (server SGD, SGDM, Adam, Yogi, Adagrad)
+    optimizers.py   TFF's optimizers by name, for client work and finalizer
+    compose.py      the four blocks, composed, with the dataset computations
+                    that let `next` take client tokens
+    privacy.py      (epsilon, delta) spent so far with a DP aggregator
 
-The model and the clipped client update, which run on the workers, live in `shared/`.
+The model and the client update, which run on the workers, live in `shared/`.
 """
 
 from coordinator.algorithm.compose import Algorithm, build, build_learning_process

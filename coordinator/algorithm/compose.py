@@ -1,7 +1,7 @@
 """The learning algorithm, composed from TFF's four building blocks.
 
-distributor (broadcast) -> client work (clipped local SGD) -> aggregator
-(example-weighted mean) -> finalizer (server SGD), joined by
+distributor (distributor.py) -> client work (client_work.py) -> aggregator
+(aggregator.py) -> finalizer (finalizer.py), joined by TFF's
 `compose_learning_process`, then given a dataset computation so that `next`
 takes client tokens instead of datasets: each worker builds a client's
 dataset from its own files, and only tokens and weights cross the wire.
@@ -9,6 +9,7 @@ dataset from its own files, and only tokens and weights cross the wire.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -16,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from coordinator.algorithm import aggregator, client_work, distributor, finalizer
 from coordinator.algorithm.spec import AlgorithmSpec
-from shared import client_update, models, preprocessing
+from shared import models, preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +30,33 @@ class Algorithm:
     """Composed learning process whose `next` takes `{str}@CLIENTS` tokens."""
     evaluation: tff.learning.templates.LearningProcess
     """Federated evaluation whose `next` takes `{str}@CLIENTS` tokens."""
+    train_outcome: tff.Computation
+    """`(ModelWeights@SERVER, {str}@CLIENTS) -> {<finite, loss, examples>}@CLIENTS`:
+    each client's update recomputed, to name those that were not finite."""
+    eval_outcome: tff.Computation
+    """`(ModelWeights@SERVER, {str}@CLIENTS) -> {<finite, loss, examples>}@CLIENTS`:
+    each client's held-out loss, to name those that were not finite."""
+
+    @property
+    def empty_clients_harmless(self) -> bool:
+        """Whether padding a round with empty clients changes nothing (see aggregator.py)."""
+        return aggregator.empty_clients_harmless(self.spec)
+
+
+def _train_dataset(spec: AlgorithmSpec, token: tf.Tensor) -> tf.data.Dataset:
+    return preprocessing.client_dataset(
+        token, "train", spec.batch_size, spec.local_epochs, spec.shuffle_buffer
+    )
+
+
+def _test_dataset(spec: AlgorithmSpec, token: tf.Tensor) -> tf.data.Dataset:
+    return preprocessing.client_dataset(token, "test", spec.eval_batch_size)
 
 
 def train_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
     @tff.tensorflow.computation(np.str_)
     def make_dataset(token):
-        return preprocessing.client_dataset(
-            token, "train", spec.batch_size, spec.local_epochs, spec.shuffle_buffer
-        )
+        return _train_dataset(spec, token)
 
     return make_dataset
 
@@ -43,39 +64,74 @@ def train_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
 def test_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
     @tff.tensorflow.computation(np.str_)
     def make_dataset(token):
-        return preprocessing.client_dataset(token, "test", spec.eval_batch_size)
+        return _test_dataset(spec, token)
 
     return make_dataset
+
+
+def _weights_type(model_fn) -> tff.StructType:
+    with tf.Graph().as_default():
+        return tff.learning.models.weights_type_from_model(model_fn())
 
 
 def build_learning_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess:
     """The four building blocks, composed; `next` still takes datasets."""
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
-    with tf.Graph().as_default():
-        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+    weights_type = _weights_type(model_fn)
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
-    distributor = tff.learning.templates.build_broadcast_process(weights_type)
-    client_work = client_update.build_clipped_client_work(
-        model_fn, spec.client_learning_rate, spec.clip_norm
-    )
-    aggregator = tff.aggregators.MeanFactory().create(
-        weights_type.trainable, tff.TensorType(np.float32)
-    )
-    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-        tff.learning.optimizers.build_sgdm(learning_rate=spec.server_learning_rate),
-        weights_type,
-    )
     return tff.learning.templates.compose_learning_process(
-        initial_model_weights_fn, distributor, client_work, aggregator, finalizer
+        initial_model_weights_fn,
+        distributor.build(spec, weights_type),
+        client_work.build(spec, model_fn),
+        aggregator.build(spec, weights_type.trainable),
+        finalizer.build(spec, weights_type),
     )
+
+
+def _per_client(weights_type: tff.StructType, outcome: tff.Computation) -> tff.Computation:
+    """Maps a `(weights, token) -> value` computation over a round's clients."""
+
+    @tff.federated_computation(
+        tff.FederatedType(weights_type, tff.SERVER), tff.FederatedType(np.str_, tff.CLIENTS)
+    )
+    def per_client(weights, tokens):
+        return tff.federated_map(outcome, (tff.federated_broadcast(weights), tokens))
+
+    return per_client
+
+
+@tf.function
+def _held_out_loss(model, weights, dataset):
+    model_weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(lambda v, w: v.assign(w), model_weights, weights)
+    loss_sum, examples = tf.constant(0.0), tf.constant(0.0)
+    for batch in iter(dataset):
+        out = model.forward_pass(batch, training=False)
+        n = tf.cast(out.num_examples, tf.float32)
+        loss_sum += out.loss * n
+        examples += n
+    return collections.OrderedDict(
+        finite=tf.math.is_finite(loss_sum),
+        loss=loss_sum / tf.maximum(examples, 1.0),
+        examples=examples,
+    )
+
+
+def _eval_outcome(spec: AlgorithmSpec, model_fn, weights_type) -> tff.Computation:
+    @tff.tensorflow.computation(weights_type, np.str_)
+    def outcome(weights, token):
+        return _held_out_loss(model_fn(), weights, _test_dataset(spec, token))
+
+    return outcome
 
 
 def build(spec: AlgorithmSpec) -> Algorithm:
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
+    weights_type = _weights_type(model_fn)
     process = tff.simulation.compose_dataset_computation_with_learning_process(
         train_dataset_computation(spec), build_learning_process(spec)
     )
@@ -86,4 +142,17 @@ def build(spec: AlgorithmSpec) -> Algorithm:
             model_fn, loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR
         ),
     )
-    return Algorithm(spec=spec, model_fn=model_fn, process=process, evaluation=evaluation)
+    train_outcome = client_work.outcome_computation(
+        spec, model_fn, lambda token: _train_dataset(spec, token)
+    )
+    return Algorithm(
+        spec=spec,
+        model_fn=model_fn,
+        process=process,
+        evaluation=evaluation,
+        train_outcome=_per_client(weights_type, train_outcome),
+        eval_outcome=_per_client(weights_type, _eval_outcome(spec, model_fn, weights_type)),
+    )
+
+
+__all__ = ["Algorithm", "build", "build_learning_process"]

@@ -80,6 +80,10 @@ def run_round(
             log.warning("round %d, attempt %d fell short: %s", round_num, attempt + 1, e)
             continue
         result.live = live
+        lost = set(result.lost_clients)
+        result.delivered = {
+            w: [c for c in ids if c not in lost] for w, ids in sampled.items() if ids
+        }
         result.workers_total = len(federation.workers)
         result.attempts = attempt + 1
         result.failed_attempts = failures

@@ -23,6 +23,7 @@ import math
 import time
 from concurrent import futures
 
+import numpy as np
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from coordinator import algorithm as algorithm_lib
@@ -85,6 +86,10 @@ class RoundExecutor:
         executor_budget: int = EXECUTOR_BUDGET,
     ):
         self.algorithm = algorithm
+        # Empty clients change no example-weighted sum but do change anything
+        # that counts clients (an unweighted mean, DP, adaptive clipping or
+        # zeroing): pad only when the aggregator has nothing of the kind.
+        pad_clients = pad_clients and algorithm.empty_clients_harmless
         self.reuse = [ExecutorReuse(executor_budget, pad_clients) for _ in federation.workers]
         self.federation = federation
         self.server = server
@@ -346,25 +351,35 @@ class RoundExecutor:
         return RoundResult(
             state=output.state,
             metrics={
-                "loss": float(metrics["loss"]),
-                "accuracy": float(metrics["accuracy"]),
+                # Over the clients whose update was finite; none (all dropped): no figure.
+                "loss": float(metrics["loss"]) if metrics["num_examples"] else None,
+                "accuracy": float(metrics["accuracy"]) if metrics["num_examples"] else None,
                 "examples": int(metrics["num_examples"]),
                 "clients": clients_per_round - len(dropped),
                 "update_non_finite": int(output.metrics["finalizer"]["update_non_finite"]),
+                "dropped_clients": int(metrics["dropped_clients"]),
+                "dropped_examples": int(metrics["dropped_examples"]),
+                "aggregator": _scalars(output.metrics["aggregator"]),
             },
             timing=timing,
             wire=WireStats.total(by_peer.values()),
             wire_by_peer=by_peer,
             sampled=clients_per_round,
             lost={f"worker{i}": reason for i, reason in sorted(lost.items())},
-            dropped_clients=dropped,
+            lost_clients=dropped,
             finisher=f"worker{outcome.finisher}",
             refinished=outcome.refinished,
         )
 
-    def evaluate(self, state: object, round_timeout: float | None = None) -> dict | None:
+    def evaluate(
+        self,
+        state: object,
+        round_timeout: float | None = None,
+        leave_out: frozenset[str] = frozenset(),
+    ) -> dict | None:
         """Loss and accuracy of the global model on the held-out examples of every
-        writer on a live worker; None if no worker could evaluate.
+        writer on a live worker (but those of the clients in `leave_out`); None
+        if no worker could evaluate.
 
         A worker lost on the way is dropped like in a round; the figures then
         cover the writers of the workers that delivered (`examples` and
@@ -375,7 +390,12 @@ class RoundExecutor:
         eval_state = self.server.worker.call(self._eval_set_weights, (eval_state, weights))
         live = self.federation.live()
         tokens = {
-            i: [preprocessing.make_token(c, 0) for c in self.federation.clients_of(i)] for i in live
+            i: [
+                preprocessing.make_token(c, 0)
+                for c in self.federation.clients_of(i)
+                if c not in leave_out
+            ]
+            for i in live
         }
         timing = RoundTiming()
         started = time.perf_counter()
@@ -408,9 +428,22 @@ class RoundExecutor:
             "loss": float(metrics["loss"]),
             "accuracy": float(metrics["sparse_categorical_accuracy"]),
             "examples": int(metrics["num_examples"]),
-            "clients": sum(len(self.federation.clients_of(i)) for i in outcome.delivered),
+            "clients": sum(len(tokens[i]) for i in outcome.delivered),
             "seconds": time.perf_counter() - started,
         }
         if lost:
             evaluation["workers_lost"] = {f"worker{i}": r for i, r in sorted(lost.items())}
         return evaluation
+
+
+def _scalars(measurements: object, prefix: str = "") -> dict[str, float]:
+    """A block's measurements as flat `name/sub: number` pairs, for the metrics."""
+    out: dict[str, float] = {}
+    items = measurements.items() if hasattr(measurements, "items") else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.update(_scalars(value, name + "/"))
+        elif np.ndim(value) == 0:
+            out[name] = float(value)
+    return out

@@ -70,7 +70,9 @@ class RoundResult:
     """Clients sampled; `metrics["clients"]` are those whose updates made it."""
     lost: dict[str, str] = dataclasses.field(default_factory=dict)
     """Workers dropped from the round (label -> why)."""
-    dropped_clients: list[str] = dataclasses.field(default_factory=list)
+    lost_clients: list[str] = dataclasses.field(default_factory=list)
+    delivered: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    """The round's clients whose updates arrived, by worker index."""
     """Sampled clients whose updates did not make it (they were on lost workers)."""
     finisher: str = ""
     refinished: bool = False
@@ -112,14 +114,17 @@ class RoundResult:
             },
             "update_non_finite": self.metrics["update_non_finite"],
             "clients_sampled": self.sampled,
-            "clients_dropped": len(self.dropped_clients),
-            "dropped_clients": self.dropped_clients,
+            "clients_lost": len(self.lost_clients),
+            "lost_clients": self.lost_clients,
             "workers_lost": self.lost,
             "live_workers": self.live,
             "workers_total": self.workers_total,
-            "degraded": int(bool(self.dropped_clients or self.lost or self.failed_attempts)),
+            "degraded": int(bool(self.lost_clients or self.lost or self.failed_attempts)),
             "attempts": self.attempts,
             "failed_attempts": self.failed_attempts,
             "finisher": self.finisher,
             "refinished": int(self.refinished),
+            "dropped_clients": self.metrics.get("dropped_clients", 0),
+            "dropped_examples": self.metrics.get("dropped_examples", 0),
+            **({"aggregator": a} if (a := self.metrics.get("aggregator")) else {}),
         }

@@ -303,7 +303,7 @@ class Soak:
             ),
             "rounds_retried": sum(1 for r in rows if r.get("attempts", 1) > 1),
             "rounds_refinished": sum(1 for r in rows if r.get("refinished")),
-            "clients_dropped": sum(r.get("clients_dropped", 0) for r in rows),
+            "clients_lost": sum(r.get("clients_lost", 0) for r in rows),
             "clients_sampled": sum(r.get("clients_sampled", 0) for r in rows),
             "recover_seconds": {
                 "faults_recovered": len(recover),
@@ -350,7 +350,7 @@ def render(report: dict) -> str:
         f"rounds degraded (lost partials): {r['rounds_degraded']}; run with a worker down: "
         f"{r['rounds_with_a_worker_down']}; retried: {r['rounds_retried']}; finisher replaced: "
         f"{r['rounds_refinished']}",
-        f"clients lost: {r['clients_dropped']} of {r['clients_sampled']} sampled",
+        f"clients lost: {r['clients_lost']} of {r['clients_sampled']} sampled",
         f"time to recover (fault -> worker's clients in a round again): median {rec['median']}s, "
         f"p90 {rec['p90']}s, max {rec['max']}s over {rec['faults_recovered']} of "
         f"{rec['faults']} faults; {rec['faults_recovered_across_the_coordinator_kill']} more "

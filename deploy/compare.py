@@ -1,0 +1,178 @@
+"""`fedcompose compare`: several runs' held-out curves in one picture, and their final figures.
+
+Reads each run directory's `metrics.jsonl`, `config.toml` and `status.json`
+(never TensorFlow), draws held-out accuracy and loss against round, one line
+per run, and prints a table: the algorithm, rounds, final and best held-out
+accuracy, final held-out loss, and the privacy spent by DP runs. Runs that
+differ in something other than the algorithm (data, seeds, clients per
+round, rounds) are compared all the same, but the differences are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+from shared import config as config_lib
+from shared import files
+from shared.errors import RunDirError, UsageError
+
+DESCRIPTION = (
+    "Compare runs: draw the held-out accuracy and loss of several run directories in one "
+    "PNG (--output) and print a table of their final figures."
+)
+
+_SAME = ("data", "model", "federation.workers", "training.clients_per_round", "training.seed")
+
+
+class Run:
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_dir():
+            raise RunDirError(f"{path} is not a run directory (no such directory)")
+        metrics = path / "metrics.jsonl"
+        if not metrics.is_file():
+            raise RunDirError(f"{path} holds no metrics.jsonl; is it a fedcompose run directory?")
+        self.rows = []
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                self.rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a crash
+        self.evals = [(int(r["round"]), r["eval"]) for r in self.rows if "eval" in r]
+        if not self.evals:
+            raise RunDirError(
+                f"{path} has no held-out evaluation yet (metrics.jsonl has no eval rows)"
+            )
+        try:
+            self.config = tomllib.loads((path / "config.toml").read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            self.config = {}
+        try:
+            self.status = json.loads((path / "status.json").read_text())
+        except (OSError, ValueError):
+            self.status = {}
+
+    def setting(self, dotted: str):
+        section, _, key = dotted.partition(".")
+        table = self.config.get(section, {})
+        return table.get(key) if key else table
+
+    @property
+    def algorithm(self) -> str:
+        """A short name for the run's four blocks (the defaults left out)."""
+        a = self.config.get("algorithm", {})
+        t = self.config.get("training", {})
+        if not a:
+            return "clipped sgd | mean | server sgd"
+        client = f"{a.get('client_work')} {a.get('client_optimizer')}"
+        if a.get("proximal_mu"):
+            client += f" prox {a['proximal_mu']:g}"
+        aggregator = a.get("aggregator", "mean")
+        if aggregator.startswith("dp_"):
+            aggregator += f" z={a.get('noise_multiplier'):g}"
+        elif a.get("weighting") == "uniform":
+            aggregator += " uniform"
+        server = f"server {a.get('server_optimizer')} {t.get('server_learning_rate', 1.0):g}"
+        return f"{client} | {aggregator} | {server}"
+
+    @property
+    def label(self) -> str:
+        return self.path.name or str(self.path)
+
+    def epsilon(self) -> str:
+        privacy = next((r["privacy"] for r in reversed(self.rows) if "privacy" in r), None)
+        if privacy is None:
+            return "-"
+        eps = privacy.get("epsilon")
+        return f"{'inf' if eps is None else f'{eps:.3g}'} (d={privacy['delta']:g})"
+
+
+def _differences(runs: list[Run]) -> list[str]:
+    notes = []
+    for dotted in _SAME:
+        values = {json.dumps(r.setting(dotted), sort_keys=True) for r in runs}
+        if len(values) > 1:
+            notes.append(f"runs differ in {dotted}")
+    return notes
+
+
+def table(runs: list[Run]) -> str:
+    header = (
+        "run",
+        "algorithm",
+        "rounds",
+        "held-out acc",
+        "best acc",
+        "held-out loss",
+        "epsilon",
+        "status",
+    )
+    lines = []
+    for r in runs:
+        last_round, last = r.evals[-1]
+        best = max(e["accuracy"] for _, e in r.evals)
+        lines.append(
+            (
+                r.label,
+                r.algorithm,
+                str(last_round),
+                f"{last['accuracy']:.4f}",
+                f"{best:.4f}",
+                f"{last['loss']:.4f}",
+                r.epsilon(),
+                str(r.status.get("state", "?")),
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+    out += [fmt.format(*row) for row in lines]
+    return "\n".join(out)
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    legend_inches = 0.2 + 0.2 * len(runs)
+    height = 4.2 + legend_inches
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, height))
+    for r in runs:
+        xs = [round_num for round_num, _ in r.evals]
+        label = f"{r.label}: {r.algorithm}"
+        ax_acc.plot(xs, [e["accuracy"] for _, e in r.evals], "o-", markersize=3, label=label)
+        ax_loss.plot(xs, [e["loss"] for _, e in r.evals], "o-", markersize=3)
+    ax_acc.set(xlabel="round", ylabel="held-out accuracy", title="held-out accuracy", ylim=(0, 1))
+    ax_loss.set(xlabel="round", ylabel="held-out loss", title="held-out loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
+    fig.legend(loc="lower center", fontsize=8, frameon=False)
+    try:
+        with files.atomic_target(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def run(config: config_lib.RunConfig) -> int:
+    c = config.compare
+    if len(c.run_dirs) != len(set(c.run_dirs)):
+        raise UsageError("a run directory is listed twice")
+    output = Path(c.output)
+    if output.suffix.lower() != ".png":
+        raise UsageError(f"--output {output}: give a .png file")
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory; give a .png file")
+    runs = [Run(Path(p)) for p in c.run_dirs]
+    plot(runs, output)
+    print(table(runs))
+    for note in _differences(runs):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"picture: {output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,65 @@
+"""`fedcompose compare`: one picture and one table for several run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shared import config as config_lib
+from tests.conftest import fedcompose
+
+
+def _fake_run(path: Path, accuracies: list[float], **algorithm) -> Path:
+    """A run directory as `fedcompose run` leaves it (metrics.jsonl, config.toml, status)."""
+    path.mkdir(parents=True)
+    config = config_lib.RunConfig()
+    for key, value in algorithm.items():
+        setattr(config.algorithm, key, value)
+    (path / "config.toml").write_text(config.to_toml())
+    rows = []
+    for i, acc in enumerate(accuracies, start=1):
+        row = {"round": i, "train": {"loss": 1.0, "accuracy": acc}}
+        if i % 2 == 0:
+            row["eval"] = {"loss": 2.0 - acc, "accuracy": acc, "examples": 360}
+        if algorithm.get("aggregator", "").startswith("dp_"):
+            row["privacy"] = {"epsilon": 10.0 * i, "delta": 1e-5, "noise_multiplier": 0.5}
+        rows.append(row)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "status.json").write_text(json.dumps({"state": "finished"}))
+    return path
+
+
+def test_compare_draws_one_picture_and_prints_final_figures(tmp_path):
+    a = _fake_run(tmp_path / "fedavg", [0.2, 0.5, 0.7, 0.8])
+    b = _fake_run(tmp_path / "fedadam", [0.3, 0.9, 0.6, 0.85], server_optimizer="adam")
+    c = _fake_run(tmp_path / "dp", [0.1, 0.2, 0.3, 0.4], aggregator="dp_fixed")
+    out = tmp_path / "cmp.png"
+    result = fedcompose("compare", str(a), str(b), str(c), "--output", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["run", "algorithm", "rounds", "held-out"]
+    fedavg, fedadam, dp = lines[2:5]
+    assert fedavg.startswith("fedavg") and "0.8000" in fedavg and "server sgd 1" in fedavg
+    assert "0.8500" in fedadam and "0.9000" in fedadam and "server adam" in fedadam  # final, best
+    assert "dp_fixed z=0.5" in dp and "40 (d=1e-05)" in dp
+
+
+def test_compare_refuses_what_is_not_a_finished_run_in_one_line(tmp_path):
+    good = _fake_run(tmp_path / "good", [0.1, 0.2])
+    cases = [
+        ([str(tmp_path / "missing")], "is not a run directory", 5),
+        ([str(tmp_path)], "holds no metrics.jsonl", 5),
+        ([str(good), str(good)], "listed twice", 2),
+        ([str(good), "--output", str(tmp_path / "x.jpg")], "give a .png file", 2),
+        ([], "give at least one RUN_DIR", 2),
+    ]
+    empty = tmp_path / "no-eval"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"round": 1, "train": {}}) + "\n")
+    cases.append(([str(empty)], "has no held-out evaluation yet", 5))
+    for args, message, code in cases:
+        result = fedcompose("compare", *args, timeout=120)
+        assert result.returncode == code, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr, (args, result.stderr)
