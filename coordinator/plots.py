@@ -1,4 +1,5 @@
-"""The plot a person looks at after a run: loss and accuracy against round."""
+"""Plots people look at: a run's loss and accuracy against round; the benchmark's
+cost curves on log-log axes."""
 
 from __future__ import annotations
 
@@ -41,6 +42,31 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
         ax.legend(loc="best")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        with files.atomic_target(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_loglog(
+    series: dict[str, list[tuple[float, float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> None:
+    """One line per series, both axes logarithmic (costs against scale)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label, points in series.items():
+        points = sorted((x, y) for x, y in points if x and y and x > 0 and y > 0)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, "o-", label=label, markersize=4)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     try:
         with files.atomic_target(path, ".png") as tmp:

@@ -19,6 +19,7 @@ from coordinator import algorithm as algorithm_lib
 from coordinator import federation as federation_lib
 from coordinator.executor_client.connection import ClientTLS
 from coordinator.executor_client.server import ServerExecutor
+from coordinator.rounds.executor_reuse import MemoryPlan
 from coordinator.rounds.round_executor import RoundExecutor
 from shared.errors import UsageError
 
@@ -74,13 +75,17 @@ class FederationSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def round_executor(self, spec: algorithm_lib.AlgorithmSpec) -> RoundExecutor:
-        """The composed algorithm for `spec`, ready to drive rounds on this federation."""
+    def round_executor(
+        self, spec: algorithm_lib.AlgorithmSpec, worker_memory_mb: int = 0
+    ) -> RoundExecutor:
+        """The composed algorithm for `spec`, ready to drive rounds on this
+        federation, each worker's calls sized to `worker_memory_mb` (0: none)."""
         assert self.federation is not None and self.server is not None
         started = time.perf_counter()
         algorithm = algorithm_lib.build(spec)
         try:
-            executor = RoundExecutor(algorithm, self.federation, self.server)
+            memory = MemoryPlan.of(worker_memory_mb, spec.model, spec.blocks.client_optimizer)
+            executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)
         except Exception as e:  # TFF's mergeable-form compiler raises several kinds
             raise UsageError(
                 f"the algorithm ({spec.describe()}) cannot run across workers: TFF cannot "

@@ -126,7 +126,8 @@ def train(
                 run.check_trained_on(record)
             spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
             log.info("algorithm: %s", spec.describe())
-            executor = session.round_executor(spec)
+            executor = session.round_executor(spec, config.federation.worker_memory_mb)
+            log.info("%s", executor.memory.describe())
             federation.watch(
                 config.resilience.probe_interval,
                 config.resilience.probe_interval_max,

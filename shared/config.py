@@ -21,6 +21,7 @@ SOURCES = ("default", "emnist")
 PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
+BENCH_CURVES = ("memory", "scale")
 BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
 NON_FINITE_POLICIES = ("fail", "drop")
 
@@ -65,6 +66,7 @@ compiling each with `tff.backends.native.compile_to_mergeable_comp_form`)."""
 WEIGHTINGS = ("examples", "uniform")
 ROUNDINGS = ("stochastic", "deterministic")
 MAX_LOCAL_WORKERS = 64
+MIN_WORKER_MEMORY_MB = 512
 DEFAULT_EMNIST_PATH = "~/.tff"
 """Where `tff.simulation.datasets.emnist.load_data` caches the file by default."""
 
@@ -126,6 +128,14 @@ class FederationConfig:
     rpc_timeout: float = setting(600.0, "deadline in seconds for any one call to a worker", above=0)
     connect_timeout: float = setting(
         30.0, "seconds to wait for every worker to be reachable", above=0
+    )
+    worker_memory_mb: int = setting(
+        2048,
+        "memory budget of each worker's executor service, MB: a worker's share of a round "
+        "or an evaluation that would take more runs as several calls that the worker merges "
+        "itself (0: no budget, one call per worker)",
+        minimum=0,
+        metavar="MB",
     )
 
 
@@ -494,6 +504,19 @@ class BenchConfig:
         "SIGKILLed and SIGSTOPped every few rounds, and the coordinator once",
     )
     chaos_every: int = setting(6, "chaos soak: mean rounds between two faults", minimum=2)
+    curves: list = setting(
+        [],
+        "instead of the grid, cost curves: memory (the largest worker's peak memory against "
+        "--clients-per-round, default cnn 10,100,1000 at --workers 1, with --worker-memory-mb "
+        "and without a budget); scale (worker start-up, discovery, rounds, evaluation, "
+        "checkpoint and coordinator memory against --scale-hosted clients on 2 workers)",
+        metavar="memory,scale",
+    )
+    scale_hosted: list = setting(
+        ["3400", "10000", "30000", "100000"],
+        "hosted clients of the scale curve",
+        metavar="N,N,...",
+    )
 
 
 @dataclasses.dataclass
@@ -602,7 +625,13 @@ COMMANDS: dict[str, settings.Command] = {
         "run",
         {
             "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
-            "federation": ("workers", "base_port", "rpc_timeout", "connect_timeout"),
+            "federation": (
+                "workers",
+                "base_port",
+                "rpc_timeout",
+                "connect_timeout",
+                "worker_memory_mb",
+            ),
             "resilience": "*",
             "worker": tuple(
                 f.name for f in dataclasses.fields(WorkerConfig) if f.name not in _PER_PROCESS
@@ -614,7 +643,7 @@ COMMANDS: dict[str, settings.Command] = {
     "train": settings.Command(
         "train",
         {
-            "federation": ("addresses", "rpc_timeout", "connect_timeout"),
+            "federation": ("addresses", "rpc_timeout", "connect_timeout", "worker_memory_mb"),
             "resilience": _COORDINATOR_RESILIENCE,
             "tls": ("tls_dir",),
             **{s: "*" for s in _TRAINING},
@@ -658,7 +687,7 @@ COMMANDS: dict[str, settings.Command] = {
                 "client_learning_rate",
                 "seed",
             ),
-            "federation": ("workers", "rpc_timeout"),
+            "federation": ("workers", "rpc_timeout", "worker_memory_mb"),
             "resilience": ("round_timeout",),
             "data": ("data_seed",),
             "bench": "*",
@@ -778,6 +807,11 @@ def _check_together(config: RunConfig, command: str) -> None:
         _check_algorithm(config)
     if command == "run" and f.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
+    if 0 < f.worker_memory_mb < MIN_WORKER_MEMORY_MB:
+        raise UsageError(
+            f"--worker-memory-mb {f.worker_memory_mb} is less than a worker's executor service "
+            f"needs with a model loaded; use at least {MIN_WORKER_MEMORY_MB} (or 0: no budget)"
+        )
     if command == "run" and f.base_port and f.base_port + f.workers - 1 > 65535:
         raise UsageError(
             f"--base-port {f.base_port} with {f.workers} workers runs past port 65535; "

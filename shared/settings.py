@@ -161,7 +161,12 @@ def add_arguments(
         default = command.default(section, f)
         kind = kind_of(f)
         swept = f.name in command.sweep
-        shown = "none" if default in ("", []) else _toml_value(default).strip('"')
+        if default in ("", []):
+            shown = "none"
+        elif isinstance(default, list):
+            shown = ",".join(str(v) for v in default)
+        else:
+            shown = _toml_value(default).strip('"')
         help_text = f.metadata["help"]
         if f.name in command.required:
             help_text += " (required)"

@@ -10,6 +10,9 @@ of each written to one .npz file.
 RUNS_JSON is a list of {"name", "spec" (AlgorithmSpec.from_dict), "rounds",
 "clients_per_round", "seed", "pad": "auto" | "off" | "forced"}; "forced" pads
 even an aggregator that counts clients (a control showing that it matters).
+Optional: "clients_per_call" (a worker's share runs as calls of at most that
+many clients, merged on the worker, as a memory budget makes it), "evaluate"
+(the final model's held-out figures go into the report).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ quiet_tensorflow()
 import numpy as np  # noqa: E402
 
 from coordinator import algorithm, federation  # noqa: E402
-from coordinator.rounds.executor_reuse import ExecutorReuse  # noqa: E402
+from coordinator.rounds.executor_reuse import ExecutorReuse, MemoryPlan  # noqa: E402
 from coordinator.rounds.round_executor import RoundExecutor  # noqa: E402
 from coordinator.session import FederationSession  # noqa: E402
 
@@ -55,9 +58,11 @@ def main() -> None:
                 executor.reuse = [
                     ExecutorReuse(executor.reuse[0].budget, True) for _ in executor.reuse
                 ]
+            if run.get("clients_per_call"):
+                executor.memory = MemoryPlan(0, 0.0, run["clients_per_call"])
             try:
                 state = executor.initialize()
-                padded = 0
+                padded = pieces = 0
                 for round_num in range(1, run["rounds"] + 1):
                     sampled = session.federation.sample(
                         round_num, run["clients_per_round"], run["seed"]
@@ -69,12 +74,19 @@ def main() -> None:
                     padded += sum(
                         w.padded_to - w.clients for w in result.timing.per_worker.values()
                     )
+                    pieces = max([pieces, *(w.pieces for w in result.timing.per_worker.values())])
                 weights = executor.model_weights(state)
+                evaluation = executor.evaluate(state) if run.get("evaluate") else None
             finally:
                 executor.close()
             for i, w in enumerate(weights.trainable):
                 arrays[f"{run['name']}__trainable_{i}"] = np.asarray(w)
-            report[run["name"]] = {"padded_clients": padded, "metrics": _plain(result.metrics)}
+            report[run["name"]] = {
+                "padded_clients": padded,
+                "most_pieces": pieces,
+                "metrics": _plain(result.metrics),
+                "evaluation": evaluation,
+            }
     np.savez(out_path, **arrays)
     Path(out_path).with_suffix(".json").write_text(json.dumps(report))
 

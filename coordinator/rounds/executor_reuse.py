@@ -16,13 +16,83 @@ and tells the worker's client to do so.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 
 EXECUTOR_BUDGET = 256
-"""Clients a worker's kept executors may serve in all. An executor holds its
-clients' TensorFlow state (about 16 MB per client for the CNN, measured with
-`fedcompose bench`); without a bound, executors kept for reuse ran four CNN
-workers at 1,000 clients per round out of memory on a 24 GiB machine."""
+"""Clients a worker's kept executors may serve in all: each keeps a session per
+loaded computation. (Memory is not what bounds them: a worker's memory follows
+the clients of its largest call, see `MemoryPlan`. Measured on a CNN worker:
+after a call of 64 clients at 1,204 MB, keeping that executor and adding one
+for 32 clients left it at 1,290 MB, and disposing of both freed nothing the
+next call did not reuse.)"""
+
+BASE_MB = 300.0
+"""A worker's executor service with the model loaded and a few clients run."""
+CLIENT_MB = {"linear": 0.25, "cnn": 16.0}
+"""Memory a client holds while its call runs (its model copy, optimizer,
+gradients, batches), by model. Measured on one worker, `worker_binary` RSS
+against clients per call (linear 16 to 1,024: 93 -> 297 MB; CNN 8 to 128:
+385 -> 2,230 MB); `fedcompose bench --memory-curve` measures it again."""
+MODEL_MB = {"linear": 0.03, "cnn": 4.8}
+"""The model's weights; optimizers with slots (Adam, Yogi, Adagrad) hold more per client."""
+OPTIMIZER_SLOTS = {"adam": 2, "yogi": 2, "adagrad": 1, "sgdm": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How many clients a worker runs in one call, from its memory budget.
+
+    Every client of a call is held at once by the executor service, so a
+    worker's memory is about `BASE_MB + clients_per_call * client_mb`. A
+    worker's share of a round (or of an evaluation) larger than
+    `clients_per_call` runs as several calls, one after another, whose partial
+    aggregates the worker merges itself (`mergeable`): the coordinator still
+    sees one partial per worker.
+    """
+
+    budget_mb: int
+    client_mb: float
+    clients_per_call: int | None
+    """None: no budget, a worker's whole share in one call."""
+
+    @classmethod
+    def of(cls, budget_mb: int, model: str, client_optimizer: str = "sgd") -> MemoryPlan:
+        client_mb = CLIENT_MB.get(model, CLIENT_MB["cnn"]) + OPTIMIZER_SLOTS.get(
+            client_optimizer, 0
+        ) * MODEL_MB.get(model, MODEL_MB["cnn"])
+        if budget_mb <= 0:
+            return cls(budget_mb, client_mb, None)
+        fitting = max(1, int((budget_mb - BASE_MB) // client_mb))
+        return cls(budget_mb, client_mb, largest_padded_count(fitting))
+
+    def describe(self) -> str:
+        if self.clients_per_call is None:
+            return "no worker memory budget: a worker's share in one call"
+        return (
+            f"worker memory budget {self.budget_mb} MB: at most {self.clients_per_call} clients "
+            f"per call (about {self.client_mb:g} MB each)"
+        )
+
+
+def largest_padded_count(limit: int) -> int:
+    """The largest count `padded_count` can give that is at most `limit`."""
+    best = 1
+    for clients in range(1, limit + 1):
+        if padded_count(clients) == clients:
+            best = clients
+    return best
+
+
+def piece_sizes(clients: int, per_call: int | None) -> list[int]:
+    """A share of `clients` as calls of at most `per_call`, as equal as can be."""
+    if clients <= 0:
+        return []
+    if per_call is None or clients <= per_call:
+        return [clients]
+    pieces = -(-clients // per_call)
+    size, extra = divmod(clients, pieces)
+    return [size + 1] * extra + [size] * (pieces - extra)
 
 
 def padded_count(clients: int) -> int:
@@ -89,15 +159,34 @@ class ExecutorReuse:
                 evicted.append(kept)
         return evicted
 
+    def pieces(self, clients: int, per_call: int | None) -> list[tuple[int, int]]:
+        """A share of `clients` as calls: (real clients, count run at) each.
+
+        Padded, every piece runs at one count (at most `per_call`): the
+        largest piece's target, so one executor serves them all. Unpadded,
+        pieces differ by at most one client.
+        """
+        sizes = piece_sizes(clients, per_call)
+        if not self.pad or not sizes:
+            return [(n, n) for n in sizes]
+        count = self.target(sizes[0])
+        if per_call is not None and count > per_call:
+            count = sizes[0]
+        return [(n, count) for n in sizes]
+
     def forget(self) -> None:
         """The worker lost every executor (it restarted)."""
         self._kept.clear()
 
-    def warm_up_counts(self, clients_per_round: int, hosted: int, total: int) -> list[int]:
+    def warm_up_counts(
+        self, clients_per_round: int, hosted: int, total: int, per_call: int | None = None
+    ) -> list[int]:
         """The counts to build executors for ahead, likeliest first, within the budget."""
         likely = likely_counts(clients_per_round, hosted, total)
-        counts = {padded_count(n) for n in likely} if self.pad else set(likely)
+        counts = {count for n in likely for _, count in self.pieces(n, per_call)}
         mean = clients_per_round * hosted / total
+        if per_call is not None:
+            mean = min(mean, per_call)
         chosen, budget = [], self.budget
         for clients in sorted(counts, key=lambda c: (abs(c - mean), c)):
             if clients > budget:

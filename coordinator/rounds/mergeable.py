@@ -71,6 +71,8 @@ class _Partial:
     call: CallTiming
     original_arg: ValueRef | None = None
     """On the finisher: the `up_to_merge` argument, which `after_merge` takes too."""
+    pieces: int = 1
+    """Calls the worker's share ran as."""
 
 
 class MergeableRunner:
@@ -114,56 +116,126 @@ class MergeableRunner:
         names = element_names(form.after_merge.type_signature.result)
         self.state_index = names.index("state") if "state" in names else None
 
-    def _partial_elsewhere(
-        self, worker: RemoteWorker, index: int, arg: executor_pb2.Value, clients: int
-    ) -> _Partial:
-        started = time.perf_counter()
-        call = CallTiming()
-        partial = worker.call_proto(self.up_to_merge, arg, clients, call)
-        return _Partial(index, partial, None, time.perf_counter() - started, call)
-
-    def _partial_on_finisher(
+    def _share(
         self,
         worker: RemoteWorker,
         index: int,
         state: executor_pb2.Value,
-        tokens: executor_pb2.Value,
-        clients: int,
-        keep: list[ValueRef],
+        pieces: list[list[str]],
+        keep: list[ValueRef] | None = None,
     ) -> _Partial:
-        """Runs `up_to_merge` on the finisher, keeping its argument and result there.
+        """Runs `up_to_merge` over a worker's share of the clients and merges it
+        into one partial aggregate on the worker.
 
-        Every value made there is added to `keep`, to be disposed of after the round.
+        A share of more clients than fit one call comes as several pieces: they
+        run one after another (a call's clients are held in memory at once, so
+        this bounds the worker's memory; see `executor_reuse.MemoryPlan`), and
+        each piece's partial is merged on the worker as it is done. Pieces run
+        at another client count (unpadded shares) run in that count's executor
+        and their merged partial moves once into the main one.
+
+        On the finisher (`keep` given), the merged partial and the first piece's
+        argument (which `after_merge` takes) stay on the worker, and everything
+        made there is added to `keep`; elsewhere the merged partial is fetched
+        as bytes and everything made is freed.
         """
         started = time.perf_counter()
-        call = CallTiming(new_executor=not worker.is_loaded(self.up_to_merge, clients))
-        for comp in (self.up_to_merge, self.partial_done, self.merge, self.after_merge):
-            worker.load(comp, clients)
-        t1 = time.perf_counter()
-        call.setup = t1 - started
-        state_ref = worker.create_value(state, clients)
-        tokens_ref = worker.create_value(tokens, clients)
-        arg_ref = worker.create_struct(
-            list(zip(self.arg_names, [state_ref, tokens_ref], strict=True)), clients
-        )
-        keep += [state_ref, tokens_ref, arg_ref]
-        t2 = time.perf_counter()
-        call.upload = t2 - t1
-        partial_ref = worker.create_call(self.up_to_merge, arg_ref, clients)
-        keep.append(partial_ref)
-        done_ref = worker.create_call(self.partial_done, partial_ref, clients)
-        keep.append(done_ref)
-        worker.compute(done_ref, clients)
-        call.compute = time.perf_counter() - t2
-        return _Partial(index, None, partial_ref, time.perf_counter() - started, call, arg_ref)
+        main = len(pieces[0])
+        call = CallTiming(new_executor=not worker.is_loaded(self.up_to_merge, main))
+        if keep is None and len(pieces) == 1:
+            # One call carries state and clients: the cheapest way for most rounds.
+            arg = self.up_to_merge.struct_arg(
+                [state, self.up_to_merge.serialize_element(1, pieces[0])]
+            )
+            proto = worker.call_proto(self.up_to_merge, arg, main, call)
+            return _Partial(index, proto, None, time.perf_counter() - started, call, pieces=1)
+        held: list[ValueRef] = keep if keep is not None else []
+        comps = [self.up_to_merge, self.partial_done, self.merge]
+        if keep is not None:
+            comps.append(self.after_merge)
+        for comp in comps:
+            worker.load(comp, main)
+        call.setup = time.perf_counter() - started
+        groups: dict[int, list[list[str]]] = {}
+        for tokens in pieces:
+            groups.setdefault(len(tokens), []).append(tokens)
+        merged: ValueRef | None = None
+        original_arg: ValueRef | None = None
+        moved: list[executor_pb2.Value] = []
+        try:
+            for count, group in groups.items():
+                bucket = held if count == main else []
+                if count != main:
+                    for comp in comps[:3]:
+                        worker.load(comp, count)
+                t0 = time.perf_counter()
+                state_ref = worker.create_value(state, count)
+                bucket.append(state_ref)
+                call.upload += time.perf_counter() - t0
+                group_merged: ValueRef | None = None
+                for tokens in group:
+                    t0 = time.perf_counter()
+                    tokens_ref = worker.create_value(
+                        self.up_to_merge.serialize_element(1, tokens), count
+                    )
+                    arg_ref = worker.create_struct(
+                        list(zip(self.arg_names, [state_ref, tokens_ref], strict=True)), count
+                    )
+                    t1 = time.perf_counter()
+                    call.upload += t1 - t0
+                    partial_ref = worker.create_call(self.up_to_merge, arg_ref, count)
+                    bucket += [tokens_ref, arg_ref, partial_ref]
+                    if original_arg is None and count == main:
+                        original_arg = arg_ref
+                    # One piece at a time: wait until this one is done.
+                    done_ref = worker.create_call(self.partial_done, partial_ref, count)
+                    bucket.append(done_ref)
+                    worker.compute(done_ref, count)
+                    call.compute += time.perf_counter() - t1
+                    group_merged = (
+                        partial_ref
+                        if group_merged is None
+                        else self._merge_on(worker, group_merged, partial_ref, count, bucket)
+                    )
+                assert group_merged is not None
+                if count == main:
+                    merged = group_merged
+                else:
+                    moved.append(worker.compute(group_merged, count))
+                    worker.dispose(bucket, count)
+            assert merged is not None
+            for proto in moved:
+                ref = worker.create_value(proto, main)
+                held.append(ref)
+                merged = self._merge_on(worker, merged, ref, main, held)
+            if keep is not None:
+                return _Partial(
+                    index,
+                    None,
+                    merged,
+                    time.perf_counter() - started,
+                    call,
+                    original_arg,
+                    pieces=len(pieces),
+                )
+            t0 = time.perf_counter()
+            proto = worker.compute(merged, main)
+            call.compute += time.perf_counter() - t0
+            return _Partial(
+                index, proto, None, time.perf_counter() - started, call, pieces=len(pieces)
+            )
+        finally:
+            if keep is None:
+                worker.dispose(held, main)
 
     def warm_up(self, worker: RemoteWorker, state: executor_pb2.Value, clients: int) -> None:
         """Builds the worker's executor for `clients` clients and every session the
         finisher's part of a round needs, on empty clients; the result is dropped."""
-        tokens = self.up_to_merge.serialize_element(1, [preprocessing.EMPTY_CLIENT_TOKEN] * clients)
         kept: list[ValueRef] = []
         try:
-            partial = self._partial_on_finisher(worker, -1, state, tokens, clients, kept)
+            partial = self._share(
+                worker, -1, state, [[preprocessing.EMPTY_CLIENT_TOKEN] * clients], kept
+            )
             assert partial.ref is not None and partial.original_arg is not None
             merged = self._merge_on(worker, partial.ref, partial.ref, clients, kept)
             # No weight at all: the mean is 0/0. Harmless, and never used.
@@ -210,7 +282,7 @@ class MergeableRunner:
         federation: Federation,
         pool: futures.ThreadPoolExecutor,
         state_proto: executor_pb2.Value,
-        tokens_by_worker: dict[int, list[str]],
+        pieces_by_worker: dict[int, list[list[str]]],
         timing: RoundTiming,
         started: float,
         *,
@@ -219,8 +291,9 @@ class MergeableRunner:
         round_num: int = 0,
         track: Callable[[int, futures.Future], None] | None = None,
     ) -> MergeOutcome:
-        """Runs the computation on the workers in `tokens_by_worker` and returns
-        the serialized result, with which workers' partials are in it.
+        """Runs the computation on the workers in `pieces_by_worker` (each
+        worker's share of the clients as the calls it runs) and returns the
+        serialized result, with which workers' partials are in it.
 
         A worker that fails (an error, killed, unreachable) or has not delivered
         its partial `phase_timeout` seconds after the start is dropped; so is a
@@ -231,10 +304,11 @@ class MergeableRunner:
         enough; if not, `NotEnough` is raised before anything is finished.
         `track(index, future)` is told of each worker's call.
         """
+        tokens_by_worker = {i: [t for p in ps for t in p] for i, ps in pieces_by_worker.items()}
         order = [index for index, tokens in sorted(tokens_by_worker.items()) if tokens]
         finisher_index = _busiest(order, tokens_by_worker)
         finisher = federation.workers[finisher_index]
-        clients = len(tokens_by_worker[finisher_index])
+        clients = len(pieces_by_worker[finisher_index][0])
         deadline = None if phase_timeout is None else time.monotonic() + phase_timeout
         # Values made on the finisher, by its own call's thread and by this one.
         kept_by_call: list[ValueRef] = []
@@ -247,24 +321,16 @@ class MergeableRunner:
         finisher_ok = True
         pending: dict[futures.Future, int] = {}
         for index in order:
-            tokens = self.up_to_merge.serialize_element(1, tokens_by_worker[index])
-            token_protos[index] = tokens
+            pieces = pieces_by_worker[index]
+            # What another worker needs to finish the round in this one's place.
+            token_protos[index] = self.up_to_merge.serialize_element(1, pieces[0])
             if index == finisher_index:
                 future = pool.submit(
-                    self._partial_on_finisher,
-                    finisher,
-                    index,
-                    state_proto,
-                    tokens,
-                    clients,
-                    kept_by_call,
+                    self._share, finisher, index, state_proto, pieces, kept_by_call
                 )
             else:
-                arg = self.up_to_merge.struct_arg([state_proto, tokens])
                 worker = federation.workers[index]
-                future = pool.submit(
-                    self._partial_elsewhere, worker, index, arg, len(tokens_by_worker[index])
-                )
+                future = pool.submit(self._share, worker, index, state_proto, pieces)
             pending[future] = index
             if track is not None:
                 track(index, future)
@@ -350,7 +416,7 @@ class MergeableRunner:
                 federation,
                 state_proto,
                 token_protos,
-                tokens_by_worker,
+                pieces_by_worker,
                 protos,
                 order,
                 lost,
@@ -379,6 +445,7 @@ class MergeableRunner:
         timing.per_worker[f"worker{partial.index}"] = WorkerTiming(
             clients=sum(1 for t in tokens if t != preprocessing.EMPTY_CLIENT_TOKEN),
             padded_to=len(tokens),
+            pieces=partial.pieces,
             seconds=partial.seconds,
             compute=partial.call.compute,
             upload=partial.call.upload,
@@ -394,7 +461,7 @@ class MergeableRunner:
         federation: Federation,
         state_proto: executor_pb2.Value,
         token_protos: dict[int, executor_pb2.Value],
-        tokens_by_worker: dict[int, list[str]],
+        pieces_by_worker: dict[int, list[list[str]]],
         protos: dict[int, executor_pb2.Value],
         order: list[int],
         lost: dict[int, str],
@@ -407,9 +474,10 @@ class MergeableRunner:
             delivered = [i for i in order if i in protos and i not in lost]
             if not delivered or not accept(delivered):
                 raise NotEnough(delivered, lost)
-            index = _busiest(delivered, tokens_by_worker)
+            sizes = {i: [t for p in ps for t in p] for i, ps in pieces_by_worker.items()}
+            index = _busiest(delivered, sizes)
             worker = federation.workers[index]
-            clients = len(tokens_by_worker[index])
+            clients = len(pieces_by_worker[index][0])
             log.warning(
                 "the round's finisher was lost; finishing on worker %s from %d partials",
                 worker.label,

@@ -35,7 +35,7 @@ from coordinator.executor_client import (
 )
 from coordinator.executor_client.server import ServerExecutor
 from coordinator.federation import Federation
-from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse
+from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse, MemoryPlan
 from coordinator.rounds.mergeable import MergeableRunner, MergeOutcome, NotEnough
 from coordinator.rounds.pause import pause
 from coordinator.rounds.timing import RoundResult, RoundTiming
@@ -84,8 +84,11 @@ class RoundExecutor:
         server: ServerExecutor,
         pad_clients: bool = True,
         executor_budget: int = EXECUTOR_BUDGET,
+        memory: MemoryPlan | None = None,
     ):
         self.algorithm = algorithm
+        self.memory = memory or MemoryPlan.of(0, algorithm.spec.model)
+        """How many clients a worker runs in one call (its memory budget)."""
         # Empty clients change no example-weighted sum but do change anything
         # that counts clients (an unweighted mean, DP, adaptive clipping or
         # zeroing): pad only when the aggregator has nothing of the kind.
@@ -145,17 +148,26 @@ class RoundExecutor:
         self._known = None
         return self._train.up_to_merge.serialize_element(0, state)
 
-    def _padded(self, index: int, tokens: list[str]) -> list[str]:
-        """The worker's tokens, padded with empty clients to the count its
-        executor-reuse policy runs them at. Empty clients go last: sums over
-        the real clients come out bit for bit as without them."""
-        target = self.reuse[index].target(len(tokens))
-        return tokens + [preprocessing.EMPTY_CLIENT_TOKEN] * (target - len(tokens))
+    def _pieces(self, index: int, tokens: list[str]) -> list[list[str]]:
+        """The worker's tokens as the calls it runs them in: at most the memory
+        plan's clients per call each, padded with empty clients to the count
+        its executor-reuse policy runs them at. Empty clients go last: sums
+        over the real clients come out bit for bit as without them."""
+        pieces, start = [], 0
+        for real, count in self.reuse[index].pieces(len(tokens), self.memory.clients_per_call):
+            piece = tokens[start : start + real]
+            start += real
+            pieces.append(piece + [preprocessing.EMPTY_CLIENT_TOKEN] * (count - real))
+        return pieces
 
     def _make_room(self, index: int, clients: int) -> None:
         """Frees the worker's executors its policy evicts to make room for `clients`."""
         for count in self.reuse[index].use(clients):
             self.federation.workers[index].dispose_executor(count)
+
+    def _make_room_for(self, index: int, pieces: list[list[str]]) -> None:
+        for count in dict.fromkeys(len(p) for p in reversed(pieces)):
+            self._make_room(index, count)
 
     def warm_up(
         self,
@@ -178,7 +190,10 @@ class RoundExecutor:
         def warm(index: int) -> None:
             worker = self.federation.workers[index]
             hosted = len(self.federation.descriptions[index].manifest.clients)
-            for clients in self.reuse[index].warm_up_counts(clients_per_round, hosted, total):
+            per_call = self.memory.clients_per_call
+            for clients in self.reuse[index].warm_up_counts(
+                clients_per_round, hosted, total, per_call
+            ):
                 if not worker.is_loaded(self._train.after_merge, clients):
                     self._make_room(index, clients)
                     self._train.warm_up(worker, state_proto, clients)
@@ -287,14 +302,15 @@ class RoundExecutor:
         run_started = time.perf_counter()
         running = {i: ids for i, ids in sampled.items() if i not in lost}
         tokens = {
-            i: self._padded(i, [preprocessing.make_token(c, shuffle_seed) for c in ids])
+            i: self._pieces(i, [preprocessing.make_token(c, shuffle_seed) for c in ids])
             for i, ids in running.items()
+            if ids
         }
         pause("dispatch", round_num, workers=[self.federation.workers[i].address for i in tokens])
         outcome: MergeOutcome | None = None
         try:
-            for i, worker_tokens in tokens.items():
-                self._make_room(i, len(worker_tokens))
+            for i, pieces in tokens.items():
+                self._make_room_for(i, pieces)
             if tokens:
                 outcome = self._train.run(
                     self.federation,
@@ -397,19 +413,21 @@ class RoundExecutor:
             ]
             for i in live
         }
+        # A worker's writers in calls that fit its memory budget, merged on it.
+        pieces = {i: self._pieces(i, t) for i, t in tokens.items() if t}
         timing = RoundTiming()
         started = time.perf_counter()
         lost: dict[int, str] = {}
         outcome = None
         try:
-            for i, worker_tokens in tokens.items():
-                self._make_room(i, len(worker_tokens))
-            if tokens:
+            for i, worker_pieces in pieces.items():
+                self._make_room_for(i, worker_pieces)
+            if pieces:
                 outcome = self._eval.run(
                     self.federation,
                     self._pool,
                     self._eval.up_to_merge.serialize_element(0, eval_state),
-                    tokens,
+                    pieces,
                     timing,
                     started,
                     phase_timeout=round_timeout,

@@ -22,6 +22,9 @@ class WorkerTiming:
     new_executor: bool = False
     padded_to: int = 0
     """The client count the worker ran, empty clients included."""
+    pieces: int = 1
+    """Calls the worker's share ran as (more than one: it exceeded the worker's
+    memory budget, and the worker merged the pieces itself)."""
 
 
 @dataclasses.dataclass

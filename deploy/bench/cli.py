@@ -36,6 +36,8 @@ QUICK = {
     "rounds": 2,
 }
 """What `--quick` changes, unless given explicitly."""
+MEMORY_CURVE = {"model": ["cnn"], "clients_per_round": [10, 100, 1000], "workers": [1], "rounds": 1}
+"""What `--curves memory` measures, unless given explicitly."""
 
 
 DESCRIPTION = (
@@ -52,14 +54,36 @@ DESCRIPTION = (
 )
 
 
+def _unless_given(config: config_lib.RunConfig, values: dict) -> None:
+    for name, value in values.items():
+        if name not in config.given:
+            for section in ("model", "training", "federation", "bench"):
+                if hasattr(getattr(config, section), name):
+                    setattr(getattr(config, section), name, value)
+
+
 def with_quick_defaults(config: config_lib.RunConfig) -> config_lib.RunConfig:
-    """The grid `--quick` asks for, where the settings were not given explicitly."""
+    """The grid `--quick` (or a memory curve) asks for, where the settings were
+    not given explicitly; then the checks across settings."""
     if config.bench.quick:
-        for name, value in QUICK.items():
-            if name not in config.given:
-                for section in ("model", "training", "federation", "bench"):
-                    if hasattr(getattr(config, section), name):
-                        setattr(getattr(config, section), name, value)
+        _unless_given(config, QUICK)
+    if "memory" in config.bench.curves:
+        _unless_given(config, MEMORY_CURVE)
+    unknown = [c for c in config.bench.curves if c not in config_lib.BENCH_CURVES]
+    if unknown:
+        raise UsageError(
+            f"--curves: unknown {', '.join(unknown)}; choose from "
+            + ", ".join(config_lib.BENCH_CURVES)
+        )
+    try:
+        hosted = [int(h) for h in config.bench.scale_hosted]
+    except ValueError:
+        raise UsageError(
+            f"--scale-hosted takes comma-separated integers, got {config.bench.scale_hosted}"
+        ) from None
+    if not hosted or min(hosted) < 2:
+        raise UsageError("--scale-hosted takes numbers of hosted clients of at least 2")
+    config.bench.scale_hosted = hosted
     b, t = config.bench, config.training
     unknown = [s for s in b.systems if s not in config_lib.BENCH_SYSTEMS]
     if unknown:
@@ -174,7 +198,10 @@ def run(config: config_lib.RunConfig) -> int:
         client_learning_rate=t.client_learning_rate,
         rpc_timeout=config.federation.rpc_timeout,
         skip=tuple(b.skip),
+        worker_memory_mb=config.federation.worker_memory_mb,
     )
+    if b.curves:
+        return _curves(config, plan, shard_sets, run_dir)
     steps: list[tuple[str, int | None]] = [
         (system, None) for system in ("keras", "tff_local") if system in b.systems
     ]
@@ -226,7 +253,50 @@ def run(config: config_lib.RunConfig) -> int:
             files.write_atomic(results_path, json.dumps(results, indent=1))
             table = report.render(results)
             files.write_atomic(run_dir / "table.txt", table + "\n")
+            report.plot_seconds_per_round(results, run_dir / "seconds_per_round.png")
             print(table, file=sys.stdout)
             print(f"\nresults: {results_path}", file=sys.stderr)
     failed = [r for r in runner.rows.values() if r.error] if runner else []
     return 1 if failed else 0
+
+
+def _curves(config: config_lib.RunConfig, plan, shard_sets, run_dir: Path) -> int:
+    """The cost curves (`deploy.bench.curves`) instead of the grid."""
+    from tqdm import tqdm
+
+    from deploy.bench import curves
+    from deploy.bench.memory import MemorySampler
+    from deploy.bench.runner import machine
+    from shared import files
+
+    results: dict = {
+        "meta": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine(),
+            "settings": config.to_dict(("model", "training", "federation", "data", "bench")),
+        }
+    }
+    total = len(list(plan.workloads())) * 2 * ("memory" in config.bench.curves) + len(
+        config.bench.scale_hosted
+    ) * ("scale" in config.bench.curves)
+    lines = []
+    with (
+        MemorySampler() as sampler,
+        tqdm(total=total, disable=not sys.stderr.isatty(), file=sys.stderr) as bar,
+    ):
+        if "memory" in config.bench.curves:
+            points = curves.memory_curve(config, plan, shard_sets, run_dir, sampler, bar)
+            results["memory"] = {"points": points, "targets": curves.memory_targets(points)}
+            curves.plot_memory(points, run_dir / "memory.png")
+            lines += [curves.memory_table(points), *curves.targets_lines(results["memory"])]
+        if "scale" in config.bench.curves:
+            points = curves.scale_curve(config, run_dir, sampler, bar)
+            results["scale"] = {"points": points, "targets": curves.scale_targets(points)}
+            curves.plot_scale(points, run_dir / "scale.png")
+            lines += ["", curves.scale_table(points), *curves.targets_lines(results["scale"])]
+    files.write_atomic(run_dir / "curves.json", json.dumps(results, indent=1))
+    text = "\n".join(lines)
+    files.write_atomic(run_dir / "curves.txt", text + "\n")
+    print(text, file=sys.stdout)
+    print(f"\nresults: {run_dir / 'curves.json'} (PNGs beside it)", file=sys.stderr)
+    return 0

@@ -72,7 +72,8 @@ def main(config_path: str) -> int:
             raise RuntimeError("the workers do not host the clients of the benchmark's plan")
         for model_name in plan.models:
             executor = session.round_executor(
-                algorithm.AlgorithmSpec(**plan.algorithm_options(model_name))
+                algorithm.AlgorithmSpec(**plan.algorithm_options(model_name)),
+                plan.worker_memory_mb,
             )
             state = executor.initialize()
             bench_protocol.emit(

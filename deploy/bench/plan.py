@@ -31,6 +31,8 @@ class Plan:
     rpc_timeout: float = 1800.0
     skip: tuple[str, ...] = ()
     """Workloads left out, as "model/clients" keys."""
+    worker_memory_mb: int = 0
+    """fedcompose workers' memory budget (0: none, one call per worker)."""
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

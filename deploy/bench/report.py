@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from deploy.bench.plan import WARMUP_ROUND
 
@@ -432,3 +433,19 @@ def render(results: dict) -> str:
     if results["targets"]:
         parts += ["", targets_text(results["targets"])]
     return "\n".join(parts)
+
+
+def plot_seconds_per_round(results: dict, path: Path) -> None:
+    """Seconds per round against clients per round, for every system, log-log."""
+    from coordinator import plots
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in results["rows"]:
+        seconds = row["summary"].get("seconds_per_round")
+        if row["error"] or seconds is None:
+            continue
+        name = SYSTEM_NAMES.get(row["system"], row["system"])
+        if row["workers"]:
+            name += f" W={row['workers']}"
+        series.setdefault(f"{row['model']}: {name}", []).append((row["clients_per_round"], seconds))
+    plots.plot_loglog(series, path, "clients per round", "seconds per round", "round time")
