@@ -82,6 +82,57 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
         assert sum(w["clients"] for w in per_worker.values()) == key[2]
     assert results["meta"]["machine"]["cores"] >= 1
     assert results["targets"], "the targets are evaluated"
-    # The table reaches the terminal.
+    # The table reaches the terminal; round time against clients is drawn.
     assert "fedcompose" in result.stdout and "Keras floor" in result.stdout
+    assert (run_dir / "seconds_per_round.png").stat().st_size > 10_000
     assert "fedcompose+TLS" in result.stdout
+
+
+def test_cost_curves_write_every_point_and_picture(tmp_path):
+    """`--curves memory,scale` on a tiny grid: every point measured, PNGs and
+    targets written; the scale curve goes through worker start-up with the
+    full shard check, discovery, rounds, evaluation of every writer and a
+    checkpoint at each number of hosted clients."""
+    run_dir = tmp_path / "curves"
+    result = fedcompose(
+        "bench",
+        "--curves",
+        "memory,scale",
+        "--model",
+        "linear",
+        "--clients-per-round",
+        "5,40",
+        "--hosted-clients",
+        "60",
+        "--examples-per-client",
+        "6",
+        "--scale-hosted",
+        "300,1500",
+        "--worker-memory-mb",
+        "512",
+        "--run-dir",
+        str(run_dir),
+        "--data-cache",
+        str(tmp_path / "data"),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    curves = json.loads((run_dir / "curves.json").read_text())
+    memory = curves["memory"]["points"]
+    assert {(p["clients_per_round"], p["worker_memory_mb"]) for p in memory} == {
+        (5, 512),
+        (40, 512),
+        (5, 0),
+        (40, 0),
+    }
+    assert all(p["error"] is None and p["worker_peak_mb"] > 50 for p in memory)
+    scale = curves["scale"]["points"]
+    assert [p["hosted_clients"] for p in scale] == [300, 1500]
+    for p in scale:
+        assert p["evaluated_clients"] == p["hosted_clients"]
+        assert p["worker_startup_seconds"] > 0 and p["discovery_seconds"] > 0
+        assert p["coordinator_mb"] > 100 and p["round_10_seconds"] > 0
+    assert "round_1000_seconds" in scale[1]
+    for png in ("memory.png", "scale.png"):
+        assert (run_dir / png).stat().st_size > 10_000
+    assert "worker memory against clients per round" in result.stdout
