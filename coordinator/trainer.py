@@ -128,17 +128,17 @@ def train(
             log.info("algorithm: %s", spec.describe())
             executor = session.round_executor(spec, config.federation.worker_memory_mb)
             log.info("%s", executor.memory.describe())
-            federation.watch(
-                config.resilience.probe_interval,
-                config.resilience.probe_interval_max,
-                view_path=run.path / WORKERS_VIEW,
-            )
             state = executor.initialize()
             restored = run.restore(state) if plan.resuming else None
             # Everything fits: from here on the directory records this run.
             started = True
             run.write_config(run_dir_lib.config_to_record(run.saved_config(), config, command))
             run.write_trained_on(record)
+            federation.watch(
+                config.resilience.probe_interval,
+                config.resilience.probe_interval_max,
+                view_path=run.path / WORKERS_VIEW,
+            )
             start_round = 1
             if restored is not None:
                 start_round = restored[0] + 1
