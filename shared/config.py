@@ -504,6 +504,12 @@ class BenchConfig:
         "SIGKILLed and SIGSTOPped every few rounds, and the coordinator once",
     )
     chaos_every: int = setting(6, "chaos soak: mean rounds between two faults", minimum=2)
+    pinned: bool = setting(
+        False,
+        "pin each worker (with its worker_binary) to a core of its own and TFF in one process "
+        "and the Keras floor to one core, TensorFlow's thread pools sized to match (the "
+        "coordinator stays unpinned): measures what each added worker's core adds",
+    )
     curves: list = setting(
         [],
         "instead of the grid, cost curves: memory (the largest worker's peak memory against "

@@ -69,6 +69,8 @@ def with_quick_defaults(config: config_lib.RunConfig) -> config_lib.RunConfig:
         _unless_given(config, QUICK)
     if "memory" in config.bench.curves:
         _unless_given(config, MEMORY_CURVE)
+    if config.bench.pinned and config.bench.curves:
+        raise UsageError("--pinned measures the grid; leave out --curves")
     unknown = [c for c in config.bench.curves if c not in config_lib.BENCH_CURVES]
     if unknown:
         raise UsageError(
@@ -144,6 +146,8 @@ def _chaos(config: config_lib.RunConfig) -> int:
         seed=t.seed,
         round_timeout=config.resilience.round_timeout,
     )
+    if config.bench.pinned:
+        raise UsageError("--pinned measures the grid; leave out --chaos")
     if plan.workers < 2:
         raise UsageError("--chaos needs --workers 2 or more (one always keeps serving)")
     run_dir = Path(
@@ -215,6 +219,7 @@ def run(config: config_lib.RunConfig) -> int:
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
+        "pinning": _pinning(config),
         "settings": config.to_dict(("model", "training", "federation", "data", "bench")),
         "data": {
             "kind": "synthetic writers drawn from the sklearn digits",
@@ -232,7 +237,7 @@ def run(config: config_lib.RunConfig) -> int:
     runner = None
     try:
         with MemorySampler() as sampler:
-            runner = Runner(plan, run_dir, bar, sampler)
+            runner = Runner(plan, run_dir, bar, sampler, pinned=b.pinned)
             for number in range(b.passes):
                 runner.current_pass = number
                 for system, workers in steps if number % 2 == 0 else reversed(steps):
@@ -250,6 +255,8 @@ def run(config: config_lib.RunConfig) -> int:
         if runner is not None:
             rows = list(runner.rows.values())
             results = report.assemble(rows, meta, time.time() - started)
+            if runner.pinned:
+                results["meta"]["affinity_seen"] = runner.affinity_seen
             files.write_atomic(results_path, json.dumps(results, indent=1))
             table = report.render(results)
             files.write_atomic(run_dir / "table.txt", table + "\n")
@@ -258,6 +265,23 @@ def run(config: config_lib.RunConfig) -> int:
             print(f"\nresults: {results_path}", file=sys.stderr)
     failed = [r for r in runner.rows.values() if r.error] if runner else []
     return 1 if failed else 0
+
+
+def _pinning(config: config_lib.RunConfig) -> dict | None:
+    """Which core each measured process ran on, in pinned mode."""
+    if not config.bench.pinned:
+        return None
+    from deploy.bench import pinning
+
+    return {
+        "keras": [pinning.single_core()],
+        "tff_local": [pinning.single_core()],
+        "workers": {
+            str(w): [pinning.core_for_worker(i) for i in range(w)]
+            for w in config.federation.workers
+        },
+        "coordinator": "unpinned",
+    }
 
 
 def _curves(config: config_lib.RunConfig, plan, shard_sets, run_dir: Path) -> int:

@@ -31,6 +31,10 @@ TLS_TARGET = 0.10
 """TLS may add at most this share to a CNN round at 100 clients per round."""
 
 OVERHEAD_TARGET_S = 0.100
+SCALING_TARGET = 1.8
+"""Pinned mode: W = 2 over W = 1, i.e. 90% scaling efficiency."""
+PINNED_TFF_MARGIN = 0.05
+"""Pinned mode: fedcompose W = 1 against TFF's local context, both on one core."""
 
 
 @dataclasses.dataclass
@@ -172,9 +176,46 @@ def add_ratios(rows: Sequence[Row], summaries: dict[tuple, dict]) -> None:
             )
 
 
-def targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
-    """The issue's targets, each with the figures that decide it."""
+def pinned_targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
+    """Pinned mode's targets: each added worker's core adds its share, and one
+    worker on one core is as fast as TFF's own runtime on one core."""
     found: list[dict] = []
+    seconds = {
+        (r.model, r.clients_per_round, r.workers): summaries[r.key]["seconds_per_round"]
+        for r in rows
+        if r.system == FEDCOMPOSE and not r.error
+    }
+    for (model, clients, workers), one in sorted(seconds.items()):
+        two = seconds.get((model, clients, 2))
+        if workers == 1 and one and two:
+            found.append(
+                {
+                    "target": "pinned: W=2 at least 1.8x as fast as W=1",
+                    "model": model,
+                    "clients": clients,
+                    "speedup": one / two,
+                    "seconds": [one, two],
+                    "met": one / two >= SCALING_TARGET,
+                }
+            )
+    for r in rows:
+        s = summaries[r.key]
+        if r.system == FEDCOMPOSE and r.workers == 1 and s.get("ratio_vs_tff") is not None:
+            found.append(
+                {
+                    "target": "pinned: W=1 within 5% of TFF on one core",
+                    "model": r.model,
+                    "clients": r.clients_per_round,
+                    "ratio_vs_tff": s["ratio_vs_tff"],
+                    "met": s["ratio_vs_tff"] <= 1.0 + PINNED_TFF_MARGIN,
+                }
+            )
+    return found
+
+
+def targets(rows: Sequence[Row], summaries: dict[tuple, dict], pinned: bool = False) -> list[dict]:
+    """The issue's targets, each with the figures that decide it."""
+    found: list[dict] = pinned_targets(rows, summaries) if pinned else []
     fed = [r for r in rows if r.system == FEDCOMPOSE and not r.error]
     models = sorted({r.model for r in fed})
     for model in models:
@@ -368,6 +409,13 @@ def targets_text(found: Sequence[dict]) -> str:
                 f"{t['tls_added'] * 100:+.1f}% ({t['tls_added_seconds'] * 1000:+.0f} ms) "
                 "against fedcompose without TLS"
             )
+        elif t["target"].startswith("pinned: W=2"):
+            detail = (
+                f"{t['model']} {t['clients']} clients: x{t['speedup']:.2f} "
+                f"({t['seconds'][0]:.3f} s at W=1, {t['seconds'][1]:.3f} s at W=2)"
+            )
+        elif t["target"].startswith("pinned: W=1"):
+            detail = f"{t['model']} {t['clients']} clients: x{t['ratio_vs_tff']:.3f} of TFF's time"
         elif t["target"].startswith("faster"):
             detail = f"{t['model']} W={t['workers']}: x{t['ratio_vs_tff']:.2f} of TFF's time"
         else:
@@ -384,7 +432,7 @@ def assemble(rows: Sequence[Row], meta: dict, elapsed_seconds: float) -> dict:
     """Everything the benchmark writes as JSON."""
     summaries = {row.key: summarize(row) for row in rows}
     add_ratios(rows, summaries)
-    found = targets(rows, summaries)
+    found = targets(rows, summaries, pinned=bool(meta.get("pinning")))
     return {
         "meta": {**meta, "elapsed_seconds": elapsed_seconds},
         "rows": [
@@ -429,6 +477,14 @@ def render(results: dict) -> str:
         "machine's 1-minute load average at the workload's end, highest over passes (above "
         "the core count, other processes competed with the measurement)"
     )
+    pinning = results["meta"].get("pinning")
+    if pinning:
+        legend += (
+            "; PINNED: worker i and its worker_binary on core i "
+            f"({pinning['workers']}), TFF in one process and Keras on core "
+            f"{pinning['tff_local'][0]}, TensorFlow's thread pools sized to the cores "
+            "given, the coordinator unpinned"
+        )
     parts = [head, legend, "", results["table"]]
     if results["targets"]:
         parts += ["", targets_text(results["targets"])]

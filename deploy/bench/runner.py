@@ -56,8 +56,12 @@ def machine() -> dict:
 class Runner:
     """Runs the measured systems one after another and collects their rows."""
 
-    def __init__(self, plan, work_dir: Path, bar, sampler):
+    def __init__(self, plan, work_dir: Path, bar, sampler, pinned: bool = False):
         self.plan = plan
+        self.pinned = pinned
+        """Pinned mode (`pinning`): workers on cores of their own, baselines on one."""
+        self.affinity_seen: dict[str, list[int]] = {}
+        """The cores each pinned process and its children were allowed, as read back."""
         self.work_dir = work_dir
         self.bar = bar
         self.sampler = sampler
@@ -80,6 +84,7 @@ class Runner:
         system: str,
         workers: int | None,
         watch: Callable[[int], None],
+        prefix: list[str] | None = None,
     ) -> None:
         """Runs one measured child process to its end, recording its events."""
         from deploy.bench import protocol as bench_protocol
@@ -93,7 +98,7 @@ class Runner:
         model_bytes: dict[str, int] = {}
         with open(log_path, "ab") as log_file:
             proc = processes.spawn(
-                [sys.executable, "-m", module, str(config_path)],
+                [*(prefix or []), sys.executable, "-m", module, str(config_path)],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
@@ -115,6 +120,8 @@ class Runner:
                 row = self._row(model, int(clients), system, workers)
                 phase = f"{name}:{event['workload']}"
                 if kind == "start":
+                    if self.pinned:
+                        self._record_affinity(f"{name}/main", proc.pid)
                     row.load_average_at_start = max(
                         os.getloadavg()[0], row.load_average_at_start or 0.0
                     )
@@ -148,6 +155,21 @@ class Runner:
                 self._row(model, int(clients), system, workers).error = reason
                 self.bar.update(1)
 
+    def _record_affinity(self, name: str, pid: int) -> None:
+        import psutil
+
+        try:
+            process = psutil.Process(pid)
+            for p in [process, *process.children(recursive=True)]:
+                self.affinity_seen[f"{name}/{p.name()}"] = sorted(p.cpu_affinity())
+        except psutil.Error:
+            pass
+
+    def _baseline_prefix(self) -> list[str] | None:
+        from deploy.bench import pinning
+
+        return pinning.prefix([pinning.single_core()]) if self.pinned else None
+
     def keras(self, shard_dirs: list[Path]) -> None:
         self._child(
             "keras",
@@ -156,6 +178,7 @@ class Runner:
             "keras",
             None,
             lambda pid: self.sampler.watch("process", pid),
+            self._baseline_prefix(),
         )
 
     def tff_local(self, shard_dirs: list[Path]) -> None:
@@ -166,6 +189,7 @@ class Runner:
             "tff_local",
             None,
             lambda pid: self.sampler.watch("process", pid, "process_executor"),
+            self._baseline_prefix(),
         )
 
     def _tls_kits(self, workers: int) -> Path:
@@ -181,6 +205,7 @@ class Runner:
         """fedcompose with `workers` local workers; with `tls`, every worker serves
         through its mutual-TLS proxy and the coordinator dials with its kit."""
         from deploy import workers as workers_lib
+        from deploy.bench import pinning
 
         name = f"fedcompose-{'tls-' if tls else ''}w{workers}"
         logs_dir = self.work_dir / name
@@ -191,8 +216,14 @@ class Runner:
             check="quick",
             ready_timeout=300.0,
             extra_args=(lambda i: ["--tls-dir", str(kits / f"w{i}")]) if kits else None,
+            prefix=(lambda i: pinning.prefix([pinning.core_for_worker(i)]))
+            if self.pinned
+            else None,
         )
         try:
+            if self.pinned:
+                for w in started:
+                    self._record_affinity(f"{name}/worker{w.index}", w.process.pid)
 
             def watch(pid: int) -> None:
                 self.sampler.watch("coordinator", pid, "server_executor")
