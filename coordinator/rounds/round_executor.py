@@ -448,6 +448,7 @@ class RoundExecutor:
             "examples": int(metrics["num_examples"]),
             "clients": sum(len(tokens[i]) for i in outcome.delivered),
             "seconds": time.perf_counter() - started,
+            "calls_per_worker": max(len(p) for p in pieces.values()),
         }
         if lost:
             evaluation["workers_lost"] = {f"worker{i}": r for i, r in sorted(lost.items())}

@@ -78,7 +78,57 @@ def memory_curve(config, plan, shard_sets, run_dir: Path, sampler, bar) -> list[
                     }
                 )
                 log.info("memory curve: %s", points[-1])
+    if budget:
+        for model in plan.models:
+            points.append(_evaluation_point(config, model, shard_sets[workers], run_dir, sampler))
+            bar.update(1)
     return points
+
+
+def _evaluation_point(config, model: str, shard_dirs: list[Path], run_dir: Path, sampler) -> dict:
+    """The largest worker's peak while evaluating every hosted writer, with the
+    budget. (Without one, each worker evaluates all its writers in one call:
+    about 16 MB per CNN writer, more than this machine has at 3,400 writers.)"""
+    from deploy import workers as workers_lib
+
+    work = run_dir / f"memory-{model}-evaluation"
+    work.mkdir(parents=True, exist_ok=True)
+    started = workers_lib.start_workers(shard_dirs, work / "logs", check="quick")
+    try:
+        for w in started:
+            sampler.watch(f"worker{w.index}", w.process.pid, f"worker{w.index}_executor")
+        events = _run_scale_child(
+            {
+                "hosted": config.bench.hosted_clients,
+                "addresses": [w.address for w in started],
+                "log_dir": str(work / "logs"),
+                "rpc_timeout": config.federation.rpc_timeout,
+                "model": model,
+                "worker_memory_mb": config.federation.worker_memory_mb,
+                "clients_per_round": [],
+            },
+            work,
+            sampler,
+            keep_watching=True,
+        )
+        peaks = sampler.peaks("scale")
+    finally:
+        sampler.unwatch_all()
+        workers_lib.stop_workers(started)
+    evaluation = next(e for e in events if e.get("step") == "evaluation")
+    point = {
+        "model": model,
+        "clients_per_round": evaluation["clients"],
+        "workers": len(shard_dirs),
+        "worker_memory_mb": config.federation.worker_memory_mb,
+        "worker_peak_mb": _worker_peak(peaks) / MB,
+        "seconds_per_round": evaluation["seconds"],
+        "pieces": evaluation.get("pieces"),
+        "error": None,
+        "evaluation": True,
+    }
+    log.info("memory curve: %s", point)
+    return point
 
 
 def _start_timed(shard_dirs: list[Path], logs: Path):
@@ -91,7 +141,7 @@ def _start_timed(shard_dirs: list[Path], logs: Path):
     return started, time.perf_counter() - t0
 
 
-def _run_scale_child(config: dict, work: Path, sampler) -> list[dict]:
+def _run_scale_child(config: dict, work: Path, sampler, keep_watching: bool = False) -> list[dict]:
     from deploy.bench import protocol as bench_protocol
     from deploy.bench.runner import ROOT
     from shared import processes
@@ -119,7 +169,8 @@ def _run_scale_child(config: dict, work: Path, sampler) -> list[dict]:
     finally:
         sampler.set_phase(None)
         processes.stop(proc, grace=10.0)
-        sampler.unwatch_all()
+        if not keep_watching:
+            sampler.unwatch_all()
     if code != 0:
         raise RuntimeError(f"scale child exited with code {code} (log: {work / 'scale-child.log'})")
     return events
@@ -193,7 +244,7 @@ def memory_targets(points: list[dict]) -> list[dict]:
     by = {
         (p["model"], p["clients_per_round"], p["worker_memory_mb"]): p
         for p in points
-        if not p["error"]
+        if not p["error"] and not p.get("evaluation")
     }
     for (model, clients, budget), p in by.items():
         if clients != 1000 or not budget:
@@ -243,7 +294,7 @@ def plot_memory(points: list[dict], path: Path) -> None:
 
     series: dict[str, list[tuple[float, float]]] = {}
     for p in points:
-        if p["error"]:
+        if p["error"] or p.get("evaluation"):
             continue
         budget = f"budget {p['worker_memory_mb']} MB" if p["worker_memory_mb"] else "no budget"
         label = f"{p['model']}, W={p['workers']}, {budget}"
@@ -278,6 +329,13 @@ def memory_table(points: list[dict]) -> str:
         f"{'s/round':>10}",
     ]
     for p in points:
+        if p.get("evaluation"):
+            lines.append(
+                f"{p['model']:<8}{p['workers']:>3}{p['clients_per_round']:>9}"
+                f"{p['worker_memory_mb']:>11}{p['pieces'] or '-':>7}{p['worker_peak_mb']:>10.0f}"
+                f"{p['seconds_per_round']:>10.2f}  (evaluation of every hosted writer)"
+            )
+            continue
         lines.append(
             f"{p['model']:<8}{p['workers']:>3}{p['clients_per_round']:>9}"
             f"{p['worker_memory_mb'] or 'none':>11}{p['pieces'] or '-':>7}"

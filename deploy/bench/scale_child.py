@@ -86,6 +86,7 @@ def main(config_path: str) -> int:
             clients=evaluation["clients"],
             examples=evaluation["examples"],
             accuracy=evaluation["accuracy"],
+            pieces=evaluation["calls_per_worker"],
             rss_mb=_rss_mb(),
         )
         with tempfile.TemporaryDirectory(prefix="fedcompose-bench-ckpt-") as tmp:
