@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="fedcompose",
         description="A multi-process federated-learning simulator on TFF's remote executors.",
         epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 data, 4 federation (workers), "
-        "5 run directory, 130 interrupted. `fedcompose COMMAND --help` for each command.",
+        "5 run directory, 6 training (non-finite values), 130 interrupted. "
+        "`fedcompose COMMAND --help` for each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
