@@ -124,8 +124,13 @@ def test_cost_curves_write_every_point_and_picture(tmp_path):
         (40, 512),
         (5, 0),
         (40, 0),
+        (60, 512),
+        (60, 0),
     }
     assert all(p["error"] is None and p["worker_peak_mb"] > 50 for p in memory)
+    # Evaluating all 60 writers: in calls that fit 512 MB, or in one without a budget.
+    evaluation = {p["worker_memory_mb"]: p for p in memory if p.get("evaluation")}
+    assert evaluation[512]["pieces"] >= 2 and evaluation[0]["pieces"] == 1
     scale = curves["scale"]["points"]
     assert [p["hosted_clients"] for p in scale] == [300, 1500]
     for p in scale:

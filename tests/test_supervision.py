@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from coordinator.rounds.pause import ENV as PAUSE_ENV
+from shared.pause_points import ENV_POINT as PAUSE_ENV
 from tests.conftest import fedcompose, kill_tree, start_fedcompose
 from tests.test_worker_failures import _paused, _rows, _wait_view
 
@@ -31,7 +31,7 @@ def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
     run_dir = tmp_path / "run"
     kill, look, back, again = (tmp_path / name for name in ("kill", "look", "back", "again"))
     env = dict(os.environ)
-    env[PAUSE_ENV] = f"dispatch:4:{kill};dispatch:6:{look};dispatch:12:{back};dispatch:16:{again}"
+    env[PAUSE_ENV] = f"dispatch:4={kill};dispatch:6={look};dispatch:12={back};dispatch:16={again}"
     proc = start_fedcompose(
         "run", "--workers", "3", "--rounds", "25", "--eval-every", "0",
         "--worker-restarts", "1", "--restart-backoff", "2", "--run-dir", str(run_dir), env=env,

@@ -1,7 +1,7 @@
 """Runs that lose workers and take them back, with real worker processes.
 
 A test acts at an exact point of a round through the coordinator's test hook
-(`coordinator.rounds.pause`): the coordinator writes the pause file, the test
+(`shared.pause_points`): the coordinator writes the pause file, the test
 kills or stops a worker, then removes the file and the round goes on.
 """
 
@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from coordinator.federation import sample_live
-from coordinator.rounds.pause import ENV as PAUSE_ENV
 from deploy import workers as workers_lib
 from shared import shard_format
+from shared.pause_points import ENV_POINT as PAUSE_ENV
 from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
 
 
@@ -60,7 +60,7 @@ def _executor_of(worker) -> psutil.Process:
 def _train(workers, run_dir: Path, *args: str, pauses: dict[str, Path] | None = None):
     env = dict(os.environ)
     if pauses:
-        env[PAUSE_ENV] = ";".join(f"{point}:{path}" for point, path in pauses.items())
+        env[PAUSE_ENV] = ";".join(f"{point}={path}" for point, path in pauses.items())
     return start_fedcompose(
         "train",
         "--addresses",
@@ -180,7 +180,7 @@ def test_finisher_killed_while_merging_is_replaced_and_the_mean_is_over_delivere
 ):
     run_dir, pause = tmp_path / "run", tmp_path / "pause"
     args = ("--rounds", "4", "--clients-per-round", "24", "--eval-every", "0")
-    proc = _train(workers3, run_dir, *args, pauses={"finish:2": pause})
+    proc = _train(workers3, run_dir, *args, pauses={"merged:2": pause})
     try:
         finisher_address = _paused(pause, proc)["finisher"]
         finisher = next(w for w in workers3 if w.address == finisher_address)

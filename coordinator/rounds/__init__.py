@@ -5,5 +5,4 @@ mergeable.py       one mergeable computation across workers, finished on one of 
 timing.py          where a round's time went; what a round returns
 round_executor.py  `RoundExecutor`: training rounds and evaluations of one algorithm
 resilience.py      a round that survives lost workers: live sampling, coverage, retries
-pause.py           a test hook: pause the coordinator at a named point of a round
 """

@@ -27,13 +27,16 @@ after a call of 64 clients at 1,204 MB, keeping that executor and adding one
 for 32 clients left it at 1,290 MB, and disposing of both freed nothing the
 next call did not reuse.)"""
 
-BASE_MB = 300.0
-"""A worker's executor service with the model loaded and a few clients run."""
-CLIENT_MB = {"linear": 0.25, "cnn": 16.0}
+BASE_MB = 500.0
+"""A whole worker (its Python process, about 55 MB, and its executor service
+with the model loaded and a first call run): the budget bounds both."""
+CLIENT_MB = {"linear": 0.25, "cnn": 16.5}
 """Memory a client holds while its call runs (its model copy, optimizer,
 gradients, batches), by model. Measured on one worker, `worker_binary` RSS
 against clients per call (linear 16 to 1,024: 93 -> 297 MB; CNN 8 to 128:
-385 -> 2,230 MB); `fedcompose bench --memory-curve` measures it again."""
+385 -> 2,230 MB), and the whole worker's peak in `fedcompose bench --curves
+memory` (CNN calls of 50 and 91 clients: 1,332 and 2,010 MB, i.e. about
+505 MB + 16.5 MB per client)."""
 MODEL_MB = {"linear": 0.03, "cnn": 4.8}
 """The model's weights; optimizers with slots (Adam, Yogi, Adagrad) hold more per client."""
 OPTIMIZER_SLOTS = {"adam": 2, "yogi": 2, "adagrad": 1, "sgdm": 1}

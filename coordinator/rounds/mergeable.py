@@ -49,9 +49,8 @@ from coordinator.executor_client import (
     WorkerError,
 )
 from coordinator.executor_client.computations import element_names
-from coordinator.rounds.pause import pause
 from coordinator.rounds.timing import RoundTiming, WorkerTiming
-from shared import preprocessing
+from shared import pause_points, preprocessing
 from shared.errors import FederationError
 
 if TYPE_CHECKING:
@@ -395,7 +394,7 @@ class MergeableRunner:
                 assert merger.done() and original_arg is not None
                 if not accept(merger.merged):
                     raise NotEnough(merger.merged, lost)
-                pause("finish", round_num, finisher=finisher.address)
+                pause_points.reached("merged", round_num, finisher=finisher.address)
                 finish_by = None if phase_timeout is None else time.monotonic() + phase_timeout
                 try:
                     if finish_by is None:

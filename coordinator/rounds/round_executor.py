@@ -37,9 +37,8 @@ from coordinator.executor_client.server import ServerExecutor
 from coordinator.federation import Federation
 from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse, MemoryPlan
 from coordinator.rounds.mergeable import MergeableRunner, MergeOutcome, NotEnough
-from coordinator.rounds.pause import pause
 from coordinator.rounds.timing import RoundResult, RoundTiming
-from shared import preprocessing
+from shared import pause_points, preprocessing
 from shared.errors import FederationError
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -306,7 +305,9 @@ class RoundExecutor:
             for i, ids in running.items()
             if ids
         }
-        pause("dispatch", round_num, workers=[self.federation.workers[i].address for i in tokens])
+        pause_points.reached(
+            "dispatch", round_num, workers=[self.federation.workers[i].address for i in tokens]
+        )
         outcome: MergeOutcome | None = None
         try:
             for i, pieces in tokens.items():

@@ -300,9 +300,9 @@ def _curves(config: config_lib.RunConfig, plan, shard_sets, run_dir: Path) -> in
             "settings": config.to_dict(("model", "training", "federation", "data", "bench")),
         }
     }
-    total = len(list(plan.workloads())) * 2 * ("memory" in config.bench.curves) + len(
-        config.bench.scale_hosted
-    ) * ("scale" in config.bench.curves)
+    total = (len(list(plan.workloads())) + len(plan.models)) * 2 * (
+        "memory" in config.bench.curves
+    ) + len(config.bench.scale_hosted) * ("scale" in config.bench.curves)
     lines = []
     with (
         MemorySampler() as sampler,

@@ -78,20 +78,24 @@ def memory_curve(config, plan, shard_sets, run_dir: Path, sampler, bar) -> list[
                     }
                 )
                 log.info("memory curve: %s", points[-1])
-    if budget:
+    for memory_mb in dict.fromkeys([budget, 0]):
         for model in plan.models:
-            points.append(_evaluation_point(config, model, shard_sets[workers], run_dir, sampler))
+            points.append(
+                _evaluation_point(config, model, memory_mb, shard_sets[workers], run_dir, sampler)
+            )
             bar.update(1)
     return points
 
 
-def _evaluation_point(config, model: str, shard_dirs: list[Path], run_dir: Path, sampler) -> dict:
-    """The largest worker's peak while evaluating every hosted writer, with the
-    budget. (Without one, each worker evaluates all its writers in one call:
-    about 16 MB per CNN writer, more than this machine has at 3,400 writers.)"""
+def _evaluation_point(
+    config, model: str, memory_mb: int, shard_dirs: list[Path], run_dir: Path, sampler
+) -> dict:
+    """The largest worker's peak while evaluating every hosted writer, with and
+    without the budget (without: each worker evaluates all its writers in one
+    call)."""
     from deploy import workers as workers_lib
 
-    work = run_dir / f"memory-{model}-evaluation"
+    work = run_dir / f"memory-{model}-evaluation-{memory_mb or 'unbounded'}"
     work.mkdir(parents=True, exist_ok=True)
     started = workers_lib.start_workers(shard_dirs, work / "logs", check="quick")
     try:
@@ -104,7 +108,7 @@ def _evaluation_point(config, model: str, shard_dirs: list[Path], run_dir: Path,
                 "log_dir": str(work / "logs"),
                 "rpc_timeout": config.federation.rpc_timeout,
                 "model": model,
-                "worker_memory_mb": config.federation.worker_memory_mb,
+                "worker_memory_mb": memory_mb,
                 "clients_per_round": [],
             },
             work,
@@ -120,7 +124,7 @@ def _evaluation_point(config, model: str, shard_dirs: list[Path], run_dir: Path,
         "model": model,
         "clients_per_round": evaluation["clients"],
         "workers": len(shard_dirs),
-        "worker_memory_mb": config.federation.worker_memory_mb,
+        "worker_memory_mb": memory_mb,
         "worker_peak_mb": _worker_peak(peaks) / MB,
         "seconds_per_round": evaluation["seconds"],
         "pieces": evaluation.get("pieces"),
@@ -332,7 +336,8 @@ def memory_table(points: list[dict]) -> str:
         if p.get("evaluation"):
             lines.append(
                 f"{p['model']:<8}{p['workers']:>3}{p['clients_per_round']:>9}"
-                f"{p['worker_memory_mb']:>11}{p['pieces'] or '-':>7}{p['worker_peak_mb']:>10.0f}"
+                f"{p['worker_memory_mb'] or 'none':>11}{p['pieces'] or '-':>7}"
+                f"{p['worker_peak_mb']:>10.0f}"
                 f"{p['seconds_per_round']:>10.2f}  (evaluation of every hosted writer)"
             )
             continue
