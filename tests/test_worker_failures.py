@@ -163,10 +163,17 @@ def test_stopped_worker_is_dropped_at_the_round_deadline_and_rejoins(workers3, t
     rows = _rows(run_dir)
     label = f"worker{victim.index}"
     third = rows[2]
-    assert label in third["workers_lost"], third
-    assert "4s round deadline" in third["workers_lost"][label]
-    # Held up for about the deadline, not for the 600 s call deadline.
-    assert 4 <= third["round_seconds"] < 60
+    if third["attempts"] == 1:
+        assert label in third["workers_lost"], third
+        assert "4s round deadline" in third["workers_lost"][label]
+        # Held up for about the deadline, not for the 600 s call deadline.
+        assert 4 <= third["round_seconds"] < 60
+    else:
+        # On a loaded machine a healthy finisher can miss the 4 s deadline too;
+        # the attempt then falls short and is retried without the stopped worker.
+        first = third["failed_attempts"][0]
+        assert f"worker {victim.address}: not done within the 4s round deadline" in first, third
+        assert victim.index not in third["live_workers"], third
     assert all(victim.index not in r["live_workers"] for r in rows[3:7])
     # The same process, continued, rejoins: the coordinator reset what it knew of it.
     assert "answers again (the same process)" in stderr

@@ -147,6 +147,11 @@ class RoundExecutor:
         self._known = None
         return self._train.up_to_merge.serialize_element(0, state)
 
+    def _named(self, index: int, reason: str) -> str:
+        """`reason` for losing worker `index`, with the worker's address in it."""
+        address = self.federation.workers[index].address
+        return reason if address in reason else f"worker {address}: {reason}"
+
     def _pieces(self, index: int, tokens: list[str]) -> list[list[str]]:
         """The worker's tokens as the calls it runs them in: at most the memory
         plan's clients per call each, padded with empty clients to the count
@@ -332,7 +337,7 @@ class RoundExecutor:
             self._lose(lost)
             raise RoundIncomplete(
                 f"{got} of {clients_per_round} sampled clients delivered, {needed} needed "
-                f"({'; '.join(lost.values())})",
+                f"({'; '.join(self._named(i, r) for i, r in lost.items())})",
                 {self.federation.workers[i].address: r for i, r in lost.items()},
             ) from None
         except WorkerError as e:
