@@ -65,8 +65,9 @@ def describe_worker(worker: RemoteWorker) -> WorkerDescription:
         raise
     try:
         manifest = shard_format.Manifest.from_json(
-            manifest_bytes, origin=f"{worker.label} manifest"
+            manifest_bytes, origin=f"{worker.label} manifest", checksums=False
         )
+        del manifest_bytes
     except shard_format.ShardError as e:
         raise FederationError(f"worker {worker.label}: {e}") from None
     return WorkerDescription(worker.address, manifest, worker_dir.WorkerInfo.from_json(info_bytes))
