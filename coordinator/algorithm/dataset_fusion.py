@@ -59,8 +59,11 @@ def compose_fused(
     )
     dataset_type = dataset_computation.type_signature
     fused_type = fused_computation.type_signature
-    if len(fused_type.parameter) != 2 or not fused_type.parameter[1].is_equivalent_to(
-        dataset_type.parameter
+    if not (
+        isinstance(fused_type, tff.FunctionType)
+        and isinstance(fused_type.parameter, tff.StructType)
+        and len(fused_type.parameter) == 2
+        and fused_type.parameter[1].is_equivalent_to(dataset_type.parameter)
     ):
         raise FusionError(f"{fused_type} does not take what {dataset_type} takes")
     next_bb = transformations.to_call_dominant(composed.next.to_building_block())
