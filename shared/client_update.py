@@ -185,6 +185,37 @@ def client_outcome(
     return outcome
 
 
+def _update_from(model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset):
+    """The body of a client's update computation, whatever made its dataset."""
+    optimizer = optimizer_fn()
+    with tf.variable_creator_scope(_zero_initialized):
+        model = model_fn()
+    return client_update(model, dataset, weights, optimizer, clip_norm, proximal_mu)
+
+
+def client_update_from_token(
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    optimizer_fn: OptimizerFn,
+    clip_norm: float | None,
+    proximal_mu: float,
+    dataset_fn: Callable[[tf.Tensor], tf.data.Dataset],
+) -> tff.Computation:
+    """`(weights, token) -> ClientOutput`: what `build_client_work`'s client
+    computation returns for `dataset_fn(token)`, with the dataset built in the
+    same graph (see coordinator/algorithm/dataset_fusion.py for why)."""
+    _check(clip_norm, proximal_mu)
+    with tf.Graph().as_default():
+        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+
+    @tff.tensorflow.computation(weights_type, np.str_)
+    def client_update_from_token_computation(weights, token):
+        return _update_from(
+            model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset_fn(token)
+        )
+
+    return client_update_from_token_computation
+
+
 def build_client_work(
     model_fn: Callable[[], tff.learning.models.VariableModel],
     optimizer_fn: OptimizerFn,
@@ -209,10 +240,7 @@ def build_client_work(
 
     @tff.tensorflow.computation(weights_type, data_type)
     def client_update_computation(weights, dataset):
-        optimizer = optimizer_fn()
-        with tf.variable_creator_scope(_zero_initialized):
-            model = model_fn()
-        return client_update(model, dataset, weights, optimizer, clip_norm, proximal_mu)
+        return _update_from(model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset)
 
     metrics_sum_type = tff.StructType(
         [

@@ -11,7 +11,7 @@ in `deploy.bench.tff_local.LocalReference`'s merged view of the shards.
     python tests/stock_reference.py RUNS_JSON OUT_NPZ SHARD_DIR...
 
 RUNS_JSON is a list of {"name", "spec", "rounds", "clients_per_round", "seed",
-"stock": null | {"builder": "fed_avg" | "unweighted_fed_avg" | "fed_prox",
+"stock": null | {"builder": "unfused"} | {"builder": "fed_avg" | "unweighted_fed_avg" | "fed_prox",
 "proximal_strength": mu, "aggregator": null | "robust" | "dp_adaptive"}}; a
 stock builder gets the spec's client and server optimizers.
 """
@@ -90,7 +90,13 @@ def main() -> None:
     with LocalReference(shard_dirs):
         for run in runs:
             spec = algorithm.AlgorithmSpec.from_dict(run["spec"])
-            if run.get("stock"):
+            if run.get("stock") == {"builder": "unfused"}:
+                # fedcompose's own blocks, composed with the dataset computation
+                # by TFF alone (no dataset fusion): what fusion must equal.
+                process = tff.simulation.compose_dataset_computation_with_learning_process(
+                    compose.train_dataset_computation(spec), compose.build_learning_process(spec)
+                )
+            elif run.get("stock"):
                 process = tff.simulation.compose_dataset_computation_with_learning_process(
                     compose.train_dataset_computation(spec), stock_process(spec, run["stock"])
                 )

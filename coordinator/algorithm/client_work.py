@@ -72,3 +72,16 @@ def outcome_computation(
     return client_update.client_outcome(
         model_fn, _optimizer_fn(spec), _clip_norm(spec), spec.blocks.proximal_mu, dataset_fn
     )
+
+
+def update_from_token_computation(
+    spec: AlgorithmSpec,
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    dataset_fn: Callable[[tf.Tensor], tf.data.Dataset],
+) -> tff.Computation:
+    """`(ModelWeights, token) -> ClientOutput`: the client work's per-client
+    computation on `dataset_fn(token)`, with the dataset built in the same
+    graph (see dataset_fusion.py)."""
+    return client_update.client_update_from_token(
+        model_fn, _optimizer_fn(spec), _clip_norm(spec), spec.blocks.proximal_mu, dataset_fn
+    )

@@ -5,6 +5,9 @@ distributor (distributor.py) -> client work (client_work.py) -> aggregator
 `compose_learning_process`, then given a dataset computation so that `next`
 takes client tokens instead of datasets: each worker builds a client's
 dataset from its own files, and only tokens and weights cross the wire.
+Training builds each client's dataset inside its client update
+(dataset_fusion.py): one TensorFlow call per client instead of two and no
+dataset serialization between them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from coordinator.algorithm import aggregator, client_work, distributor, finalizer
+from coordinator.algorithm import (
+    aggregator,
+    client_work,
+    dataset_fusion,
+    distributor,
+    finalizer,
+)
 from coordinator.algorithm.spec import AlgorithmSpec
 from shared import models, preprocessing
 
@@ -132,8 +141,14 @@ def _eval_outcome(spec: AlgorithmSpec, model_fn, weights_type) -> tff.Computatio
 def build(spec: AlgorithmSpec) -> Algorithm:
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
     weights_type = _weights_type(model_fn)
-    process = tff.simulation.compose_dataset_computation_with_learning_process(
-        train_dataset_computation(spec), build_learning_process(spec)
+    # TFF's composition with the dataset computation, each client's dataset
+    # then built inside its client update (dataset_fusion.py).
+    process = dataset_fusion.compose_fused(
+        train_dataset_computation(spec),
+        build_learning_process(spec),
+        client_work.update_from_token_computation(
+            spec, model_fn, lambda token: _train_dataset(spec, token)
+        ),
     )
     evaluation = tff.simulation.compose_dataset_computation_with_learning_process(
         test_dataset_computation(spec),
