@@ -42,12 +42,7 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
         ax.legend(loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with files.atomic_target(path, ".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    _save(fig, path)
 
 
 def plot_loglog(
@@ -67,8 +62,13 @@ def plot_loglog(
     ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """Writes `fig` to `path` atomically and frees it, whatever happens."""
     try:
+        fig.tight_layout()
         with files.atomic_target(path, ".png") as tmp:
             fig.savefig(tmp, dpi=110)
     finally:

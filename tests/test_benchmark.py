@@ -15,13 +15,11 @@ from tests.conftest import fedcompose
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_grid_writes_every_row_and_column(tmp_path):
-    run_dir = tmp_path / "bench"
-    result = fedcompose(
+def _tiny_grid(tmp_path, *args: str, timeout: float):
+    """`fedcompose bench` on 24 tiny writers, W = 1 and 2, one measured round."""
+    return fedcompose(
         "bench",
-        "--quick",
-        "--clients-per-round",
-        "3,6",
+        *args,
         "--workers",
         "1,2",
         "--hosted-clients",
@@ -31,11 +29,16 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
         "--rounds",
         "1",
         "--run-dir",
-        str(run_dir),
+        str(tmp_path / "bench"),
         "--data-cache",
         str(tmp_path / "data"),
-        timeout=900,
+        timeout=timeout,
     )
+
+
+def test_tiny_grid_writes_every_row_and_column(tmp_path):
+    run_dir = tmp_path / "bench"
+    result = _tiny_grid(tmp_path, "--quick", "--clients-per-round", "3,6", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((run_dir / "results.json").read_text())
 
@@ -149,8 +152,8 @@ def test_pinned_grid_runs_each_worker_on_its_own_core(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     assert len(cores) >= 2, "pinned mode needs two cores to put two workers on"
     run_dir = tmp_path / "bench"
-    result = fedcompose(
-        "bench",
+    result = _tiny_grid(
+        tmp_path,
         "--pinned",
         "--systems",
         "tff_local,fedcompose",
@@ -158,18 +161,6 @@ def test_pinned_grid_runs_each_worker_on_its_own_core(tmp_path):
         "linear",
         "--clients-per-round",
         "4",
-        "--workers",
-        "1,2",
-        "--hosted-clients",
-        "24",
-        "--examples-per-client",
-        "6",
-        "--rounds",
-        "1",
-        "--run-dir",
-        str(run_dir),
-        "--data-cache",
-        str(tmp_path / "data"),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
