@@ -169,6 +169,7 @@ def test_builds_emnist_shards_and_summarises_them(fake_emnist, tmp_path):  # noq
     assert "left out: 1 writer(s) without training examples" in summary
 
 
+@pytest.mark.slow
 def test_force_rebuilds_with_another_partition(fake_emnist, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     first = data(*emnist_args(fake_emnist, "--workers", "4", "--shards-dir", str(out)))

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT, fedcompose
 
 
+@pytest.mark.slow
 def test_three_rounds_over_two_workers_match_tff_local_context(workers2, shards2, tmp_path):
     run_dir = tmp_path / "run"
     addresses = ",".join(w.address for w in workers2)

@@ -41,6 +41,7 @@ def _executor_of(worker) -> psutil.Process:
     return next(c for c in children if "worker_binary" in " ".join(c.cmdline()))
 
 
+@pytest.mark.slow
 def test_unreachable_worker_at_start(tmp_path):
     (port,) = free_ports(1)
     started = time.monotonic()

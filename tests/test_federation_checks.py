@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from deploy import workers as workers_lib
 from deploy.data import shards as shards_lib
@@ -44,6 +45,7 @@ def _train_against(shard_dirs, tmp_path):
         workers_lib.stop_workers(started)
 
 
+@pytest.mark.slow
 def test_client_hosted_twice_is_refused(shards2, tmp_path):
     result = _train_against([shards2[0], shards2[0]], tmp_path)
     assert result.returncode == 4
@@ -54,6 +56,7 @@ def test_client_hosted_twice_is_refused(shards2, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_workers_with_different_tasks_are_refused(shards2, tmp_path):
     other = _tiny_source("emnist-all", 62, "other_")
     shards_lib.write_shards(other, [[0, 1, 2, 3]], tmp_path / "other", {"scheme": "natural"})

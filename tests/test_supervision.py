@@ -75,6 +75,7 @@ def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
     assert all(index not in r["live_workers"] for r in rows[17:])
 
 
+@pytest.mark.slow
 def test_status_shows_the_runs_view_of_each_worker(workers2, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
