@@ -273,6 +273,14 @@ def _pinning(config: config_lib.RunConfig) -> dict | None:
         return None
     from deploy.bench import pinning
 
+    cores = len(pinning.available_cores())
+    if max(config.federation.workers) > cores:
+        log.warning(
+            "--pinned with %d workers on %d cores: workers share cores round-robin, so "
+            "those rows measure contention, not scaling",
+            max(config.federation.workers),
+            cores,
+        )
     return {
         "keras": [pinning.single_core()],
         "tff_local": [pinning.single_core()],
