@@ -48,6 +48,9 @@ def _wanted(point: str, round_num: int | None) -> Path | None:
     for spec in specs.split(";"):
         where, _, path = spec.partition("=")
         name, _, at_round = where.partition(":")
+        # A test that names a point wrongly must fail at once, not wait for ever.
+        if name not in POINTS or (at_round and not at_round.isdigit()):
+            raise ValueError(f"{ENV_POINT}: cannot read {spec!r}; points: {', '.join(POINTS)}")
         if name != point or (at_round and at_round != str(round_num)):
             continue
         path = path or os.environ.get(ENV_FILE, "")

@@ -59,7 +59,8 @@ def main() -> None:
                     ExecutorReuse(executor.reuse[0].budget, True) for _ in executor.reuse
                 ]
             if run.get("clients_per_call"):
-                executor.memory = MemoryPlan(0, 0.0, run["clients_per_call"])
+                per_call = run["clients_per_call"]
+                executor.memory = MemoryPlan(0, 0.0, per_call, eval_clients_per_call=per_call)
             try:
                 state = executor.initialize()
                 padded = pieces = 0

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from coordinator.rounds import executor_reuse
 from coordinator.rounds.executor_reuse import (
     ExecutorReuse,
     MemoryPlan,
@@ -21,13 +22,25 @@ from coordinator.rounds.executor_reuse import (
     padded_count,
     piece_sizes,
 )
+from shared.errors import UsageError
 from tests.conftest import ROOT
 
 
 def test_clients_per_call_follow_the_budget_and_the_model():
     cnn = MemoryPlan.of(2048, "cnn")
     assert cnn.clients_per_call is not None
-    assert 300 + cnn.clients_per_call * 16 <= 2048
+    # The plan stays within the budget by its own figures (whole worker + clients).
+    assert executor_reuse.BASE_MB + cnn.clients_per_call * cnn.client_mb <= 2048
+    # Evaluation holds far less per client: more of them per call, still bounded.
+    assert cnn.eval_clients_per_call is not None
+    assert cnn.eval_clients_per_call > cnn.clients_per_call
+    # A budget below one client's need is refused, per model and optimizer.
+    with pytest.raises(UsageError, match="at least 517"):
+        MemoryPlan.of(512, "cnn")
+    with pytest.raises(UsageError, match="adam"):
+        MemoryPlan.of(520, "cnn", "adam")
+    # A huge budget is planned at once (no loop over every count that fits).
+    assert MemoryPlan.of(10**12, "linear").clients_per_call > 10**12
     assert MemoryPlan.of(4096, "cnn").clients_per_call > cnn.clients_per_call
     # Optimizer slots cost memory per client: Adam fits fewer than SGD.
     assert MemoryPlan.of(2048, "cnn", "adam").clients_per_call < cnn.clients_per_call

@@ -183,20 +183,31 @@ class MergeableRunner:
                     t1 = time.perf_counter()
                     call.upload += t1 - t0
                     partial_ref = worker.create_call(self.up_to_merge, arg_ref, count)
-                    bucket += [tokens_ref, arg_ref, partial_ref]
-                    if original_arg is None and count == main:
-                        original_arg = arg_ref
+                    # What this piece made is freed as soon as it is merged: a
+                    # partial (and a merged one) is model-sized, and keeping every
+                    # piece's would grow the worker with the number of pieces.
+                    spent = [tokens_ref, arg_ref]
+                    if original_arg is None and count == main and keep is not None:
+                        original_arg = arg_ref  # `after_merge` takes it: it stays
+                        spent = []
+                        bucket += [tokens_ref, arg_ref]
                     # One piece at a time: wait until this one is done.
                     done_ref = worker.create_call(self.partial_done, partial_ref, count)
-                    bucket.append(done_ref)
                     worker.compute(done_ref, count)
+                    spent.append(done_ref)
+                    if group_merged is None:
+                        group_merged = partial_ref
+                    else:
+                        step: list[ValueRef] = []
+                        merged_now = self._merge_on(worker, group_merged, partial_ref, count, step)
+                        settled = worker.create_call(self.partial_done, merged_now, count)
+                        worker.compute(settled, count)
+                        spent += [group_merged, partial_ref, settled, *step[:-1]]
+                        group_merged = merged_now
+                    worker.dispose(spent, count)
                     call.compute += time.perf_counter() - t1
-                    group_merged = (
-                        partial_ref
-                        if group_merged is None
-                        else self._merge_on(worker, group_merged, partial_ref, count, bucket)
-                    )
                 assert group_merged is not None
+                bucket.append(group_merged)
                 if count == main:
                     merged = group_merged
                 else:

@@ -152,13 +152,14 @@ class RoundExecutor:
         address = self.federation.workers[index].address
         return reason if address in reason else f"worker {address}: {reason}"
 
-    def _pieces(self, index: int, tokens: list[str]) -> list[list[str]]:
+    def _pieces(self, index: int, tokens: list[str], evaluation: bool = False) -> list[list[str]]:
         """The worker's tokens as the calls it runs them in: at most the memory
         plan's clients per call each, padded with empty clients to the count
         its executor-reuse policy runs them at. Empty clients go last: sums
         over the real clients come out bit for bit as without them."""
         pieces, start = [], 0
-        for real, count in self.reuse[index].pieces(len(tokens), self.memory.clients_per_call):
+        per_call = self.memory.eval_clients_per_call if evaluation else self.memory.clients_per_call
+        for real, count in self.reuse[index].pieces(len(tokens), per_call):
             piece = tokens[start : start + real]
             start += real
             pieces.append(piece + [preprocessing.EMPTY_CLIENT_TOKEN] * (count - real))
@@ -420,7 +421,7 @@ class RoundExecutor:
             for i in live
         }
         # A worker's writers in calls that fit its memory budget, merged on it.
-        pieces = {i: self._pieces(i, t) for i, t in tokens.items() if t}
+        pieces = {i: self._pieces(i, t, evaluation=True) for i, t in tokens.items() if t}
         timing = RoundTiming()
         started = time.perf_counter()
         lost: dict[int, str] = {}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from shared import config as config_lib
-from shared.errors import UsageError
+from shared.errors import FedcomposeError, UsageError
 
 log = logging.getLogger("fedcompose.bench")
 
@@ -81,7 +81,8 @@ def with_quick_defaults(config: config_lib.RunConfig) -> config_lib.RunConfig:
         hosted = [int(h) for h in config.bench.scale_hosted]
     except ValueError:
         raise UsageError(
-            f"--scale-hosted takes comma-separated integers, got {config.bench.scale_hosted}"
+            "--scale-hosted takes comma-separated integers, got "
+            + ",".join(str(h) for h in config.bench.scale_hosted)
         ) from None
     if not hosted or min(hosted) < 2:
         raise UsageError("--scale-hosted takes numbers of hosted clients of at least 2")
@@ -161,6 +162,8 @@ def run(config: config_lib.RunConfig) -> int:
     from shared import interrupts, logs
 
     if config.bench.chaos:
+        if config.bench.pinned:
+            raise UsageError("--pinned measures the grid; leave out --chaos")
         if config.output.run_dir:
             Path(config.output.run_dir).mkdir(parents=True, exist_ok=True)
         logs.setup(verbose=config.output.verbose, name="bench")
@@ -312,21 +315,51 @@ def _curves(config: config_lib.RunConfig, plan, shard_sets, run_dir: Path) -> in
         "memory" in config.bench.curves
     ) + len(config.bench.scale_hosted) * ("scale" in config.bench.curves)
     lines = []
-    with (
-        MemorySampler() as sampler,
-        tqdm(total=total, disable=not sys.stderr.isatty(), file=sys.stderr) as bar,
-    ):
-        if "memory" in config.bench.curves:
-            points = curves.memory_curve(config, plan, shard_sets, run_dir, sampler, bar)
-            results["memory"] = {"points": points, "targets": curves.memory_targets(points)}
-            curves.plot_memory(points, run_dir / "memory.png")
-            lines += [curves.memory_table(points), *curves.targets_lines(results["memory"])]
-        if "scale" in config.bench.curves:
-            points = curves.scale_curve(config, run_dir, sampler, bar)
-            results["scale"] = {"points": points, "targets": curves.scale_targets(points)}
-            curves.plot_scale(points, run_dir / "scale.png")
-            lines += ["", curves.scale_table(points), *curves.targets_lines(results["scale"])]
-    files.write_atomic(run_dir / "curves.json", json.dumps(results, indent=1))
+    memory_points: list[dict] = []
+    scale_points: list[dict] = []
+    failure: Exception | None = None
+    try:
+        with (
+            MemorySampler() as sampler,
+            tqdm(total=total, disable=not sys.stderr.isatty(), file=sys.stderr) as bar,
+        ):
+            if "memory" in config.bench.curves:
+                curves.memory_curve(config, plan, shard_sets, run_dir, sampler, bar, memory_points)
+            if "scale" in config.bench.curves:
+                curves.scale_curve(config, run_dir, sampler, bar, scale_points)
+    except (RuntimeError, LookupError, StopIteration, OSError) as e:
+        failure = e
+    finally:
+        # Whatever was measured is kept, also on Ctrl-C or a failed point.
+        if memory_points:
+            results["memory"] = {
+                "points": memory_points,
+                "targets": curves.memory_targets(memory_points),
+            }
+            curves.plot_memory(memory_points, run_dir / "memory.png")
+            lines += [
+                curves.memory_table(memory_points),
+                *curves.targets_lines(results["memory"]),
+            ]
+        if scale_points:
+            results["scale"] = {
+                "points": scale_points,
+                "targets": curves.scale_targets(scale_points),
+            }
+            curves.plot_scale(scale_points, run_dir / "scale.png")
+            lines += [
+                "",
+                curves.scale_table(scale_points),
+                *curves.targets_lines(results["scale"]),
+            ]
+        if failure is not None:
+            results["incomplete"] = str(failure)
+        files.write_atomic(run_dir / "curves.json", json.dumps(results, indent=1))
+    if failure is not None:
+        raise FedcomposeError(
+            f"bench --curves stopped: {failure}; the points measured before it are in "
+            f"{run_dir / 'curves.json'}"
+        ) from None
     text = "\n".join(lines)
     files.write_atomic(run_dir / "curves.txt", text + "\n")
     print(text, file=sys.stdout)

@@ -38,14 +38,16 @@ def _worker_peak(memory: dict[str, int]) -> int:
     return max(totals.values(), default=0)
 
 
-def memory_curve(config, plan, shard_sets, run_dir: Path, sampler, bar) -> list[dict]:
-    """Peak worker memory against clients per round, with and without the budget."""
+def memory_curve(
+    config, plan, shard_sets, run_dir: Path, sampler, bar, points: list[dict]
+) -> list[dict]:
+    """Peak worker memory against clients per round, with and without the budget;
+    each point is appended to `points` as soon as it is measured."""
     from deploy.bench.report import summarize
     from deploy.bench.runner import Runner
 
     workers = config.federation.workers[0]
     budget = config.federation.worker_memory_mb
-    points = []
     for memory_mb in dict.fromkeys([budget, 0]):
         for model in plan.models:
             for clients in plan.clients_for(model):
@@ -180,13 +182,13 @@ def _run_scale_child(config: dict, work: Path, sampler, keep_watching: bool = Fa
     return events
 
 
-def scale_curve(config, run_dir: Path, sampler, bar) -> list[dict]:
+def scale_curve(config, run_dir: Path, sampler, bar, points: list[dict]) -> list[dict]:
     """Start-up, discovery, rounds, evaluation, checkpoint and coordinator memory
-    against hosted clients, on two workers."""
+    against hosted clients, on two workers; each point is appended to `points`
+    as soon as it is measured."""
     from deploy import workers as workers_lib
     from deploy.data import synthetic
 
-    points = []
     for hosted in config.bench.scale_hosted:
         # Few examples per writer: the figures are about clients, and the
         # shards of 100,000 writers stay under 2 GB.

@@ -266,7 +266,8 @@ def targets(rows: Sequence[Row], summaries: dict[tuple, dict], pinned: bool = Fa
                 )
         for r in mine:
             s = summaries[r.key]
-            if r.clients_per_round == 100 and s.get("ratio_vs_tff") is not None:
+            # Pinned, TFF runs on one core and W workers on W: not a fair race.
+            if r.clients_per_round == 100 and s.get("ratio_vs_tff") is not None and not pinned:
                 found.append(
                     {
                         "target": "faster than TFF in one process at 100 clients/round",
