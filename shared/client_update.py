@@ -173,8 +173,7 @@ def client_outcome(
     not finite).
     """
     _check(clip_norm, proximal_mu)
-    with tf.Graph().as_default():
-        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+    weights_type = _weights_type(model_fn)
 
     @tff.tensorflow.computation(weights_type, np.str_)
     def outcome(weights, token):
@@ -183,6 +182,12 @@ def client_outcome(
         return _outcome(model, dataset_fn(token), weights, optimizer_fn(), clip_norm, proximal_mu)
 
     return outcome
+
+
+def _weights_type(model_fn: Callable[[], tff.learning.models.VariableModel]):
+    """The TFF type of the model's weights, from a model built in a throwaway graph."""
+    with tf.Graph().as_default():
+        return tff.learning.models.weights_type_from_model(model_fn())
 
 
 def _update_from(model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset):
@@ -204,8 +209,7 @@ def client_update_from_token(
     computation returns for `dataset_fn(token)`, with the dataset built in the
     same graph (see coordinator/algorithm/dataset_fusion.py for why)."""
     _check(clip_norm, proximal_mu)
-    with tf.Graph().as_default():
-        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+    weights_type = _weights_type(model_fn)
 
     @tff.tensorflow.computation(weights_type, np.str_)
     def client_update_from_token_computation(weights, token):

@@ -129,5 +129,7 @@ def test_pieces_merged_on_the_worker_equal_one_call(workers2, tmp_path):
                 rtol=0,
             )
         a, b = report[whole]["evaluation"], report[split]["evaluation"]
+        # Evaluation was split too (30 writers per worker in calls of 5), not only training.
+        assert a["calls_per_worker"] == 1 and b["calls_per_worker"] >= 6, (a, b)
         assert a["examples"] == b["examples"] == 360
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["accuracy"] - b["accuracy"]) < 1e-6

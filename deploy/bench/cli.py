@@ -331,27 +331,16 @@ def _curves(config: config_lib.RunConfig, plan, shard_sets, run_dir: Path) -> in
         failure = e
     finally:
         # Whatever was measured is kept, also on Ctrl-C or a failed point.
-        if memory_points:
-            results["memory"] = {
-                "points": memory_points,
-                "targets": curves.memory_targets(memory_points),
-            }
-            curves.plot_memory(memory_points, run_dir / "memory.png")
-            lines += [
-                curves.memory_table(memory_points),
-                *curves.targets_lines(results["memory"]),
-            ]
-        if scale_points:
-            results["scale"] = {
-                "points": scale_points,
-                "targets": curves.scale_targets(scale_points),
-            }
-            curves.plot_scale(scale_points, run_dir / "scale.png")
-            lines += [
-                "",
-                curves.scale_table(scale_points),
-                *curves.targets_lines(results["scale"]),
-            ]
+        c = curves
+        for name, points, targets, plot, table in (
+            ("memory", memory_points, c.memory_targets, c.plot_memory, c.memory_table),
+            ("scale", scale_points, c.scale_targets, c.plot_scale, c.scale_table),
+        ):
+            if points:
+                results[name] = {"points": points, "targets": targets(points)}
+                plot(points, run_dir / f"{name}.png")
+                lines += [*([""] if lines else []), table(points)]
+                lines += curves.targets_lines(results[name])
         if failure is not None:
             results["incomplete"] = str(failure)
         files.write_atomic(run_dir / "curves.json", json.dumps(results, indent=1))

@@ -103,7 +103,7 @@ def _evaluation_point(
     try:
         for w in started:
             sampler.watch(f"worker{w.index}", w.process.pid, f"worker{w.index}_executor")
-        events = _run_scale_child(
+        events, peaks = _run_scale_child(
             {
                 "hosted": config.bench.hosted_clients,
                 "addresses": [w.address for w in started],
@@ -115,9 +115,7 @@ def _evaluation_point(
             },
             work,
             sampler,
-            keep_watching=True,
         )
-        peaks = sampler.peaks("scale")
     finally:
         sampler.unwatch_all()
         workers_lib.stop_workers(started)
@@ -147,7 +145,9 @@ def _start_timed(shard_dirs: list[Path], logs: Path):
     return started, time.perf_counter() - t0
 
 
-def _run_scale_child(config: dict, work: Path, sampler, keep_watching: bool = False) -> list[dict]:
+def _run_scale_child(config: dict, work: Path, sampler) -> tuple[list[dict], dict[str, int]]:
+    """Runs the scale child to its end; its events, and the peak memory of every
+    watched process while it ran (a phase of its own: points never mix)."""
     from deploy.bench import protocol as bench_protocol
     from deploy.bench.runner import ROOT
     from shared import processes
@@ -165,7 +165,7 @@ def _run_scale_child(config: dict, work: Path, sampler, keep_watching: bool = Fa
         )
     try:
         sampler.watch("coordinator", proc.pid, "server_executor")
-        sampler.set_phase("scale")
+        sampler.set_phase(f"child:{work}")
         assert proc.stdout is not None
         for raw in proc.stdout:
             event = bench_protocol.parse(raw.decode(errors="replace"))
@@ -175,11 +175,9 @@ def _run_scale_child(config: dict, work: Path, sampler, keep_watching: bool = Fa
     finally:
         sampler.set_phase(None)
         processes.stop(proc, grace=10.0)
-        if not keep_watching:
-            sampler.unwatch_all()
     if code != 0:
         raise RuntimeError(f"scale child exited with code {code} (log: {work / 'scale-child.log'})")
-    return events
+    return events, sampler.peaks(f"child:{work}")
 
 
 def scale_curve(config, run_dir: Path, sampler, bar, points: list[dict]) -> list[dict]:
@@ -204,7 +202,7 @@ def scale_curve(config, run_dir: Path, sampler, bar, points: list[dict]) -> list
         started, startup = _start_timed(shard_dirs, work / "logs")
         try:
             sampler.watch("worker0", started[0].process.pid, "worker0_executor")
-            events = _run_scale_child(
+            events, peaks = _run_scale_child(
                 {
                     "hosted": hosted,
                     "addresses": [w.address for w in started],
@@ -218,8 +216,8 @@ def scale_curve(config, run_dir: Path, sampler, bar, points: list[dict]) -> list
                 sampler,
             )
         finally:
+            sampler.unwatch_all()
             workers_lib.stop_workers(started)
-        peaks = sampler.peaks("scale")
         steps = {(e["step"], e.get("round")): e for e in events if e.get("event") == "step"}
         point = {
             "hosted_clients": hosted,
