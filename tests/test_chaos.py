@@ -31,6 +31,7 @@ def test_short_chaos_soak_finishes_and_loses_nothing(tmp_path):
     assert report["rounds_recorded_once_in_order"] and report["state"] == "finished"
     assert report["checkpoints"][-1] == 40 and report["checkpoints_ok"]
     assert report["orphans"] == [] and report["leftover_temporaries"] == []
+    assert report["coordinator_kill"] is not None, "the soak never killed its coordinator"
     assert report["coordinator_kill"]["orphans_after_it"] == 0
     assert sum(report["faults"].values()) >= 3, report["fault_log"]
     for key in ("rounds_degraded", "clients_lost", "rounds_with_a_worker_down"):

@@ -158,7 +158,12 @@ class Soak:
         started = time.time()
         proc = self._start()
         next_fault = self._gap()
+        quiet_from = self.plan.rounds * (1 - QUIET_TAIL)
         kill_coordinator_at = self.plan.rounds // 2 if self.plan.kill_coordinator else None
+        # The kill follows the first fault from half-way on; should no fault take
+        # (fewer than two workers serving each time), it comes on its own by
+        # then, so that every soak resumes once.
+        kill_by = min(quiet_from, (kill_coordinator_at or 0) + self.plan.every)
         try:
             while True:
                 code = proc.poll()
@@ -169,17 +174,16 @@ class Soak:
                         self.coordinator_kill["proc"] = None
                         continue
                     break
-                if done >= next_fault and done < self.plan.rounds * (1 - QUIET_TAIL):
+                fault = None
+                if done >= next_fault and done < quiet_from:
                     time.sleep(self.rng.uniform(0.0, 0.3))  # mid-round or between rounds
                     fault = self._inject(proc, done)
                     next_fault = done + self._gap()
-                    if (
-                        fault is not None
-                        and kill_coordinator_at is not None
-                        and done >= kill_coordinator_at
-                    ):
-                        kill_coordinator_at = None
-                        self._kill_coordinator(proc, done)
+                if kill_coordinator_at is not None and (
+                    (fault is not None and done >= kill_coordinator_at) or done >= kill_by
+                ):
+                    kill_coordinator_at = None
+                    self._kill_coordinator(proc, done, after_fault=fault is not None)
                 time.sleep(0.05)
         finally:
             self._continue_all()
@@ -236,7 +240,7 @@ class Soak:
         for index, binary in list(self.stopped.items()):
             self._continue(index, binary)
 
-    def _kill_coordinator(self, proc: subprocess.Popen, done: int) -> None:
+    def _kill_coordinator(self, proc: subprocess.Popen, done: int, after_fault: bool) -> None:
         """SIGKILLs the launcher and coordinator (its workers die with it); the
         soak then runs the same command again, which resumes."""
         self._continue_all()
@@ -252,7 +256,7 @@ class Soak:
             "at": at,
             "rounds_recorded": len(_rows(self.run_dir)),
             "orphans": len(_tagged(self.tag)),
-            "after_fault_at_round": done,
+            "after_fault_at_round": done if after_fault else None,
         }
         log.info("round %d: SIGKILL of the coordinator", done)
 
@@ -318,6 +322,7 @@ class Soak:
                 else None,
                 "max": round(max(recover), 2) if recover else None,
             },
+            "coordinator_kill_planned": self.plan.kill_coordinator,
             "coordinator_kill": {
                 "at_round": kill.get("rounds_recorded"),
                 "orphans_after_it": kill.get("orphans"),
@@ -382,6 +387,7 @@ def ok(report: dict) -> bool:
         and not report["leftover_temporaries"]
         and not report["orphans"]
         and not (report["coordinator_kill"] or {}).get("orphans_after_it")
+        and (report["coordinator_kill"] is not None or not report["coordinator_kill_planned"])
     )
 
 
