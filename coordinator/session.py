@@ -19,6 +19,7 @@ from coordinator import algorithm as algorithm_lib
 from coordinator import federation as federation_lib
 from coordinator.executor_client.connection import ClientTLS
 from coordinator.executor_client.server import ServerExecutor
+from coordinator.rounds import prepared
 from coordinator.rounds.executor_reuse import MemoryPlan
 from coordinator.rounds.round_executor import RoundExecutor
 from shared.errors import UsageError
@@ -82,22 +83,24 @@ class FederationSession:
         federation, each worker's calls sized to `worker_memory_mb` (0: none)."""
         assert self.federation is not None and self.server is not None
         started = time.perf_counter()
-        algorithm = algorithm_lib.build(spec)
+        memory = MemoryPlan.of(worker_memory_mb, spec.model, spec.blocks.client_optimizer)
         try:
-            memory = MemoryPlan.of(worker_memory_mb, spec.model, spec.blocks.client_optimizer)
-            executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)
-        except Exception as e:  # TFF's mergeable-form compiler raises several kinds
+            algorithm = prepared.prepare(spec)
+        except prepared.NotMergeable as not_mergeable:
+            e = not_mergeable.__cause__ or not_mergeable
             raise UsageError(
                 f"the algorithm ({spec.describe()}) cannot run across workers: TFF cannot "
                 "split its round into the mergeable form "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
                 "choose other blocks (`fedcompose blocks`)"
             ) from e
+        executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)
         self._executors.append(executor)
         log.info(
-            "composed %s model algorithm in %.1fs%s",
+            "composed %s model algorithm in %.1fs%s%s",
             spec.model,
             time.perf_counter() - started,
+            " (compiled computations from the cache)" if algorithm.cached else "",
             ""
             if algorithm.empty_clients_harmless
             else " (rounds not padded: aggregator counts clients)",

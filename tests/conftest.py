@@ -4,9 +4,11 @@ process started by a test outlives it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_TAG = f"fedcompose-test-{uuid.uuid4().hex[:12]}"
 os.environ["FEDCOMPOSE_TEST_TAG"] = TEST_TAG
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Compiled computations are cached across the session's processes (see
+# coordinator/rounds/prepared.py), in a cache of its own that starts empty: the
+# first run of each algorithm builds it, the later ones load it, and nothing
+# outside the session is read or left behind.
+CACHE_DIR = tempfile.mkdtemp(prefix="fedcompose-test-cache-")
+os.environ["FEDCOMPOSE_CACHE_DIR"] = CACHE_DIR
 
 # Every executor service a test starts, TFF's own local ones included, listens
 # on loopback only (issue 9): the shim is preloaded into every child (it acts
@@ -155,6 +163,7 @@ def workers2(shards2, tmp_path):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
     # TFF's import-time default context owns a service manager whose __del__
     # fails noisily at interpreter exit; drop it while modules are alive.
     if "tensorflow_federated" in sys.modules:

@@ -31,6 +31,7 @@ quiet_tensorflow()
 import numpy as np  # noqa: E402
 
 from coordinator import algorithm, federation  # noqa: E402
+from coordinator.rounds import prepared  # noqa: E402
 from coordinator.rounds.executor_reuse import ExecutorReuse, MemoryPlan  # noqa: E402
 from coordinator.rounds.round_executor import RoundExecutor  # noqa: E402
 from coordinator.session import FederationSession  # noqa: E402
@@ -43,11 +44,11 @@ def main() -> None:
     report: dict[str, dict] = {}
     with FederationSession(addresses.split(","), rpc_timeout=300, connect_timeout=60) as session:
         assert session.federation is not None and session.server is not None
-        built: dict[str, algorithm.Algorithm] = {}
+        built: dict[str, prepared.PreparedAlgorithm] = {}
         for run in runs:
             key = json.dumps(run["spec"], sort_keys=True)
             if key not in built:  # the same algorithm, run with and without padding
-                built[key] = algorithm.build(algorithm.AlgorithmSpec.from_dict(run["spec"]))
+                built[key] = prepared.prepare(algorithm.AlgorithmSpec.from_dict(run["spec"]))
             executor = RoundExecutor(
                 built[key],
                 session.federation,

@@ -8,16 +8,25 @@ every element; a round of 1,000 clients spent 0.1 s there).
 
 from __future__ import annotations
 
+import base64
+import collections
 import functools
+import importlib
 import itertools
+import json
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_federated as tff
-from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.proto.v0 import computation_pb2, executor_pb2
 from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
-from tensorflow_federated.python.core.impl.types import type_conversions
+from tensorflow_federated.python.core.impl.types import (
+    placements,
+    type_conversions,
+    type_serialization,
+)
 
 _ids = itertools.count()
 
@@ -26,12 +35,45 @@ class PreparedComputation:
     """A computation compiled for the native C++ runtime and serialized once."""
 
     def __init__(self, comp: tff.Computation, name: str):
+        compiled = tff.backends.native.desugar_and_transform_to_native(comp)
+        value_proto, _ = value_serialization.serialize_value(compiled, compiled.type_signature)
+        self._set(name, value_proto, compiled.type_signature.parameter, comp.type_signature.result)
+
+    def _set(
+        self,
+        name: str,
+        value_proto: executor_pb2.Value,
+        parameter_type: tff.Type | None,
+        result_type: tff.Type,
+    ) -> None:
         self.name = name
         self.key = next(_ids)
-        self.result_type = comp.type_signature.result
-        compiled = tff.backends.native.desugar_and_transform_to_native(comp)
-        self.parameter_type = compiled.type_signature.parameter
-        self.value_proto, _ = value_serialization.serialize_value(compiled, compiled.type_signature)
+        self.value_proto = value_proto
+        self.parameter_type = parameter_type
+        self.result_type = result_type
+
+    def to_bytes(self) -> dict[str, bytes]:
+        """What `from_bytes` takes back: the serialized computation and its types."""
+        parts = {
+            "value": self.value_proto.SerializeToString(),
+            "result": json.dumps(type_to_data(self.result_type)).encode(),
+        }
+        if self.parameter_type is not None:
+            parts["parameter"] = json.dumps(type_to_data(self.parameter_type)).encode()
+        return parts
+
+    @classmethod
+    def from_bytes(cls, name: str, parts: dict[str, bytes]) -> PreparedComputation:
+        """The computation `to_bytes` gave, without compiling anything."""
+        prepared = cls.__new__(cls)
+        parameter = parts.get("parameter")
+        prepared._set(
+            name,
+            executor_pb2.Value.FromString(parts["value"]),
+            type_from_data(json.loads(parameter)) if parameter is not None else None,
+            type_from_data(json.loads(parts["result"])),
+        )
+        return prepared
 
     def serialize_arg(self, arg: object) -> executor_pb2.Value:
         arg = tff.tensorflow.transform_args(arg)
@@ -111,3 +153,117 @@ def _strings_at_clients_template(
 def element_names(struct_type: tff.StructType) -> list[str]:
     """The element names of a struct type, '' for unnamed ones."""
     return [name or "" for name, _ in structure.iter_elements(struct_type)]
+
+
+# TFF's type protos drop the Python containers (OrderedDict, ModelWeights,
+# LearningProcessOutput, ...) that results are rebuilt into, so types are kept
+# as data that names them; only classes of TFF, TF Privacy and dp-accounting (DP states),
+# fedcompose and the standard containers are taken back.
+_CONTAINER_MODULES = {"collections", "builtins"}
+_CONTAINER_PACKAGES = (
+    "tensorflow_federated.",
+    "tensorflow_privacy.",
+    "dp_accounting.",
+    "coordinator.",
+    "shared.",
+)
+
+
+def type_to_data(type_spec: tff.Type) -> dict:
+    """`type_spec` as JSON-able data that `type_from_data` takes back whole."""
+    if isinstance(type_spec, tff.StructType):
+        data: dict = {
+            "struct": [[name, type_to_data(t)] for name, t in structure.iter_elements(type_spec)]
+        }
+        container = getattr(type_spec, "python_container", None)
+        if container is not None:
+            path = _path_to(container)
+            if path is None and _is_namedtuple(container):
+                # Made at run time (dp-accounting's events): its like, by shape.
+                data["namedtuple"] = [container.__name__, list(container._fields)]
+            else:
+                data["container"] = f"{container.__module__}:{path or container.__qualname__}"
+        return data
+    if isinstance(type_spec, tff.FederatedType):
+        return {
+            "federated": type_to_data(type_spec.member),
+            "placement": type_spec.placement.uri,
+            "all_equal": type_spec.all_equal,
+        }
+    if isinstance(type_spec, tff.SequenceType):
+        return {"sequence": type_to_data(type_spec.element)}
+    if isinstance(type_spec, tff.FunctionType):
+        parameter = type_spec.parameter
+        return {
+            "function": [
+                None if parameter is None else type_to_data(parameter),
+                type_to_data(type_spec.result),
+            ]
+        }
+    proto = type_serialization.serialize_type(type_spec).SerializeToString()
+    return {"proto": base64.b64encode(proto).decode()}
+
+
+def _is_namedtuple(cls: type) -> bool:
+    return issubclass(cls, tuple) and isinstance(getattr(cls, "_fields", None), tuple)
+
+
+@functools.cache
+def _namedtuple(name: str, fields: tuple[str, ...]) -> type:
+    return collections.namedtuple(name, fields)
+
+
+def _path_to(cls: type) -> str | None:
+    """The attribute path from `cls`'s module to `cls`: its qualified name, or for
+    a namedtuple made in a class body (TF Privacy's query states), `Outer.Name`."""
+    module = sys.modules.get(cls.__module__)
+
+    def resolves(path: str) -> bool:
+        value: object = module
+        for attr in path.split("."):
+            value = getattr(value, attr, None)
+        return value is cls
+
+    if module is None or resolves(cls.__qualname__):
+        return cls.__qualname__
+    for outer_name, outer in vars(module).items():
+        if isinstance(outer, type) and vars(outer).get(cls.__name__) is cls:
+            return f"{outer_name}.{cls.__name__}"
+    return None
+
+
+def _container(name: str) -> type:
+    module_name, _, qualname = name.partition(":")
+    if not (module_name in _CONTAINER_MODULES or module_name.startswith(_CONTAINER_PACKAGES)):
+        raise ValueError(
+            f"container {name} is not one TFF, TF Privacy, dp-accounting or fedcompose defines"
+        )
+    value: object = importlib.import_module(module_name)
+    for attr in qualname.split("."):
+        value = getattr(value, attr)
+    if not isinstance(value, type):
+        raise ValueError(f"container {name} is not a class")
+    return value
+
+
+def type_from_data(data: dict) -> tff.Type:
+    if "struct" in data:
+        elements = [(name, type_from_data(t)) for name, t in data["struct"]]
+        if "container" in data:
+            return tff.types.StructWithPythonType(elements, _container(data["container"]))
+        if "namedtuple" in data:
+            name, fields = data["namedtuple"]
+            return tff.types.StructWithPythonType(elements, _namedtuple(name, tuple(fields)))
+        return tff.StructType(elements)
+    if "federated" in data:
+        placement = placements.uri_to_placement_literal(data["placement"])
+        return tff.FederatedType(type_from_data(data["federated"]), placement, data["all_equal"])
+    if "sequence" in data:
+        return tff.SequenceType(type_from_data(data["sequence"]))
+    if "function" in data:
+        parameter, result = data["function"]
+        return tff.FunctionType(
+            None if parameter is None else type_from_data(parameter), type_from_data(result)
+        )
+    proto = computation_pb2.Type.FromString(base64.b64decode(data["proto"]))
+    return type_serialization.deserialize_type(proto)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from coordinator import algorithm as algorithm_lib
 from coordinator.executor_client import PreparedComputation, WorkerError
 from coordinator.federation import Federation
+from coordinator.rounds.prepared import PreparedAlgorithm
 from shared import preprocessing
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -40,10 +40,10 @@ class ClientFinding:
 
 
 class ClientDiagnosis:
-    def __init__(self, algorithm: algorithm_lib.Algorithm, federation: Federation):
+    def __init__(self, algorithm: PreparedAlgorithm, federation: Federation):
         self.federation = federation
-        self._train = PreparedComputation(algorithm.train_outcome, "train_outcome")
-        self._eval = PreparedComputation(algorithm.eval_outcome, "eval_outcome")
+        self._train = algorithm.computations["train_outcome"]
+        self._eval = algorithm.computations["eval_outcome"]
 
     def _run(
         self,

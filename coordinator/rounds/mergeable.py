@@ -74,45 +74,62 @@ class _Partial:
     """Calls the worker's share ran as."""
 
 
+PARTS = ("up_to_merge", "merge", "after_merge", "partial_done")
+"""The prepared computations a `MergeableRunner` runs."""
+
+
+def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputation]:
+    """`comp` split by TFF's mergeable-form compiler, each part prepared for the
+    workers; raises what the compiler raises for a computation it cannot split."""
+    form = tff.backends.native.compile_to_mergeable_comp_form(comp)
+    param = form.up_to_merge.type_signature.parameter
+    if not (
+        isinstance(param, tff.StructType)
+        and len(param) == 2
+        and param[0].placement is tff.SERVER  # type: ignore[union-attr]
+        and param[1].placement is tff.CLIENTS  # type: ignore[union-attr]
+    ):
+        raise TypeError(f"{name}: expected (state@SERVER, data@CLIENTS), got {param}")
+    member = form.up_to_merge.type_signature.result.member
+    partial_type = tff.FederatedType(member, tff.SERVER)
+
+    # `merge` takes and returns unplaced values; placed at the server, it
+    # takes the partials where they are and yields what `after_merge` takes.
+    @tff.federated_computation(partial_type, partial_type)
+    def merge_placed(a, b):
+        return tff.federated_map(form.merge, tff.federated_zip((a, b)))
+
+    @tff.tensorflow.computation(member)
+    def done_marker(_):
+        return tf.constant(True)
+
+    # Fetching a bool that depends on a partial tells when the partial is
+    # done without fetching the partial itself.
+    @tff.federated_computation(partial_type)
+    def partial_done(partial):
+        return tff.federated_map(done_marker, partial)
+
+    comps = {
+        "up_to_merge": form.up_to_merge,
+        "merge": merge_placed,
+        "after_merge": form.after_merge,
+        "partial_done": partial_done,
+    }
+    return {part: PreparedComputation(c, f"{name}.{part}") for part, c in comps.items()}
+
+
 class MergeableRunner:
     """Runs one mergeable computation over workers, finishing on one of them."""
 
-    def __init__(self, comp: tff.Computation, name: str):
-        form = tff.backends.native.compile_to_mergeable_comp_form(comp)
-        param = form.up_to_merge.type_signature.parameter
-        if not (
-            isinstance(param, tff.StructType)
-            and len(param) == 2
-            and param[0].placement is tff.SERVER  # type: ignore[union-attr]
-            and param[1].placement is tff.CLIENTS  # type: ignore[union-attr]
-        ):
-            raise TypeError(f"{name}: expected (state@SERVER, data@CLIENTS), got {param}")
-        member = form.up_to_merge.type_signature.result.member
-        partial_type = tff.FederatedType(member, tff.SERVER)
-
-        # `merge` takes and returns unplaced values; placed at the server, it
-        # takes the partials where they are and yields what `after_merge` takes.
-        @tff.federated_computation(partial_type, partial_type)
-        def merge_placed(a, b):
-            return tff.federated_map(form.merge, tff.federated_zip((a, b)))
-
-        @tff.tensorflow.computation(member)
-        def done_marker(_):
-            return tf.constant(True)
-
-        # Fetching a bool that depends on a partial tells when the partial is
-        # done without fetching the partial itself.
-        @tff.federated_computation(partial_type)
-        def partial_done(partial):
-            return tff.federated_map(done_marker, partial)
-
-        self.up_to_merge = PreparedComputation(form.up_to_merge, f"{name}.up_to_merge")
-        self.merge = PreparedComputation(merge_placed, f"{name}.merge")
-        self.after_merge = PreparedComputation(form.after_merge, f"{name}.after_merge")
-        self.partial_done = PreparedComputation(partial_done, f"{name}.partial_done")
-        self.arg_names = element_names(param)
+    def __init__(self, parts: dict[str, PreparedComputation], name: str):
+        self.name = name
+        self.up_to_merge = parts["up_to_merge"]
+        self.merge = parts["merge"]
+        self.after_merge = parts["after_merge"]
+        self.partial_done = parts["partial_done"]
+        self.arg_names = element_names(self.up_to_merge.parameter_type)
         self.after_merge_names = element_names(self.after_merge.parameter_type)
-        names = element_names(form.after_merge.type_signature.result)
+        names = element_names(self.after_merge.result_type)
         self.state_index = names.index("state") if "state" in names else None
 
     def _share(

@@ -26,9 +26,7 @@ from concurrent import futures
 import numpy as np
 from tensorflow_federated.proto.v0 import executor_pb2
 
-from coordinator import algorithm as algorithm_lib
 from coordinator.executor_client import (
-    PreparedComputation,
     RemoteWorker,
     WireStats,
     WorkerError,
@@ -37,6 +35,7 @@ from coordinator.executor_client.server import ServerExecutor
 from coordinator.federation import Federation
 from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse, MemoryPlan
 from coordinator.rounds.mergeable import MergeableRunner, MergeOutcome, NotEnough
+from coordinator.rounds.prepared import PreparedAlgorithm
 from coordinator.rounds.timing import RoundResult, RoundTiming
 from shared import pause_points, preprocessing
 from shared.errors import FederationError
@@ -78,7 +77,7 @@ class RoundExecutor:
 
     def __init__(
         self,
-        algorithm: algorithm_lib.Algorithm,
+        algorithm: PreparedAlgorithm,
         federation: Federation,
         server: ServerExecutor,
         pad_clients: bool = True,
@@ -95,18 +94,13 @@ class RoundExecutor:
         self.reuse = [ExecutorReuse(executor_budget, pad_clients) for _ in federation.workers]
         self.federation = federation
         self.server = server
-        self._train = MergeableRunner(algorithm.process.next, "train")
-        self._eval = MergeableRunner(algorithm.evaluation.next, "eval")
-        self._initialize = PreparedComputation(algorithm.process.initialize, "initialize")
-        self._eval_initialize = PreparedComputation(
-            algorithm.evaluation.initialize, "eval.initialize"
-        )
-        self._get_weights = PreparedComputation(
-            algorithm.process.get_model_weights, "get_model_weights"
-        )
-        self._eval_set_weights = PreparedComputation(
-            algorithm.evaluation.set_model_weights, "eval.set_model_weights"
-        )
+        comps = algorithm.computations
+        self._train = MergeableRunner(algorithm.parts("train"), "train")
+        self._eval = MergeableRunner(algorithm.parts("eval"), "eval")
+        self._initialize = comps["initialize"]
+        self._eval_initialize = comps["eval.initialize"]
+        self._get_weights = comps["get_model_weights"]
+        self._eval_set_weights = comps["eval.set_model_weights"]
         # Twice the workers: calls abandoned in one round (ending once their
         # channel is closed) never hold up the next round's.
         self._pool = futures.ThreadPoolExecutor(
