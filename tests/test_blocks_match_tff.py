@@ -44,42 +44,84 @@ def _run(name: str, blocks: dict | None = None, stock: dict | None = None, **spe
     }
 
 
-def distributed(workers, runs: list[dict], tmp_path: Path, tag: str) -> dict[str, np.ndarray]:
-    out = tmp_path / f"{tag}-distributed.npz"
+def _start(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / script), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    try:
+        _, stderr = proc.communicate(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+
+
+def _start_distributed(workers, runs: list[dict], out: Path) -> subprocess.Popen:
     addresses = ",".join(w.address for w in workers)
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "distributed_run.py"),
-            addresses,
-            json.dumps(runs),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(out.with_suffix(".json").read_text())
-    return dict(np.load(out)), report
+    return _start("distributed_run.py", addresses, json.dumps(runs), str(out))
 
 
-def reference(shards, runs: list[dict], tmp_path: Path, tag: str) -> dict[str, np.ndarray]:
+def _start_reference(shards, runs: list[dict], out: Path) -> subprocess.Popen:
+    return _start("stock_reference.py", json.dumps(runs), str(out), *map(str, shards))
+
+
+def distributed(
+    workers, runs: list[dict], tmp_path: Path, tag: str, processes: int = 1
+) -> tuple[dict, dict]:
+    """The runs over the workers, split among `processes` coordinators at once
+    (runs of one algorithm stay together, so each composes it once)."""
+    by_spec: dict[str, list[dict]] = {}
+    for run in runs:
+        by_spec.setdefault(json.dumps(run["spec"], sort_keys=True), []).append(run)
+    groups: list[list[dict]] = [[] for _ in range(processes)]
+    for i, same in enumerate(by_spec.values()):
+        groups[i % processes].extend(same)
+    outs = [tmp_path / f"{tag}-distributed-{i}.npz" for i in range(processes)]
+    procs = [_start_distributed(workers, g, out) for g, out in zip(groups, outs, strict=True) if g]
+    try:
+        for proc in procs:
+            _finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    arrays, report = {}, {}
+    for group, out in zip(groups, outs, strict=True):
+        if group:
+            arrays.update(np.load(out))
+            report.update(json.loads(out.with_suffix(".json").read_text()))
+    return arrays, report
+
+
+def reference(shards, runs: list[dict], tmp_path: Path, tag: str) -> dict:
     out = tmp_path / f"{tag}-reference.npz"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "stock_reference.py"),
-            json.dumps(runs),
-            str(out),
-            *map(str, shards),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _finish(_start_reference(shards, runs, out))
     return dict(np.load(out))
+
+
+def distributed_and_reference(
+    workers, shards, runs: list[dict], tmp_path: Path, tag: str
+) -> tuple[dict, dict]:
+    """Both sides at once (each is mostly one busy core: tracing and compiling)."""
+    dist_out, ref_out = tmp_path / f"{tag}-distributed.npz", tmp_path / f"{tag}-reference.npz"
+    procs = [_start_distributed(workers, runs, dist_out), _start_reference(shards, runs, ref_out)]
+    try:
+        for proc in procs:
+            _finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return dict(np.load(dist_out)), dict(np.load(ref_out))
 
 
 def assert_match(runs, dist, ref, atol=1e-5) -> None:
@@ -146,8 +188,7 @@ def test_client_work_and_finalizers_equal_stock_tff_builders(workers2, shards2, 
             {"builder": "fed_prox", "proximal_strength": 0.5},
         ),
     ]
-    dist, _ = distributed(workers2, runs, tmp_path, "client-finalizer")
-    ref = reference(shards2, runs, tmp_path, "client-finalizer")
+    dist, ref = distributed_and_reference(workers2, shards2, runs, tmp_path, "client-finalizer")
     assert_match(runs, dist, ref)
     # The runs differ from each other, so each comparison tests its block.
     assert np.abs(dist["fedadam__trainable_0"] - dist["fedavg__trainable_0"]).max() > 1e-3
@@ -190,8 +231,7 @@ def test_aggregators_equal_tff_presets_or_the_same_composition_locally(workers2,
             {"aggregator": "dp_fixed", "noise_multiplier": 0.0, "dp_clip_norm": 0.5},
         ),
     ]
-    dist, _ = distributed(workers2, runs, tmp_path, "aggregators")
-    ref = reference(shards2, runs, tmp_path, "aggregators")
+    dist, ref = distributed_and_reference(workers2, shards2, runs, tmp_path, "aggregators")
     assert_match(runs, dist, ref)
     # Quantizing to 4 bits changed the result, so the compression run tests it.
     plain = dist["robust_fixed_norms__trainable_0"]
@@ -239,7 +279,7 @@ def test_padding_changes_no_result_for_any_aggregator(workers2, tmp_path):
     control = _run("mean_uniform_forced", AGGREGATORS["mean_uniform"])
     control["pad"] = "forced"
     runs.append(control)
-    dist, report = distributed(workers2, runs, tmp_path, "padding")
+    dist, report = distributed(workers2, runs, tmp_path, "padding", processes=2)
 
     for name in AGGREGATORS:
         assert report[f"{name}_off"]["padded_clients"] == 0
@@ -275,7 +315,7 @@ def test_dp_noise_has_the_configured_scale(workers2, tmp_path):
             run = _run(f"{name}_{noise}", {**blocks, "zeroing": False, "noise_multiplier": noise})
             run["rounds"] = 1
             runs.append(run)
-    dist, _ = distributed(workers2, runs, tmp_path, "noise")
+    dist, _ = distributed(workers2, runs, tmp_path, "noise", processes=2)
     for name, (_, value_noise_multiplier) in cases.items():
         noise = np.concatenate(
             [

@@ -69,6 +69,8 @@ def test_coordinator_never_touches_shard_files(workers2, shards2, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
         "strace",
+        # Stops only at the traced calls, not at every system call (2-3x faster).
+        "--seccomp-bpf",
         "-f",
         "-qq",
         "-e",
