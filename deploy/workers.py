@@ -149,31 +149,56 @@ def start_workers(
     count = len(shard_dirs)
     chosen = [base_port + i for i in range(count)] if base_port else ports.free_ports(count)
     logs_dir.mkdir(parents=True, exist_ok=True)
+
+    def spawn(i: int, port: int) -> LocalWorker:
+        log_file = logs_dir / f"worker-{i}.log"
+        args = worker_command(
+            shard_dirs[i],
+            port,
+            log_file,
+            check=check,
+            ready_timeout=ready_timeout,
+            max_message_mb=max_message_mb,
+            verbose=verbose,
+        )
+        if extra_args is not None:
+            args = [*args, *extra_args(i)]
+        if prefix is not None:
+            args = [*prefix(i), *args]
+        process, output = _spawn(args)
+        return LocalWorker(i, shard_dirs[i], port, log_file, process, output, args)
+
     workers: list[LocalWorker] = []
     try:
-        for i, (shard, port) in enumerate(zip(shard_dirs, chosen, strict=True)):
-            log_file = logs_dir / f"worker-{i}.log"
-            args = worker_command(
-                shard,
-                port,
-                log_file,
-                check=check,
-                ready_timeout=ready_timeout,
-                max_message_mb=max_message_mb,
-                verbose=verbose,
-            )
-            if extra_args is not None:
-                args = [*args, *extra_args(i)]
-            if prefix is not None:
-                args = [*prefix(i), *args]
-            process, output = _spawn(args)
-            workers.append(LocalWorker(i, shard, port, log_file, process, output, args))
-        # The worker itself gives up after its ready timeout; a little more here.
-        _wait_ready(workers, ready_timeout + 15.0)
+        for i, port in enumerate(chosen):
+            workers.append(spawn(i, port))
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                # The worker itself gives up after its ready timeout; a little more here.
+                _wait_ready(workers, ready_timeout + 15.0)
+                break
+            except _PortTaken as taken:
+                # A port picked free was taken before the worker bound it (by
+                # another program, or an outgoing connection's local port).
+                if base_port or attempt == PORT_ATTEMPTS:
+                    raise taken.error from None
+                w = taken.worker
+                log.info("worker %d: port %d was taken meanwhile; trying another", w.index, w.port)
+                workers[w.index] = spawn(w.index, ports.free_port())
     except BaseException:
         stop_workers(workers)
         raise
     return workers
+
+
+PORT_ATTEMPTS = 3
+"""Starts of a worker whose free port was taken before it could bind it."""
+
+
+class _PortTaken(Exception):
+    def __init__(self, worker: LocalWorker, error: LaunchError):
+        self.worker = worker
+        self.error = error
 
 
 def _wait_ready(workers: list[LocalWorker], timeout: float) -> None:
@@ -186,10 +211,13 @@ def _wait_ready(workers: list[LocalWorker], timeout: float) -> None:
                 log.info("worker %d ready on %s (%s)", w.index, w.address, w.shard.name)
             elif w.process.poll() is not None:
                 w.output.join()
-                raise LaunchError(
-                    f"worker {w.index} ({w.shard}) exited at start: {w.last_error()} "
-                    f"(log: {w.log_file})"
+                reason = w.last_error()
+                error = LaunchError(
+                    f"worker {w.index} ({w.shard}) exited at start: {reason} (log: {w.log_file})"
                 )
+                if f"port {w.port} is" in reason and ("in use" in reason or "available" in reason):
+                    raise _PortTaken(w, error)
+                raise error
         if pending and time.monotonic() > deadline:
             w = pending[0]
             raise LaunchError(

@@ -42,15 +42,15 @@ def main() -> None:
     )
     out_path = str(Path(out_path).resolve())
     with LocalReference(shard_dirs):
-        alg = algorithm.build(algorithm.AlgorithmSpec(**options))
-        state = alg.process.initialize()
-        initial = alg.process.get_model_weights(state)
+        process = algorithm.build_process(algorithm.AlgorithmSpec(**options))
+        state = process.initialize()
+        initial = process.get_model_weights(state)
         for round_num in range(1, rounds + 1):
             ids = federation.sample_clients(client_ids, round_num, clients_per_round, seed)
             if clients_by_round is not None:  # a run with failures: the clients that made it
                 ids = clients_by_round[round_num - 1]
-            state = alg.process.next(state, LocalReference.tokens(ids, seed, round_num)).state
-        weights = alg.process.get_model_weights(state)
+            state = process.next(state, LocalReference.tokens(ids, seed, round_num)).state
+        weights = process.get_model_weights(state)
     arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(weights.trainable)}
     arrays.update({f"initial_{i}": np.asarray(w) for i, w in enumerate(initial.trainable)})
     np.savez(out_path, **arrays)

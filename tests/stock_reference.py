@@ -101,7 +101,7 @@ def main() -> None:
                     compose.train_dataset_computation(spec), stock_process(spec, run["stock"])
                 )
             else:
-                process = algorithm.build(spec).process
+                process = algorithm.build_process(spec)
             state = process.initialize()
             for round_num in range(1, run["rounds"] + 1):
                 ids = federation.sample_clients(

@@ -147,3 +147,17 @@ def test_a_container_outside_the_known_packages_is_refused():
     data = {"struct": [["x", {"struct": []}]], "container": "os:system"}
     with pytest.raises(ValueError, match="is not one TFF"):
         type_from_data(data)
+
+
+def test_a_directory_others_can_write_to_is_not_used(cache, monkeypatch, caplog):
+    from coordinator.rounds import prepared
+
+    monkeypatch.setattr(prepared, "build", _Tiny.build)
+    prepared.prepare(_spec())
+    assert cache.stat().st_mode & 0o777 == 0o700  # made this user's alone
+    cache.chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="fedcompose.coordinator"):
+        assert not prepared.prepare(_spec()).cached
+    assert "other users can write to it" in caplog.text
+    cache.chmod(0o700)
+    assert prepared.prepare(_spec()).cached

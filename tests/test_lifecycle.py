@@ -81,3 +81,49 @@ def test_status_reports_up_and_down_workers(workers2):
     assert any(f"localhost:{down_port}" in line and "DOWN" in line for line in lines)
     assert f"connection refused: nothing listens on port {down_port}" in result.stdout
     assert "2/3 up: 60 clients, 1437 train / 360 test examples" in result.stdout
+
+
+def test_a_port_taken_before_the_worker_binds_it_is_replaced(shards2, tmp_path, monkeypatch):
+    """`run` picks free ports, and another program may take one before the
+    worker binds it: that worker starts again on another port."""
+    import socket
+
+    from deploy import workers as workers_lib
+    from shared import ports
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    real_free_ports = ports.free_ports
+    handed = []
+
+    def first_one_taken(count, host="127.0.0.1"):
+        picked = real_free_ports(count, host)
+        if not handed:  # the launcher's first pick: one port is gone by the time it binds
+            picked[0] = port
+        handed.append(picked)
+        return picked
+
+    monkeypatch.setattr(ports, "free_ports", first_one_taken)
+    try:
+        started = workers_lib.start_workers(shards2, tmp_path / "logs", check="quick")
+        try:
+            assert started[0].port != port and started[1].port != port
+            assert len(handed) == 2  # the first pick, and one new port for worker 0
+            assert "serving" in started[0].log_file.read_text()
+        finally:
+            workers_lib.stop_workers(started)
+    finally:
+        taken.close()
+    # A port the user chose is not swapped for another: the error says so.
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        with pytest.raises(workers_lib.LaunchError, match=f"port {blocker.getsockname()[1]}"):
+            workers_lib.start_workers(
+                shards2[:1], tmp_path / "logs2", base_port=blocker.getsockname()[1], check="quick"
+            )
+    finally:
+        blocker.close()

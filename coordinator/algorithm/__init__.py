@@ -14,7 +14,7 @@
 The model and the client update, which run on the workers, live in `shared/`.
 """
 
-from coordinator.algorithm.compose import Algorithm, build, build_learning_process
+from coordinator.algorithm.compose import Algorithm, build, build_learning_process, build_process
 from coordinator.algorithm.spec import AlgorithmSpec
 
-__all__ = ["Algorithm", "AlgorithmSpec", "build", "build_learning_process"]
+__all__ = ["Algorithm", "AlgorithmSpec", "build", "build_learning_process", "build_process"]

@@ -138,18 +138,24 @@ def _eval_outcome(spec: AlgorithmSpec, model_fn, weights_type) -> tff.Computatio
     return outcome
 
 
-def build(spec: AlgorithmSpec) -> Algorithm:
+def build_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess:
+    """The training process alone, `next` taking client tokens: TFF's composition
+    with the dataset computation, each client's dataset then built inside its
+    client update (dataset_fusion.py)."""
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
-    weights_type = _weights_type(model_fn)
-    # TFF's composition with the dataset computation, each client's dataset
-    # then built inside its client update (dataset_fusion.py).
-    process = dataset_fusion.compose_fused(
+    return dataset_fusion.compose_fused(
         train_dataset_computation(spec),
         build_learning_process(spec),
         client_work.update_from_token_computation(
             spec, model_fn, lambda token: _train_dataset(spec, token)
         ),
     )
+
+
+def build(spec: AlgorithmSpec) -> Algorithm:
+    model_fn = models.model_fn_for(spec.model, spec.num_classes)
+    weights_type = _weights_type(model_fn)
+    process = build_process(spec)
     evaluation = tff.simulation.compose_dataset_computation_with_learning_process(
         test_dataset_computation(spec),
         # An iterator loop, not dataset.reduce: see shared/client_update.py.
@@ -170,4 +176,4 @@ def build(spec: AlgorithmSpec) -> Algorithm:
     )
 
 
-__all__ = ["Algorithm", "build", "build_learning_process"]
+__all__ = ["Algorithm", "build", "build_learning_process", "build_process"]

@@ -15,7 +15,7 @@ build, never the run.
 
 The cache is `$FEDCOMPOSE_CACHE_DIR`, else `$XDG_CACHE_HOME/fedcompose/computations`
 (`~/.cache/...`); `FEDCOMPOSE_CACHE_DIR=off` turns it off. It keeps the
-`KEEP` newest entries.
+`KEEP` newest entries, and is not used if other users can write to it.
 """
 
 from __future__ import annotations
@@ -171,7 +171,6 @@ def _save(path: Path, prepared: PreparedAlgorithm) -> None:
             for key, data in parts.items():
                 archive.writestr(f"{name}/{key}", data)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         files.write_atomic(path, buffer.getvalue())
         _prune(path.parent)
     except OSError as e:
@@ -185,10 +184,30 @@ def _prune(directory: Path) -> None:
     files.remove_stale_temporaries(directory)
 
 
+def _trusted(directory: Path) -> bool:
+    """Whether the cache directory is this user's alone (made so if missing): an
+    entry is code that the coordinator and the workers run."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as e:
+        log.info("compile cache %s cannot be used (%s); building", directory, e)
+        return False
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        log.warning(
+            "compile cache %s is not used: other users can write to it; make it yours "
+            "with mode 0700, or set %s to another directory",
+            directory,
+            ENV,
+        )
+        return False
+    return True
+
+
 def prepare(spec: algorithm_lib.AlgorithmSpec) -> PreparedAlgorithm:
     """The algorithm's computations, from the cache or built (and cached)."""
     directory = cache_dir()
-    if directory is None:
+    if directory is None or not _trusted(directory):
         return build(spec)
     path = directory / f"{cache_key(spec)}.zip"
     prepared = _load(path, spec)

@@ -78,8 +78,9 @@ def main(config_path: str) -> int:
     plan = Plan.from_json(config["plan"])
     with LocalReference([Path(p) for p in config["shard_dirs"]]):
         for model_name in plan.models:
-            alg = algorithm.build(algorithm.AlgorithmSpec(**plan.algorithm_options(model_name)))
-            state = alg.process.initialize()
+            spec = algorithm.AlgorithmSpec(**plan.algorithm_options(model_name))
+            process = algorithm.build_process(spec)
+            state = process.initialize()
             for clients in plan.clients_for(model_name):
                 key = bench_protocol.workload_key(model_name, clients)
                 bench_protocol.emit("start", workload=key)
@@ -88,7 +89,7 @@ def main(config_path: str) -> int:
                     tokens = LocalReference.tokens(
                         plan.sampled(round_num, clients), plan.seed, round_num
                     )
-                    output = alg.process.next(state, tokens)
+                    output = process.next(state, tokens)
                     seconds = time.perf_counter() - started
                     state = output.state
                     train = output.metrics["client_work"]["train"]
