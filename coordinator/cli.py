@@ -29,7 +29,19 @@ def run(config: config_lib.RunConfig) -> int:
 
 
 def default_run_dir() -> Path:
-    return Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """A new directory under runs/, named by the time; made here, so that two runs
+    started in the same second each get one of their own (`-2`, `-3`, ...)."""
+    base = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:
+            return candidate  # the run-directory checks say what is wrong, in one line
+        return candidate
+    return base
 
 
 def resolve_run_dir(config: config_lib.RunConfig) -> Path:

@@ -84,7 +84,13 @@ def linked_hosts(count: int, block: int) -> Iterator[list[Host]]:
     """
     require_root()
     pid = os.getpid()
-    third = 100 + (pid % 10) * 10 + block
+    # One range of subnets per parallel test process (pytest-xdist's gw0, gw1, ...),
+    # so that hosts of tests running at once never share a subnet.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    slot = int(worker[2:]) if worker[2:].isdigit() else 0
+    if not 0 <= slot < 15:
+        raise RuntimeError(f"network namespaces: at most 15 parallel test processes ({worker})")
+    third = 100 + slot * 10 + block
     made: list[tuple[str, str]] = []
     try:
         for i in range(count):
