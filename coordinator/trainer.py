@@ -168,6 +168,10 @@ def train(
             run.note_stopped("interrupted")
         raise
     except BaseException as exc:
+        if interrupts.requested():  # the interrupt surfaced as another error
+            if started:
+                run.note_stopped("interrupted")
+            raise KeyboardInterrupt(str(exc)) from exc
         if started:
             run.note_stopped(
                 "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -66,19 +66,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_reporting(name: str, body) -> int:
     """Runs a command's body; every error it raises becomes one line and an exit code."""
-    from shared import logs
+    from shared import interrupts, logs
     from shared.errors import INTERRUPTED, FedcomposeError, describe_os_error
 
     try:
         return int(body() or 0)
     except KeyboardInterrupt:
         return _report(name, "interrupted", INTERRUPTED, logs)
-    except FedcomposeError as e:
+    except Exception as e:
         logging.getLogger("fedcompose").debug("details", exc_info=True)
-        return _report(name, f"error: {e}", e.exit_code, logs)
-    except OSError as e:
-        logging.getLogger("fedcompose").debug("details", exc_info=True)
-        return _report(name, f"error: {describe_os_error(e)}", 1, logs)
+        if interrupts.requested():  # the interrupt surfaced as another error
+            return _report(name, "interrupted", INTERRUPTED, logs)
+        if isinstance(e, FedcomposeError):
+            return _report(name, f"error: {e}", e.exit_code, logs)
+        if isinstance(e, OSError):
+            return _report(name, f"error: {describe_os_error(e)}", 1, logs)
+        raise
 
 
 def _report(name: str, message: str, code: int, logs) -> int:

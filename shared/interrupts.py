@@ -27,6 +27,14 @@ def install() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def requested() -> bool:
+    """Whether SIGINT or SIGTERM arrived. The KeyboardInterrupt the handler
+    raises can land inside TensorFlow or gRPC and come out as another error
+    (seen: a TypeError from TensorFlow's eager context while TensorBoard was
+    written); whatever escapes after a signal is the interrupt's doing."""
+    return _requested.is_set()
+
+
 def raise_if_requested() -> None:
     if _requested.is_set():
         raise KeyboardInterrupt(f"signal {_signum[0] if _signum else '?'}")
