@@ -12,8 +12,9 @@ Writes, under --kits-dir::
 Certificates come from the `cryptography` package (ECDSA P-256, SHA-256).
 Re-running never replaces the CA: it adds the sites that are new, keeps the
 ones that exist unchanged, and refuses a site whose addresses changed (remove
-its directory to re-issue it). The coordinator's kit.json and commands list
-every worker provisioned so far.
+its directory to re-issue it), a second coordinator identity (workers accept
+exactly one) and two workers dialled at one address and port. The
+coordinator's kit.json and commands list every worker provisioned so far.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -231,29 +233,87 @@ def parse_sites(entries: list[str]) -> dict[str, tuple[list[str], int]]:
         if host not in hosts:
             hosts.append(host)
         sites[name] = (hosts, port if port is not None else known_port)
-    return {name: (hosts, port or DEFAULT_PORT) for name, (hosts, port) in sites.items()}
+    parsed = {name: (hosts, port or DEFAULT_PORT) for name, (hosts, port) in sites.items()}
+    check_distinct_endpoints(parsed)
+    return parsed
+
+
+def check_distinct_endpoints(
+    sites: dict[str, tuple[list[str], int]], known: dict[str, list[str]] | None = None
+) -> None:
+    """Refuses two workers dialled at one address and port: the coordinator would
+    reach the same process twice (or the second worker could not start at all)."""
+    owner: dict[str, str] = {}
+    for name, dial in (known or {}).items():
+        for address in dial:
+            owner.setdefault(address.lower(), name)
+    for name, (hosts, port) in sorted(sites.items()):
+        for host in hosts:
+            address = dial_address(host, port).lower()
+            other = owner.setdefault(address, name)
+            if other != name:
+                raise UsageError(
+                    f"--sites: {other} and {name} would both be dialled at "
+                    f"{dial_address(host, port)}; give each worker its own address or port"
+                )
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def _split_host_port(address: str, entry: str) -> tuple[str, int | None]:
     host, port_text = address, ""
     if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"--sites: {entry!r} is not NAME=[IPV6]:PORT")
+        port_text = rest[1:]
+        if rest and not port_text:
+            raise UsageError(f"--sites: {entry!r} has an empty port")
     elif address.count(":") == 1:
         host, port_text = address.split(":")
+        if not port_text:
+            raise UsageError(f"--sites: {entry!r} has an empty port")
     port = None
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise UsageError(f"--sites: {entry!r} has an invalid port")
         port = int(port_text)
+    return _check_host(host, entry, bracketed=address.startswith("[")), port
+
+
+def _check_host(host: str, entry: str, *, bracketed: bool) -> str:
+    """`host` if a certificate can name it and the coordinator can dial it: an IP
+    address (not a wildcard, multicast or scoped one) or a DNS host name."""
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        if not all(part and part.replace("-", "").isalnum() for part in host.split(".")):
+        ip = None
+    if ip is not None:
+        if "%" in host:
             raise UsageError(
-                f"--sites: {entry!r}: {host!r} is neither an IP address nor a host name"
-            ) from None
-    return host, port
+                f"--sites: {entry!r}: a certificate cannot name a scoped address ({host}); "
+                "give a global or unique-local address, or a host name"
+            )
+        if ip.is_unspecified or ip.is_multicast:
+            raise UsageError(
+                f"--sites: {entry!r}: {host} is not an address a worker can be dialled at; "
+                "give the worker machine's own address"
+            )
+        return host
+    labels = host.rstrip(".").split(".") if host.isascii() else []
+    if (
+        bracketed
+        or not labels
+        or len(host) > 253
+        or not all(_LABEL.match(label) for label in labels)
+        or labels[-1].isdigit()  # 999.1.1.1, 10.0.1: a mistyped address, not a name
+    ):
+        raise UsageError(
+            f"--sites: {entry!r}: {host!r} is neither an IP address nor a host name "
+            "(ASCII letters, digits and '-' in dot-separated labels; IDNs in punycode, xn--...)"
+        )
+    return host
 
 
 def dial_address(host: str, port: int) -> str:
@@ -319,6 +379,20 @@ def _load_ca(ca_dir: Path):
     return key, cert
 
 
+def _read_info(info_path: Path) -> dict:
+    """An existing kit's description, or one line saying it is damaged."""
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise UsageError(
+            f"--kits-dir: {info_path} is missing or not a kit description (damaged?); "
+            f"restore it, or remove {info_path.parent} to re-issue that kit"
+        )
+    return info
+
+
 def provision(
     kits_dir: Path,
     sites: dict[str, tuple[list[str], int]],
@@ -362,15 +436,30 @@ def provision(
         info_path = kits_dir / name / tls.KIT_FILE
         if not info_path.is_file():
             continue
-        info = json.loads(info_path.read_text())
+        info = _read_info(info_path)
         if info.get("role") == tls.WORKER:
             workers[name] = list(info.get("dial", []))
+        elif info.get("role") == tls.COORDINATOR and name != coordinator_name:
+            # Workers accept exactly one coordinator identity: a second one would
+            # split the federation (old workers refuse it, new ones the first).
+            raise UsageError(
+                f"--coordinator-name {coordinator_name!r}: this federation's coordinator is "
+                f"{name!r} ({kits_dir / name}); re-run with --coordinator-name {name}"
+            )
+    check_distinct_endpoints(
+        {name: site for name, site in sites.items() if name not in workers}, workers
+    )
     for name, (hosts, port) in sorted(sites.items()):
         site_dir = kits_dir / name
         dial = [dial_address(h, port) for h in hosts]
         if site_dir.exists():
             info_path = site_dir / tls.KIT_FILE
-            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            info = _read_info(info_path) if info_path.is_file() else {}
+            if info.get("role") != tls.WORKER:
+                raise UsageError(
+                    f"--sites: {site_dir} exists but is not a worker's kit; remove it to "
+                    f"issue {name}'s kit there, or choose another name"
+                )
             site_ca = site_dir / tls.CA_FILE
             if site_ca.is_file() and site_ca.read_bytes() != ca_pem:
                 raise UsageError(
@@ -411,13 +500,7 @@ def provision(
         "workers": workers,
     }
     if coordinator_dir.exists():
-        info_path = coordinator_dir / tls.KIT_FILE
-        try:
-            old = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(
-                f"--kits-dir: {info_path} is unreadable; remove {coordinator_dir} to re-issue"
-            ) from None
+        old = _read_info(coordinator_dir / tls.KIT_FILE)
         if old.get("role") != tls.COORDINATOR:
             raise UsageError(f"--coordinator-name {coordinator_name!r} names a worker's kit")
         if old.get("workers") != workers:

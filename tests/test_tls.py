@@ -9,6 +9,7 @@ import datetime
 import http.server
 import json
 import os
+import shutil
 import socket
 import socketserver
 import stat
@@ -26,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy import provision
 from shared import tls
+from shared.errors import UsageError
 from shared.ports import free_ports
 from tests.conftest import fedcompose, start_fedcompose
 
@@ -98,6 +100,63 @@ def test_provision_creates_kits_and_never_replaces_the_ca(tmp_path):
     assert not (kits / "ca").exists() and not (kits / "w3").exists()
     bad = fedcompose("provision", "--kits-dir", str(tmp_path / "k2"), "--sites", "w 0=1.2.3.4")
     assert bad.returncode == 2 and "site name" in _one_error_line(bad.stderr, "provision")
+
+
+@pytest.mark.parametrize(
+    "entry, why",
+    [
+        ("w0=999.1.1.1", "neither an IP address nor a host name"),
+        ("w0=10.0.1", "neither an IP address nor a host name"),
+        ("w0=-w0-.lab", "neither an IP address nor a host name"),
+        ("w0=w\u00f6rker.lab", "neither an IP address nor a host name"),  # not a traceback
+        ("w0=" + "a" * 64 + ".lab", "neither an IP address nor a host name"),
+        ("w0=[w0.lab]:10000", "neither an IP address nor a host name"),
+        ("w0=[::1]x", "is not NAME=[IPV6]:PORT"),
+        ("w0=[::1", "is not NAME=[IPV6]:PORT"),
+        ("w0=10.0.0.1:", "empty port"),
+        ("w0=0.0.0.0", "not an address a worker can be dialled at"),
+        ("w0=::", "not an address a worker can be dialled at"),
+        ("w0=fe80::1%eth0", "scoped address"),
+        ("w0=10.0.0.1,w1=10.0.0.1", "w0 and w1 would both be dialled at 10.0.0.1:10000"),
+        ("w0=W.lab:7,w1=w.lab:7", "w0 and w1 would both be dialled at w.lab:7"),
+    ],
+)
+def test_sites_that_no_worker_can_be_dialled_at_are_refused(entry, why):
+    with pytest.raises(UsageError, match=r"^--sites: ") as caught:
+        provision.parse_sites(entry.split(","))
+    assert why in str(caught.value)
+
+
+def test_sites_that_are_fine():
+    sites = provision.parse_sites(
+        ["w0=10.0.0.1:10001", "w0=xn--wrker-jua.lab", "w1=10.0.0.1:10002", "w2=[fd00::2]"]
+    )
+    assert sites == {
+        "w0": (["10.0.0.1", "xn--wrker-jua.lab"], 10001),
+        "w1": (["10.0.0.1"], 10002),
+        "w2": (["fd00::2"], 10000),
+    }
+
+
+def test_re_provisioning_keeps_one_coordinator_and_distinct_endpoints(tmp_path):
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=10.0.0.1"]))
+    # A second coordinator identity would split the federation: refused.
+    with pytest.raises(UsageError, match="this federation's coordinator is 'coordinator'"):
+        provision.provision(kits, provision.parse_sites(["w1=10.0.0.2"]), "boss")
+    assert not (kits / "w1").exists() and not (kits / "boss").exists()
+    # A new worker at an existing worker's address and port: refused.
+    with pytest.raises(UsageError, match=r"w0 and w1 would both be dialled at 10\.0\.0\.1:10000"):
+        provision.provision(kits, provision.parse_sites(["w1=10.0.0.1"]))
+    provision.provision(kits, provision.parse_sites(["w0=10.0.0.1", "w1=10.0.0.1:10001"]))
+    # A damaged kit description is one line, not a traceback.
+    (kits / "w0" / "kit.json").write_text("[1]")
+    with pytest.raises(UsageError, match=r"kit\.json is missing or not a kit description"):
+        provision.provision(kits, provision.parse_sites(["w2=10.0.0.3"]))
+    shutil.rmtree(kits / "w0")
+    (kits / "w9").mkdir()
+    with pytest.raises(UsageError, match="w9 exists but is not a worker's kit"):
+        provision.provision(kits, provision.parse_sites(["w9=10.0.0.9"]))
 
 
 def _kit_with(tmp_path: Path, kits: Path, name: str, role: str, **issue_args) -> Path:
