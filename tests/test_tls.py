@@ -429,3 +429,45 @@ def test_expired_certificates_and_tls_against_a_plaintext_worker(kits, tmp_path,
     finally:
         stale.stop()
         valid.stop()
+
+
+def _serving_kit(kits: Path, cert_dir: Path) -> tls.Kit:
+    """A worker's kit made of another kit's certificate and key (files copied by hand)."""
+    return tls.Kit(
+        directory=cert_dir,
+        role=tls.WORKER,
+        name=cert_dir.name,
+        coordinator="coordinator",
+        ca_pem=(kits / "ca" / "ca.pem").read_bytes(),
+        cert_pem=(cert_dir / "cert.pem").read_bytes(),
+        key_pem=(cert_dir / "key.pem").read_bytes(),
+        not_after=datetime.datetime.now(datetime.UTC),
+    )
+
+
+def test_a_worker_serving_with_a_certificate_not_its_own_is_named(tmp_path):
+    """The coordinator's certificate (client only) or another site's, served by a
+    worker: each a final one-line cause, not a bare verification error."""
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, probe
+
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.2"]))
+    coordinator = ClientTLS.from_kit(tls.load_kit(kits / "coordinator", tls.COORDINATOR))
+    as_coordinator, as_w1, backend = free_ports(3)
+    served = [
+        proxy.start(port, f"127.0.0.1:{backend}", _serving_kit(kits, kits / site), host="127.0.0.1")
+        for port, site in ((as_coordinator, "coordinator"), (as_w1, "w1"))
+    ]
+    try:
+        wrong_role = probe(f"127.0.0.1:{as_coordinator}", coordinator)
+        assert wrong_role.final
+        assert "(CN=coordinator) may not serve: it is a client (coordinator) certificate" in (
+            wrong_role.message
+        )
+        other_site = probe(f"127.0.0.1:{as_w1}", coordinator)
+        assert other_site.final
+        assert "its certificate names 127.0.0.2, not 127.0.0.1" in other_site.message
+    finally:
+        for p in served:
+            p.stop()

@@ -280,6 +280,12 @@ def _describe_verify_error(e: ssl.SSLCertVerificationError, host: str, port: int
             f"its certificate is not signed by the CA of the coordinator's kit{issuer}: "
             "the worker's kit is from another federation, or this coordinator's is"
         )
+    if code == 26:  # X509_V_ERR_INVALID_PURPOSE: no serverAuth (provision.issue)
+        subject = f" ({cert.subject.rfc4514_string()})" if cert is not None else ""
+        return (
+            f"its certificate{subject} may not serve: it is a client (coordinator) "
+            "certificate, not a worker's; start the worker with its own kit"
+        )
     return f"its certificate failed verification: {e.verify_message}"
 
 
