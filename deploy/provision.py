@@ -500,7 +500,8 @@ def provision(
         "workers": workers,
     }
     if coordinator_dir.exists():
-        old = _read_info(coordinator_dir / tls.KIT_FILE)
+        info_path = coordinator_dir / tls.KIT_FILE
+        old = _read_info(info_path)
         if old.get("role") != tls.COORDINATOR:
             raise UsageError(f"--coordinator-name {coordinator_name!r} names a worker's kit")
         if old.get("workers") != workers:

@@ -149,6 +149,11 @@ def test_re_provisioning_keeps_one_coordinator_and_distinct_endpoints(tmp_path):
     with pytest.raises(UsageError, match=r"w0 and w1 would both be dialled at 10\.0\.0\.1:10000"):
         provision.provision(kits, provision.parse_sites(["w1=10.0.0.1"]))
     provision.provision(kits, provision.parse_sites(["w0=10.0.0.1", "w1=10.0.0.1:10001"]))
+    assert json.loads((kits / "w0" / "kit.json").read_text())["role"] == tls.WORKER
+    assert json.loads((kits / "coordinator" / "kit.json").read_text())["workers"] == {
+        "w0": ["10.0.0.1:10000"],
+        "w1": ["10.0.0.1:10001"],
+    }
     # A damaged kit description is one line, not a traceback.
     (kits / "w0" / "kit.json").write_text("[1]")
     with pytest.raises(UsageError, match=r"kit\.json is missing or not a kit description"):
@@ -178,7 +183,7 @@ def _kit_with(tmp_path: Path, kits: Path, name: str, role: str, **issue_args) ->
 @pytest.fixture
 def kits(tmp_path) -> Path:
     kits = tmp_path / "kits"
-    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.1"]))
+    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.1:10001"]))
     return kits
 
 
@@ -471,3 +476,38 @@ def test_a_worker_serving_with_a_certificate_not_its_own_is_named(tmp_path):
     finally:
         for p in served:
             p.stop()
+
+
+def test_a_kit_made_of_another_kits_files_is_refused_when_loaded(kits, tmp_path):
+    """Files copied between kits by hand: a worker's certificate and key in the
+    coordinator's kit (and the reverse), and a CA certificate with the right name
+    but another key (a re-made CA). Each is a one-line usage error at start."""
+    from cryptography.x509.oid import NameOID
+
+    def copy(source: str, name: str) -> Path:
+        directory = tmp_path / name
+        shutil.copytree(kits / source, directory)
+        return directory
+
+    swapped = copy("coordinator", "coordinator-with-w0-cert")
+    for file in ("cert.pem", "key.pem"):
+        (swapped / file).unlink()
+        shutil.copy(kits / "w0" / file, swapped / file)
+    with pytest.raises(UsageError, match=r"\(CN=w0\) is not a coordinator's certificate"):
+        tls.load_kit(swapped, tls.COORDINATOR)
+    reverse = copy("w0", "w0-with-coordinator-cert")
+    for file in ("cert.pem", "key.pem"):
+        (reverse / file).unlink()
+        shutil.copy(kits / "coordinator" / file, reverse / file)
+    with pytest.raises(UsageError, match=r"\(CN=coordinator\) is not a worker's certificate"):
+        tls.load_kit(reverse, tls.WORKER)
+
+    ca = _cert(kits / "ca" / "ca.pem")
+    name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    _, same_name = provision.make_ca(name)
+    remade = copy("coordinator", "coordinator-remade-ca")
+    (remade / "ca.pem").write_bytes(same_name.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(UsageError, match=r"cert\.pem was not issued by the kit's ca\.pem"):
+        tls.load_kit(remade, tls.COORDINATOR)
+    tls.load_kit(kits / "coordinator", tls.COORDINATOR)  # the kit itself is fine
+    tls.load_kit(kits / "w0", tls.WORKER)
