@@ -511,3 +511,17 @@ def test_a_kit_made_of_another_kits_files_is_refused_when_loaded(kits, tmp_path)
         tls.load_kit(remade, tls.COORDINATOR)
     tls.load_kit(kits / "coordinator", tls.COORDINATOR)  # the kit itself is fine
     tls.load_kit(kits / "w0", tls.WORKER)
+
+
+@pytest.mark.parametrize("directory", ["my shims", "a:b"])
+def test_a_shim_path_that_ld_preload_cannot_carry_is_refused(tmp_path, monkeypatch, directory):
+    """ld.so splits LD_PRELOAD at spaces and colons: the shim would silently not
+    load, and executors TFF starts itself would listen on every interface."""
+    from shared import loopback
+
+    place = tmp_path / directory
+    place.mkdir()
+    shutil.copy(loopback.shim_path(), place / loopback.SHIM_NAME)
+    monkeypatch.setenv(loopback.ENV_OVERRIDE, str(place / loopback.SHIM_NAME))
+    with pytest.raises(loopback.ConfinementError, match="LD_PRELOAD cannot carry"):
+        loopback.environment({})
