@@ -326,8 +326,12 @@ def _worker_files(name: str, port: int, kit_dir: str) -> dict[str, str]:
         f"--tls-dir {kit_dir} --log-file /var/log/fedcompose/worker.log"
     )
     unit = f"""# fedcompose worker {name}, serving mutual TLS on port {port}.
-# Copy this kit to {kit_dir} (key.pem mode 0600, owned by the service's user),
-# the shard to /var/lib/fedcompose/shard, fedcompose to /opt/fedcompose, then:
+# The worker runs the TensorFlow graphs the coordinator sends, which can read
+# and write files: it runs as a user of its own, never as root. Copy this kit to
+# {kit_dir}, the shard to /var/lib/fedcompose/shard, fedcompose to
+# /opt/fedcompose, then:
+#   useradd --system --no-create-home fedcompose
+#   chown -R fedcompose: {kit_dir} && chmod 600 {kit_dir}/key.pem
 #   cp {kit_dir}/fedcompose-worker.service /etc/systemd/system/
 #   systemctl daemon-reload && systemctl enable --now fedcompose-worker
 [Unit]
@@ -337,6 +341,11 @@ Wants=network-online.target
 
 [Service]
 Type=simple
+User=fedcompose
+Group=fedcompose
+NoNewPrivileges=yes
+PrivateTmp=yes
+LogsDirectory=fedcompose
 WorkingDirectory=/opt/fedcompose
 ExecStart=/opt/fedcompose/.venv/bin/{command}
 KillSignal=SIGTERM

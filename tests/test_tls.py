@@ -72,7 +72,10 @@ def test_provision_creates_kits_and_never_replaces_the_ca(tmp_path):
     ]
     # The ready command line and unit point at the kit and the dialled port.
     assert "--port 10001 --tls-dir /etc/fedcompose/w0" in (kits / "w0" / "commands.txt").read_text()
-    assert "--tls-dir /etc/fedcompose/w1" in (kits / "w1" / "fedcompose-worker.service").read_text()
+    unit = (kits / "w1" / "fedcompose-worker.service").read_text()
+    assert "--tls-dir /etc/fedcompose/w1" in unit
+    # It runs the coordinator's graphs (files included): as a user of its own, not root.
+    assert "\nUser=fedcompose\n" in unit and "\nNoNewPrivileges=yes\n" in unit
     info = json.loads((kits / "coordinator" / "kit.json").read_text())
     assert info["workers"] == {"w0": ["10.9.0.2:10001", "w0.example.org:10001"],
                                "w1": ["10.9.1.2:10000"]}  # fmt: skip
