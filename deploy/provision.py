@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
 from shared import config as config_lib
@@ -385,6 +386,20 @@ def _load_ca(ca_dir: Path):
             f"--kits-dir: the CA in {ca_dir} cannot be read ({getattr(e, 'strerror', None) or e}); "
             "it is never replaced: restore it, or provision a new federation in another directory"
         ) from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise UsageError(
+            f"--kits-dir: {ca_dir / CA_KEY} does not belong to {ca_dir / tls.CA_FILE}: kits "
+            "signed with it would not verify; restore the CA's own pair"
+        )
+    mode = stat.S_IMODE(os.stat(ca_dir / CA_KEY).st_mode)
+    if mode & 0o077:
+        # It can issue any identity, the coordinator's included.
+        raise UsageError(
+            f"--kits-dir: the CA key {ca_dir / CA_KEY} is readable by others (mode "
+            f"{mode:04o}); `chmod 600 {ca_dir / CA_KEY}`, and consider the federation "
+            "compromised if others could read it"
+        )
     return key, cert
 
 

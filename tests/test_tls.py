@@ -14,6 +14,7 @@ import socket
 import socketserver
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy import provision
-from shared import tls
+from shared import loopback, tls
 from shared.errors import UsageError
 from shared.ports import free_ports
 from tests.conftest import fedcompose, start_fedcompose
@@ -165,6 +166,17 @@ def test_re_provisioning_keeps_one_coordinator_and_distinct_endpoints(tmp_path):
     (kits / "w9").mkdir()
     with pytest.raises(UsageError, match="w9 exists but is not a worker's kit"):
         provision.provision(kits, provision.parse_sites(["w9=10.0.0.9"]))
+    # The CA key readable by others, or not the CA certificate's: refused, not used.
+    os.chmod(kits / "ca" / "ca.key", 0o644)
+    with pytest.raises(UsageError, match=r"CA key .* is readable by others \(mode 0644\)"):
+        provision.provision(kits, provision.parse_sites(["w3=10.0.0.3"]))
+    os.chmod(kits / "ca" / "ca.key", 0o600)
+    other = tmp_path / "other"
+    provision.provision(other, {})
+    shutil.copy(other / "ca" / "ca.pem", kits / "ca" / "ca.pem")
+    with pytest.raises(UsageError, match=r"ca\.key does not belong to"):
+        provision.provision(kits, provision.parse_sites(["w3=10.0.0.3"]))
+    assert not (kits / "w3").exists()
 
 
 def _kit_with(tmp_path: Path, kits: Path, name: str, role: str, **issue_args) -> Path:
@@ -520,11 +532,41 @@ def test_a_kit_made_of_another_kits_files_is_refused_when_loaded(kits, tmp_path)
 def test_a_shim_path_that_ld_preload_cannot_carry_is_refused(tmp_path, monkeypatch, directory):
     """ld.so splits LD_PRELOAD at spaces and colons: the shim would silently not
     load, and executors TFF starts itself would listen on every interface."""
-    from shared import loopback
-
     place = tmp_path / directory
     place.mkdir()
     shutil.copy(loopback.shim_path(), place / loopback.SHIM_NAME)
     monkeypatch.setenv(loopback.ENV_OVERRIDE, str(place / loopback.SHIM_NAME))
     with pytest.raises(loopback.ConfinementError, match="LD_PRELOAD cannot carry"):
         loopback.environment({})
+
+
+_TFF_LOCAL_EXECUTOR = """
+import json, psutil
+from shared import loopback
+loopback.confine_children()
+import tensorflow_federated as tff
+tff.backends.native.set_sync_local_cpp_execution_context()
+assert tff.tensorflow.computation(lambda: 1)() == 1
+found = {}
+for child in psutil.Process().children(recursive=True):
+    if child.name() == "worker_binary":
+        found[child.pid] = loopback.listening_addresses(child.pid)
+        child.kill()
+print(json.dumps(found))
+"""
+
+
+def test_tffs_own_local_executor_listens_on_loopback_only(tmp_path):
+    """TFF's local context (the tests' references, `bench`'s tff_local) starts a
+    `worker_binary` of its own, unchecked after start: `confine_children` alone
+    must keep it on loopback (nothing inherited from this test session)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    result = subprocess.run(
+        [sys.executable, "-c", _TFF_LOCAL_EXECUTOR],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(found) == 1, found
+    (listening,) = found.values()
+    assert listening and all(loopback.is_loopback(a) for a, _ in listening), listening
