@@ -20,6 +20,7 @@ coordinator's kit.json and commands list every worker provisioned so far.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
@@ -48,6 +49,7 @@ DEFAULT_PORT = 10000
 KIT_INSTALL_ROOT = "/etc/fedcompose"
 """Where the generated command lines and units expect a kit to be copied."""
 CA_VALID_DAYS = 3650
+LOCK_FILE = ".provision.lock"
 
 
 def _now() -> datetime.datetime:
@@ -430,6 +432,22 @@ def provision(
         clash = coordinator_name if coordinator_name in sites else CA_DIR
         raise UsageError(f"--sites: {clash!r} is reserved (the coordinator's or the CA's kit)")
     kits_dir.mkdir(parents=True, exist_ok=True)
+    # Two provisions at once would each make a CA (one losing the rename and
+    # leaving its key behind) or each rewrite the coordinator's list: one at a time.
+    lock = os.open(kits_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _provision_locked(kits_dir, sites, coordinator_name, valid_days)
+    finally:
+        os.close(lock)
+
+
+def _provision_locked(
+    kits_dir: Path,
+    sites: dict[str, tuple[list[str], int]],
+    coordinator_name: str,
+    valid_days: int,
+) -> list[str]:
     done: list[str] = []
     ca_dir = kits_dir / CA_DIR
     coordinator_dir = kits_dir / coordinator_name
@@ -448,9 +466,13 @@ def provision(
         ca_key, ca_cert = make_ca(f"fedcompose federation CA {secrets.token_hex(4)}")
         tmp = kits_dir / f".ca.tmp-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o700)
-        _write_private(tmp / CA_KEY, _key_pem(ca_key))
-        (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
-        os.rename(tmp, ca_dir)
+        try:
+            _write_private(tmp / CA_KEY, _key_pem(ca_key))
+            (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
+            os.rename(tmp, ca_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never a stray CA key
+            raise
         cn = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         done.append(f"created the CA ({cn}) in {ca_dir}: keep ca.key here, never copy it")
 

@@ -570,3 +570,24 @@ def test_tffs_own_local_executor_listens_on_loopback_only(tmp_path):
     assert len(found) == 1, found
     (listening,) = found.values()
     assert listening and all(loopback.is_loopback(a) for a, _ in listening), listening
+
+
+def test_provisions_at_once_make_one_federation(tmp_path):
+    """Several `provision`s started together on a new directory: one CA, every
+    site's kit signed by it and listed for the coordinator, no stray CA key."""
+    kits = tmp_path / "kits"
+    start = threading.Barrier(6)
+
+    def one(i: int) -> None:
+        start.wait()
+        provision.provision(kits, provision.parse_sites([f"w{i}=10.0.0.{i + 1}"]))
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, range(6)))
+    assert sorted(p.name for p in kits.iterdir() if not p.name.startswith(".provision")) == [
+        "ca", "coordinator", "w0", "w1", "w2", "w3", "w4", "w5",
+    ]  # fmt: skip
+    info = json.loads((kits / "coordinator" / "kit.json").read_text())
+    assert sorted(info["workers"]) == [f"w{i}" for i in range(6)]
+    for i in range(6):
+        tls.load_kit(kits / f"w{i}", tls.WORKER)
