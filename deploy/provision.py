@@ -31,7 +31,7 @@ import stat
 from pathlib import Path
 
 from shared import config as config_lib
-from shared import tls
+from shared import files, tls
 from shared.errors import UsageError
 
 DESCRIPTION = (
@@ -551,9 +551,10 @@ def _provision_locked(
         if old.get("role") != tls.COORDINATOR:
             raise UsageError(f"--coordinator-name {coordinator_name!r} names a worker's kit")
         if old.get("workers") != workers:
-            info_path.write_text(json.dumps(coordinator_info, indent=1) + "\n")
-            (coordinator_dir / "commands.txt").write_text(
-                _coordinator_commands(workers, coordinator_kit_dir)
+            files.write_atomic(info_path, json.dumps(coordinator_info, indent=1) + "\n")
+            files.write_atomic(
+                coordinator_dir / "commands.txt",
+                _coordinator_commands(workers, coordinator_kit_dir),
             )
             done.append(f"updated the coordinator's worker list in {coordinator_dir}")
         else:
