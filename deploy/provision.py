@@ -303,7 +303,7 @@ def _check_host(host: str, entry: str, *, bracketed: bool) -> str:
                 f"--sites: {entry!r}: {host} is not an address a worker can be dialled at; "
                 "give the worker machine's own address"
             )
-        return host
+        return str(ip)  # canonical, as certificates and gRPC's name check write it
     labels = host.rstrip(".").split(".") if host.isascii() else []
     if (
         bracketed

@@ -591,3 +591,30 @@ def test_provisions_at_once_make_one_federation(tmp_path):
     assert sorted(info["workers"]) == [f"w{i}" for i in range(6)]
     for i in range(6):
         tls.load_kit(kits / f"w{i}", tls.WORKER)
+
+
+def test_an_ipv6_worker_dialled_in_another_spelling_connects(tmp_path):
+    """gRPC checks the certificate against the address as written: `[0:0::1]`
+    must reach a worker whose certificate names `::1` (as Python's `ssl`, and so
+    the probe, already agree it should)."""
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, open_channel, probe
+
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=0:0:0:0:0:0:0:1"]))
+    assert json.loads((kits / "w0" / "kit.json").read_text())["dial"] == ["[::1]:10000"]
+    port, backend = free_ports(2)
+    served = proxy.start(
+        port, f"127.0.0.1:{backend}", tls.load_kit(kits / "w0", tls.WORKER), host="[::1]"
+    )
+    coordinator = ClientTLS.from_kit(tls.load_kit(kits / "coordinator", tls.COORDINATOR))
+    try:
+        for address in (f"[::1]:{port}", f"[0:0:0:0:0:0:0:1]:{port}", f"[0::01]:{port}"):
+            assert probe(address, coordinator).ok
+            channel = open_channel(address, coordinator, [])
+            try:
+                grpc.channel_ready_future(channel).result(timeout=15)
+            finally:
+                channel.close()
+    finally:
+        served.stop()
