@@ -12,22 +12,26 @@ Writes, under --kits-dir::
 Certificates come from the `cryptography` package (ECDSA P-256, SHA-256).
 Re-running never replaces the CA: it adds the sites that are new, keeps the
 ones that exist unchanged, and refuses a site whose addresses changed (remove
-its directory to re-issue it). The coordinator's kit.json and commands list
-every worker provisioned so far.
+its directory to re-issue it), a second coordinator identity (workers accept
+exactly one) and two workers dialled at one address and port. The
+coordinator's kit.json and commands list every worker provisioned so far.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
 from shared import config as config_lib
-from shared import tls
+from shared import files, tls
 from shared.errors import UsageError
 
 DESCRIPTION = (
@@ -45,6 +49,7 @@ DEFAULT_PORT = 10000
 KIT_INSTALL_ROOT = "/etc/fedcompose"
 """Where the generated command lines and units expect a kit to be copied."""
 CA_VALID_DAYS = 3650
+LOCK_FILE = ".provision.lock"
 
 
 def _now() -> datetime.datetime:
@@ -231,29 +236,87 @@ def parse_sites(entries: list[str]) -> dict[str, tuple[list[str], int]]:
         if host not in hosts:
             hosts.append(host)
         sites[name] = (hosts, port if port is not None else known_port)
-    return {name: (hosts, port or DEFAULT_PORT) for name, (hosts, port) in sites.items()}
+    parsed = {name: (hosts, port or DEFAULT_PORT) for name, (hosts, port) in sites.items()}
+    check_distinct_endpoints(parsed)
+    return parsed
+
+
+def check_distinct_endpoints(
+    sites: dict[str, tuple[list[str], int]], known: dict[str, list[str]] | None = None
+) -> None:
+    """Refuses two workers dialled at one address and port: the coordinator would
+    reach the same process twice (or the second worker could not start at all)."""
+    owner: dict[str, str] = {}
+    for name, dial in (known or {}).items():
+        for address in dial:
+            owner.setdefault(address.lower(), name)
+    for name, (hosts, port) in sorted(sites.items()):
+        for host in hosts:
+            address = dial_address(host, port).lower()
+            other = owner.setdefault(address, name)
+            if other != name:
+                raise UsageError(
+                    f"--sites: {other} and {name} would both be dialled at "
+                    f"{dial_address(host, port)}; give each worker its own address or port"
+                )
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def _split_host_port(address: str, entry: str) -> tuple[str, int | None]:
     host, port_text = address, ""
     if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise UsageError(f"--sites: {entry!r} is not NAME=[IPV6]:PORT")
+        port_text = rest[1:]
+        if rest and not port_text:
+            raise UsageError(f"--sites: {entry!r} has an empty port")
     elif address.count(":") == 1:
         host, port_text = address.split(":")
+        if not port_text:
+            raise UsageError(f"--sites: {entry!r} has an empty port")
     port = None
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise UsageError(f"--sites: {entry!r} has an invalid port")
         port = int(port_text)
+    return _check_host(host, entry, bracketed=address.startswith("[")), port
+
+
+def _check_host(host: str, entry: str, *, bracketed: bool) -> str:
+    """`host` if a certificate can name it and the coordinator can dial it: an IP
+    address (not a wildcard, multicast or scoped one) or a DNS host name."""
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        if not all(part and part.replace("-", "").isalnum() for part in host.split(".")):
+        ip = None
+    if ip is not None:
+        if "%" in host:
             raise UsageError(
-                f"--sites: {entry!r}: {host!r} is neither an IP address nor a host name"
-            ) from None
-    return host, port
+                f"--sites: {entry!r}: a certificate cannot name a scoped address ({host}); "
+                "give a global or unique-local address, or a host name"
+            )
+        if ip.is_unspecified or ip.is_multicast:
+            raise UsageError(
+                f"--sites: {entry!r}: {host} is not an address a worker can be dialled at; "
+                "give the worker machine's own address"
+            )
+        return str(ip)  # canonical, as certificates and gRPC's name check write it
+    labels = host.rstrip(".").split(".") if host.isascii() else []
+    if (
+        bracketed
+        or not labels
+        or len(host) > 253
+        or not all(_LABEL.match(label) for label in labels)
+        or labels[-1].isdigit()  # 999.1.1.1, 10.0.1: a mistyped address, not a name
+    ):
+        raise UsageError(
+            f"--sites: {entry!r}: {host!r} is neither an IP address nor a host name "
+            "(ASCII letters, digits and '-' in dot-separated labels; IDNs in punycode, xn--...)"
+        )
+    return host
 
 
 def dial_address(host: str, port: int) -> str:
@@ -266,8 +329,12 @@ def _worker_files(name: str, port: int, kit_dir: str) -> dict[str, str]:
         f"--tls-dir {kit_dir} --log-file /var/log/fedcompose/worker.log"
     )
     unit = f"""# fedcompose worker {name}, serving mutual TLS on port {port}.
-# Copy this kit to {kit_dir} (key.pem mode 0600, owned by the service's user),
-# the shard to /var/lib/fedcompose/shard, fedcompose to /opt/fedcompose, then:
+# The worker runs the TensorFlow graphs the coordinator sends, which can read
+# and write files: it runs as a user of its own, never as root. Copy this kit to
+# {kit_dir}, the shard to /var/lib/fedcompose/shard, fedcompose to
+# /opt/fedcompose, then:
+#   useradd --system --no-create-home fedcompose
+#   chown -R fedcompose: {kit_dir} && chmod 600 {kit_dir}/key.pem
 #   cp {kit_dir}/fedcompose-worker.service /etc/systemd/system/
 #   systemctl daemon-reload && systemctl enable --now fedcompose-worker
 [Unit]
@@ -277,6 +344,11 @@ Wants=network-online.target
 
 [Service]
 Type=simple
+User=fedcompose
+Group=fedcompose
+NoNewPrivileges=yes
+PrivateTmp=yes
+LogsDirectory=fedcompose
 WorkingDirectory=/opt/fedcompose
 ExecStart=/opt/fedcompose/.venv/bin/{command}
 KillSignal=SIGTERM
@@ -316,7 +388,35 @@ def _load_ca(ca_dir: Path):
             f"--kits-dir: the CA in {ca_dir} cannot be read ({getattr(e, 'strerror', None) or e}); "
             "it is never replaced: restore it, or provision a new federation in another directory"
         ) from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise UsageError(
+            f"--kits-dir: {ca_dir / CA_KEY} does not belong to {ca_dir / tls.CA_FILE}: kits "
+            "signed with it would not verify; restore the CA's own pair"
+        )
+    mode = stat.S_IMODE(os.stat(ca_dir / CA_KEY).st_mode)
+    if mode & 0o077:
+        # It can issue any identity, the coordinator's included.
+        raise UsageError(
+            f"--kits-dir: the CA key {ca_dir / CA_KEY} is readable by others (mode "
+            f"{mode:04o}); `chmod 600 {ca_dir / CA_KEY}`, and consider the federation "
+            "compromised if others could read it"
+        )
     return key, cert
+
+
+def _read_info(info_path: Path) -> dict:
+    """An existing kit's description, or one line saying it is damaged."""
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise UsageError(
+            f"--kits-dir: {info_path} is missing or not a kit description (damaged?); "
+            f"restore it, or remove {info_path.parent} to re-issue that kit"
+        )
+    return info
 
 
 def provision(
@@ -332,6 +432,22 @@ def provision(
         clash = coordinator_name if coordinator_name in sites else CA_DIR
         raise UsageError(f"--sites: {clash!r} is reserved (the coordinator's or the CA's kit)")
     kits_dir.mkdir(parents=True, exist_ok=True)
+    # Two provisions at once would each make a CA (one losing the rename and
+    # leaving its key behind) or each rewrite the coordinator's list: one at a time.
+    lock = os.open(kits_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _provision_locked(kits_dir, sites, coordinator_name, valid_days)
+    finally:
+        os.close(lock)
+
+
+def _provision_locked(
+    kits_dir: Path,
+    sites: dict[str, tuple[list[str], int]],
+    coordinator_name: str,
+    valid_days: int,
+) -> list[str]:
     done: list[str] = []
     ca_dir = kits_dir / CA_DIR
     coordinator_dir = kits_dir / coordinator_name
@@ -350,9 +466,13 @@ def provision(
         ca_key, ca_cert = make_ca(f"fedcompose federation CA {secrets.token_hex(4)}")
         tmp = kits_dir / f".ca.tmp-{secrets.token_hex(4)}"
         tmp.mkdir(mode=0o700)
-        _write_private(tmp / CA_KEY, _key_pem(ca_key))
-        (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
-        os.rename(tmp, ca_dir)
+        try:
+            _write_private(tmp / CA_KEY, _key_pem(ca_key))
+            (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
+            os.rename(tmp, ca_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never a stray CA key
+            raise
         cn = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         done.append(f"created the CA ({cn}) in {ca_dir}: keep ca.key here, never copy it")
 
@@ -362,15 +482,30 @@ def provision(
         info_path = kits_dir / name / tls.KIT_FILE
         if not info_path.is_file():
             continue
-        info = json.loads(info_path.read_text())
+        info = _read_info(info_path)
         if info.get("role") == tls.WORKER:
             workers[name] = list(info.get("dial", []))
+        elif info.get("role") == tls.COORDINATOR and name != coordinator_name:
+            # Workers accept exactly one coordinator identity: a second one would
+            # split the federation (old workers refuse it, new ones the first).
+            raise UsageError(
+                f"--coordinator-name {coordinator_name!r}: this federation's coordinator is "
+                f"{name!r} ({kits_dir / name}); re-run with --coordinator-name {name}"
+            )
+    check_distinct_endpoints(
+        {name: site for name, site in sites.items() if name not in workers}, workers
+    )
     for name, (hosts, port) in sorted(sites.items()):
         site_dir = kits_dir / name
         dial = [dial_address(h, port) for h in hosts]
         if site_dir.exists():
             info_path = site_dir / tls.KIT_FILE
-            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            info = _read_info(info_path) if info_path.is_file() else {}
+            if info.get("role") != tls.WORKER:
+                raise UsageError(
+                    f"--sites: {site_dir} exists but is not a worker's kit; remove it to "
+                    f"issue {name}'s kit there, or choose another name"
+                )
             site_ca = site_dir / tls.CA_FILE
             if site_ca.is_file() and site_ca.read_bytes() != ca_pem:
                 raise UsageError(
@@ -412,18 +547,14 @@ def provision(
     }
     if coordinator_dir.exists():
         info_path = coordinator_dir / tls.KIT_FILE
-        try:
-            old = json.loads(info_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(
-                f"--kits-dir: {info_path} is unreadable; remove {coordinator_dir} to re-issue"
-            ) from None
+        old = _read_info(info_path)
         if old.get("role") != tls.COORDINATOR:
             raise UsageError(f"--coordinator-name {coordinator_name!r} names a worker's kit")
         if old.get("workers") != workers:
-            info_path.write_text(json.dumps(coordinator_info, indent=1) + "\n")
-            (coordinator_dir / "commands.txt").write_text(
-                _coordinator_commands(workers, coordinator_kit_dir)
+            files.write_atomic(info_path, json.dumps(coordinator_info, indent=1) + "\n")
+            files.write_atomic(
+                coordinator_dir / "commands.txt",
+                _coordinator_commands(workers, coordinator_kit_dir),
             )
             done.append(f"updated the coordinator's worker list in {coordinator_dir}")
         else:

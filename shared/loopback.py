@@ -58,6 +58,15 @@ def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment to start `worker_binary` in: the shim preloaded."""
     env = dict(os.environ if base is None else base)
     shim = str(require_shim())
+    if any(c in shim for c in " \t\n:"):
+        # ld.so splits LD_PRELOAD at spaces and colons, with no escaping: such a
+        # path would be ignored (ld.so only prints a warning), and every executor
+        # TFF starts on its own (not checked after start) would listen on `[::]`.
+        raise ConfinementError(
+            f"the loopback shim's path {shim!r} holds a space or ':', which LD_PRELOAD "
+            f"cannot carry; set {ENV_OVERRIDE} to a copy of it at a path without them, "
+            "or move the virtualenv"
+        )
     preload = env.get("LD_PRELOAD", "")
     if shim not in preload.split():
         env["LD_PRELOAD"] = f"{shim} {preload}".strip()

@@ -86,7 +86,9 @@ def _read(path: Path, what: str, flag: str) -> bytes:
 def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     """The kit in `directory` for a site of `role`, checked; one-line errors."""
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     path = Path(directory).expanduser()
     if not path.is_dir():
@@ -131,8 +133,25 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise UsageError(f"{flag}: private key {key_path} does not belong to {path / CERT_FILE}")
-    if cert.issuer != ca.subject:
-        raise UsageError(f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise UsageError(
+            f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}"
+        ) from None
+    # A certificate copied in from another kit: a worker's may only serve, the
+    # coordinator's only be a client (`provision.issue`), so it would fail at
+    # every handshake; say so here, naming whose it is.
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == WORKER else ExtendedKeyUsageOID.CLIENT_AUTH
+    try:
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = [usage]
+    if usage not in usages:
+        raise UsageError(
+            f"{flag}: {path / CERT_FILE} ({cert.subject.rfc4514_string()}) is not a {role}'s "
+            f"certificate; copy this {role}'s own kit, not files from another"
+        )
     now = datetime.datetime.now(datetime.UTC)
     for what, c in (("certificate", cert), ("CA certificate", ca)):
         if c.not_valid_after_utc < now:

@@ -37,6 +37,10 @@ class Host:
     """This host's address, as other hosts dial it."""
     gateway: str
     """The address of the machine running the test, as seen from this host."""
+    gateway6: str = ""
+    """The same over IPv6 (a unique-local address on the link)."""
+    address6: str = ""
+    """This host's IPv6 address, as other hosts dial it."""
 
     def prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.namespace]
@@ -106,8 +110,19 @@ def linked_hosts(count: int, block: int) -> Iterator[list[Host]]:
             ip("-n", name, "addr", "add", f"10.{third}.{i}.2/24", "dev", inner)
             ip("-n", name, "link", "set", inner, "up")
             ip("-n", name, "link", "set", "lo", "up")
+            # IPv6 too: an executor listening on `[::]` would be reachable over it
+            # even if its IPv4 side were not (`nodad`: usable at once).
+            ip("-6", "addr", "add", f"fd00:fc:{third}:{i}::1/64", "dev", outer, "nodad")
+            ip("-n", name, "-6", "addr", "add", f"fd00:fc:{third}:{i}::2/64", "dev", inner, "nodad")
         yield [
-            Host(name, f"10.{third}.{i}.2", f"10.{third}.{i}.1") for i, (name, _) in enumerate(made)
+            Host(
+                name,
+                f"10.{third}.{i}.2",
+                f"10.{third}.{i}.1",
+                f"fd00:fc:{third}:{i}::1",
+                f"fd00:fc:{third}:{i}::2",
+            )
+            for i, (name, _) in enumerate(made)
         ]
     finally:
         for name, outer in made:

@@ -9,10 +9,12 @@ import datetime
 import http.server
 import json
 import os
+import shutil
 import socket
 import socketserver
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy import provision
-from shared import tls
+from shared import loopback, tls
+from shared.errors import UsageError
 from shared.ports import free_ports
 from tests.conftest import fedcompose, start_fedcompose
 
@@ -70,7 +73,10 @@ def test_provision_creates_kits_and_never_replaces_the_ca(tmp_path):
     ]
     # The ready command line and unit point at the kit and the dialled port.
     assert "--port 10001 --tls-dir /etc/fedcompose/w0" in (kits / "w0" / "commands.txt").read_text()
-    assert "--tls-dir /etc/fedcompose/w1" in (kits / "w1" / "fedcompose-worker.service").read_text()
+    unit = (kits / "w1" / "fedcompose-worker.service").read_text()
+    assert "--tls-dir /etc/fedcompose/w1" in unit
+    # It runs the coordinator's graphs (files included): as a user of its own, not root.
+    assert "\nUser=fedcompose\n" in unit and "\nNoNewPrivileges=yes\n" in unit
     info = json.loads((kits / "coordinator" / "kit.json").read_text())
     assert info["workers"] == {"w0": ["10.9.0.2:10001", "w0.example.org:10001"],
                                "w1": ["10.9.1.2:10000"]}  # fmt: skip
@@ -100,6 +106,79 @@ def test_provision_creates_kits_and_never_replaces_the_ca(tmp_path):
     assert bad.returncode == 2 and "site name" in _one_error_line(bad.stderr, "provision")
 
 
+@pytest.mark.parametrize(
+    "entry, why",
+    [
+        ("w0=999.1.1.1", "neither an IP address nor a host name"),
+        ("w0=10.0.1", "neither an IP address nor a host name"),
+        ("w0=-w0-.lab", "neither an IP address nor a host name"),
+        ("w0=w\u00f6rker.lab", "neither an IP address nor a host name"),  # not a traceback
+        ("w0=" + "a" * 64 + ".lab", "neither an IP address nor a host name"),
+        ("w0=[w0.lab]:10000", "neither an IP address nor a host name"),
+        ("w0=[::1]x", "is not NAME=[IPV6]:PORT"),
+        ("w0=[::1", "is not NAME=[IPV6]:PORT"),
+        ("w0=10.0.0.1:", "empty port"),
+        ("w0=0.0.0.0", "not an address a worker can be dialled at"),
+        ("w0=::", "not an address a worker can be dialled at"),
+        ("w0=fe80::1%eth0", "scoped address"),
+        ("w0=10.0.0.1,w1=10.0.0.1", "w0 and w1 would both be dialled at 10.0.0.1:10000"),
+        ("w0=W.lab:7,w1=w.lab:7", "w0 and w1 would both be dialled at w.lab:7"),
+    ],
+)
+def test_sites_that_no_worker_can_be_dialled_at_are_refused(entry, why):
+    with pytest.raises(UsageError, match=r"^--sites: ") as caught:
+        provision.parse_sites(entry.split(","))
+    assert why in str(caught.value)
+
+
+def test_sites_that_are_fine():
+    sites = provision.parse_sites(
+        ["w0=10.0.0.1:10001", "w0=xn--wrker-jua.lab", "w1=10.0.0.1:10002", "w2=[fd00::2]"]
+    )
+    assert sites == {
+        "w0": (["10.0.0.1", "xn--wrker-jua.lab"], 10001),
+        "w1": (["10.0.0.1"], 10002),
+        "w2": (["fd00::2"], 10000),
+    }
+
+
+def test_re_provisioning_keeps_one_coordinator_and_distinct_endpoints(tmp_path):
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=10.0.0.1"]))
+    # A second coordinator identity would split the federation: refused.
+    with pytest.raises(UsageError, match="this federation's coordinator is 'coordinator'"):
+        provision.provision(kits, provision.parse_sites(["w1=10.0.0.2"]), "boss")
+    assert not (kits / "w1").exists() and not (kits / "boss").exists()
+    # A new worker at an existing worker's address and port: refused.
+    with pytest.raises(UsageError, match=r"w0 and w1 would both be dialled at 10\.0\.0\.1:10000"):
+        provision.provision(kits, provision.parse_sites(["w1=10.0.0.1"]))
+    provision.provision(kits, provision.parse_sites(["w0=10.0.0.1", "w1=10.0.0.1:10001"]))
+    assert json.loads((kits / "w0" / "kit.json").read_text())["role"] == tls.WORKER
+    assert json.loads((kits / "coordinator" / "kit.json").read_text())["workers"] == {
+        "w0": ["10.0.0.1:10000"],
+        "w1": ["10.0.0.1:10001"],
+    }
+    # A damaged kit description is one line, not a traceback.
+    (kits / "w0" / "kit.json").write_text("[1]")
+    with pytest.raises(UsageError, match=r"kit\.json is missing or not a kit description"):
+        provision.provision(kits, provision.parse_sites(["w2=10.0.0.3"]))
+    shutil.rmtree(kits / "w0")
+    (kits / "w9").mkdir()
+    with pytest.raises(UsageError, match="w9 exists but is not a worker's kit"):
+        provision.provision(kits, provision.parse_sites(["w9=10.0.0.9"]))
+    # The CA key readable by others, or not the CA certificate's: refused, not used.
+    os.chmod(kits / "ca" / "ca.key", 0o644)
+    with pytest.raises(UsageError, match=r"CA key .* is readable by others \(mode 0644\)"):
+        provision.provision(kits, provision.parse_sites(["w3=10.0.0.3"]))
+    os.chmod(kits / "ca" / "ca.key", 0o600)
+    other = tmp_path / "other"
+    provision.provision(other, {})
+    shutil.copy(other / "ca" / "ca.pem", kits / "ca" / "ca.pem")
+    with pytest.raises(UsageError, match=r"ca\.key does not belong to"):
+        provision.provision(kits, provision.parse_sites(["w3=10.0.0.3"]))
+    assert not (kits / "w3").exists()
+
+
 def _kit_with(tmp_path: Path, kits: Path, name: str, role: str, **issue_args) -> Path:
     """A kit of the federation in `kits` with a certificate made to order."""
     ca_key = serialization.load_pem_private_key((kits / "ca" / "ca.key").read_bytes(), None)
@@ -119,7 +198,7 @@ def _kit_with(tmp_path: Path, kits: Path, name: str, role: str, **issue_args) ->
 @pytest.fixture
 def kits(tmp_path) -> Path:
     kits = tmp_path / "kits"
-    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.1"]))
+    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.1:10001"]))
     return kits
 
 
@@ -370,3 +449,172 @@ def test_expired_certificates_and_tls_against_a_plaintext_worker(kits, tmp_path,
     finally:
         stale.stop()
         valid.stop()
+
+
+def _serving_kit(kits: Path, cert_dir: Path) -> tls.Kit:
+    """A worker's kit made of another kit's certificate and key (files copied by hand)."""
+    return tls.Kit(
+        directory=cert_dir,
+        role=tls.WORKER,
+        name=cert_dir.name,
+        coordinator="coordinator",
+        ca_pem=(kits / "ca" / "ca.pem").read_bytes(),
+        cert_pem=(cert_dir / "cert.pem").read_bytes(),
+        key_pem=(cert_dir / "key.pem").read_bytes(),
+        not_after=datetime.datetime.now(datetime.UTC),
+    )
+
+
+def test_a_worker_serving_with_a_certificate_not_its_own_is_named(tmp_path):
+    """The coordinator's certificate (client only) or another site's, served by a
+    worker: each a final one-line cause, not a bare verification error."""
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, probe
+
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.2"]))
+    coordinator = ClientTLS.from_kit(tls.load_kit(kits / "coordinator", tls.COORDINATOR))
+    as_coordinator, as_w1, backend = free_ports(3)
+    served = [
+        proxy.start(port, f"127.0.0.1:{backend}", _serving_kit(kits, kits / site), host="127.0.0.1")
+        for port, site in ((as_coordinator, "coordinator"), (as_w1, "w1"))
+    ]
+    try:
+        wrong_role = probe(f"127.0.0.1:{as_coordinator}", coordinator)
+        assert wrong_role.final
+        assert "(CN=coordinator) may not serve: it is a client (coordinator) certificate" in (
+            wrong_role.message
+        )
+        other_site = probe(f"127.0.0.1:{as_w1}", coordinator)
+        assert other_site.final
+        assert "its certificate names 127.0.0.2, not 127.0.0.1" in other_site.message
+    finally:
+        for p in served:
+            p.stop()
+
+
+def test_a_kit_made_of_another_kits_files_is_refused_when_loaded(kits, tmp_path):
+    """Files copied between kits by hand: a worker's certificate and key in the
+    coordinator's kit (and the reverse), and a CA certificate with the right name
+    but another key (a re-made CA). Each is a one-line usage error at start."""
+    from cryptography.x509.oid import NameOID
+
+    def copy(source: str, name: str) -> Path:
+        directory = tmp_path / name
+        shutil.copytree(kits / source, directory)
+        return directory
+
+    swapped = copy("coordinator", "coordinator-with-w0-cert")
+    for file in ("cert.pem", "key.pem"):
+        (swapped / file).unlink()
+        shutil.copy(kits / "w0" / file, swapped / file)
+    with pytest.raises(UsageError, match=r"\(CN=w0\) is not a coordinator's certificate"):
+        tls.load_kit(swapped, tls.COORDINATOR)
+    reverse = copy("w0", "w0-with-coordinator-cert")
+    for file in ("cert.pem", "key.pem"):
+        (reverse / file).unlink()
+        shutil.copy(kits / "coordinator" / file, reverse / file)
+    with pytest.raises(UsageError, match=r"\(CN=coordinator\) is not a worker's certificate"):
+        tls.load_kit(reverse, tls.WORKER)
+
+    ca = _cert(kits / "ca" / "ca.pem")
+    name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    _, same_name = provision.make_ca(name)
+    remade = copy("coordinator", "coordinator-remade-ca")
+    (remade / "ca.pem").write_bytes(same_name.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(UsageError, match=r"cert\.pem was not issued by the kit's ca\.pem"):
+        tls.load_kit(remade, tls.COORDINATOR)
+    tls.load_kit(kits / "coordinator", tls.COORDINATOR)  # the kit itself is fine
+    tls.load_kit(kits / "w0", tls.WORKER)
+
+
+@pytest.mark.parametrize("directory", ["my shims", "a:b"])
+def test_a_shim_path_that_ld_preload_cannot_carry_is_refused(tmp_path, monkeypatch, directory):
+    """ld.so splits LD_PRELOAD at spaces and colons: the shim would silently not
+    load, and executors TFF starts itself would listen on every interface."""
+    place = tmp_path / directory
+    place.mkdir()
+    shutil.copy(loopback.shim_path(), place / loopback.SHIM_NAME)
+    monkeypatch.setenv(loopback.ENV_OVERRIDE, str(place / loopback.SHIM_NAME))
+    with pytest.raises(loopback.ConfinementError, match="LD_PRELOAD cannot carry"):
+        loopback.environment({})
+
+
+_TFF_LOCAL_EXECUTOR = """
+import json, psutil
+from shared import loopback
+loopback.confine_children()
+import tensorflow_federated as tff
+tff.backends.native.set_sync_local_cpp_execution_context()
+assert tff.tensorflow.computation(lambda: 1)() == 1
+found = {}
+for child in psutil.Process().children(recursive=True):
+    if child.name() == "worker_binary":
+        found[child.pid] = loopback.listening_addresses(child.pid)
+        child.kill()
+print(json.dumps(found))
+"""
+
+
+def test_tffs_own_local_executor_listens_on_loopback_only(tmp_path):
+    """TFF's local context (the tests' references, `bench`'s tff_local) starts a
+    `worker_binary` of its own, unchecked after start: `confine_children` alone
+    must keep it on loopback (nothing inherited from this test session)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    result = subprocess.run(
+        [sys.executable, "-c", _TFF_LOCAL_EXECUTOR],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(found) == 1, found
+    (listening,) = found.values()
+    assert listening and all(loopback.is_loopback(a) for a, _ in listening), listening
+
+
+def test_provisions_at_once_make_one_federation(tmp_path):
+    """Several `provision`s started together on a new directory: one CA, every
+    site's kit signed by it and listed for the coordinator, no stray CA key."""
+    kits = tmp_path / "kits"
+    start = threading.Barrier(6)
+
+    def one(i: int) -> None:
+        start.wait()
+        provision.provision(kits, provision.parse_sites([f"w{i}=10.0.0.{i + 1}"]))
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(one, range(6)))
+    assert sorted(p.name for p in kits.iterdir() if not p.name.startswith(".provision")) == [
+        "ca", "coordinator", "w0", "w1", "w2", "w3", "w4", "w5",
+    ]  # fmt: skip
+    info = json.loads((kits / "coordinator" / "kit.json").read_text())
+    assert sorted(info["workers"]) == [f"w{i}" for i in range(6)]
+    for i in range(6):
+        tls.load_kit(kits / f"w{i}", tls.WORKER)
+
+
+def test_an_ipv6_worker_dialled_in_another_spelling_connects(tmp_path):
+    """gRPC checks the certificate against the address as written: `[0:0::1]`
+    must reach a worker whose certificate names `::1` (as Python's `ssl`, and so
+    the probe, already agree it should)."""
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, open_channel, probe
+
+    kits = tmp_path / "kits"
+    provision.provision(kits, provision.parse_sites(["w0=0:0:0:0:0:0:0:1"]))
+    assert json.loads((kits / "w0" / "kit.json").read_text())["dial"] == ["[::1]:10000"]
+    port, backend = free_ports(2)
+    served = proxy.start(
+        port, f"127.0.0.1:{backend}", tls.load_kit(kits / "w0", tls.WORKER), host="[::1]"
+    )
+    coordinator = ClientTLS.from_kit(tls.load_kit(kits / "coordinator", tls.COORDINATOR))
+    try:
+        for address in (f"[::1]:{port}", f"[0:0:0:0:0:0:0:1]:{port}", f"[0::01]:{port}"):
+            assert probe(address, coordinator).ok
+            channel = open_channel(address, coordinator, [])
+            try:
+                grpc.channel_ready_future(channel).result(timeout=15)
+            finally:
+                channel.close()
+    finally:
+        served.stop()

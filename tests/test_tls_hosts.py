@@ -153,8 +153,9 @@ def test_training_over_mutual_tls_between_hosts_and_every_refusal(shards2, tmp_p
             raw = [(a, p) for a, p in listeners if p != started[0].port]
             assert raw and all(loopback.is_loopback(a) for a, _ in raw), listeners
             for _, port in raw:
-                with pytest.raises(ConnectionRefusedError):
-                    socket.create_connection((hosts[0].address, port), timeout=5)
+                for address in (hosts[0].address, hosts[0].address6):
+                    with pytest.raises(ConnectionRefusedError):
+                        socket.create_connection((address, port), timeout=5)
         finally:
             workers_lib.stop_workers(started)
 
@@ -218,13 +219,16 @@ def test_fedcompose_run_opens_no_port_another_host_can_reach(tmp_path):
     the coordinator's server executor) refuses connections from another host at
     this host's address, while the run trains normally."""
     with netns.linked_hosts(1, block=4) as (host,):
-        # The method can see an exposed port: a wildcard listener here is reachable.
-        control = socket.socket()
-        control.bind(("0.0.0.0", 0))
+        # The method can see an exposed port: a wildcard listener here is
+        # reachable, over IPv4 and IPv6.
+        control = socket.socket(socket.AF_INET6)
+        control.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        control.bind(("::", 0))
         control.listen(4)
         control_port = control.getsockname()[1]
         try:
-            assert host.connect_results(host.gateway, [control_port]) == {control_port: "connected"}
+            for gateway in (host.gateway, host.gateway6):
+                assert host.connect_results(gateway, [control_port]) == {control_port: "connected"}
         finally:
             control.close()
 
@@ -246,10 +250,11 @@ def test_fedcompose_run_opens_no_port_another_host_can_reach(tmp_path):
             # Two workers and the coordinator's server executor, all on loopback.
             assert len(ports) >= 3, listeners
             assert all(loopback.is_loopback(a) for a, _ in listeners), listeners
-            results = host.connect_results(host.gateway, ports)
+            for gateway in (host.gateway, host.gateway6):
+                results = host.connect_results(gateway, ports)
+                assert all(r != "connected" for r in results.values()), (gateway, results)
+                assert set(results.values()) == {"ConnectionRefusedError"}, (gateway, results)
             assert proc.poll() is None, "the ports were checked while the run was running"
-            assert all(r != "connected" for r in results.values()), results
-            assert set(results.values()) == {"ConnectionRefusedError"}, results
             _, stderr = proc.communicate(timeout=600)
         finally:
             kill_tree(proc)

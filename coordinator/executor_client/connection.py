@@ -99,10 +99,30 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def canonical_address(address: str) -> str:
+    """`address` with an IP literal host in its canonical form (`[fd00:0::2]:p` ->
+    `[fd00::2]:p`); host names as they are.
+
+    gRPC checks a worker's certificate against the dialled host as written, so
+    an IPv6 address spelled other than the certificate's canonical IP SAN fails
+    the handshake (while Python's `ssl`, which the probe uses, accepts it).
+    """
+    host, port = split_address(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return f"{ip}:{port}"
+    return address if ip.ipv4_mapped is not None else f"[{ip}]:{port}"
+
+
 def open_channel(address: str, tls: ClientTLS | None, options: list) -> grpc.Channel:
     """A channel to `address`: mutual TLS with `tls`, plaintext without."""
     if tls is not None:
-        return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+        return grpc.secure_channel(
+            canonical_address(address), tls.channel_credentials(), options=options
+        )
     host, _ = split_address(address)
     if not is_loopback_host(host):
         log.warning(
@@ -279,6 +299,12 @@ def _describe_verify_error(e: ssl.SSLCertVerificationError, host: str, port: int
         return (
             f"its certificate is not signed by the CA of the coordinator's kit{issuer}: "
             "the worker's kit is from another federation, or this coordinator's is"
+        )
+    if code == 26:  # X509_V_ERR_INVALID_PURPOSE: no serverAuth (provision.issue)
+        subject = f" ({cert.subject.rfc4514_string()})" if cert is not None else ""
+        return (
+            f"its certificate{subject} may not serve: it is a client (coordinator) "
+            "certificate, not a worker's; start the worker with its own kit"
         )
     return f"its certificate failed verification: {e.verify_message}"
 

@@ -197,7 +197,8 @@ class Runner:
         from deploy import provision
 
         kits = self.work_dir / "tls-kits"
-        sites = {f"w{i}": (["127.0.0.1"], provision.DEFAULT_PORT) for i in range(workers)}
+        # One port each: two workers dialled at one address and port are refused.
+        sites = {f"w{i}": (["127.0.0.1"], provision.DEFAULT_PORT + i) for i in range(workers)}
         provision.provision(kits, sites, valid_days=7)
         return kits
 
