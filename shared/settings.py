@@ -318,7 +318,8 @@ def resolve(
 ) -> Any:
     """Defaults, then the config file, then flags; each value coerced and
     checked by its declaration. Returns `make()` filled in, with `given` set
-    to the names of the settings a flag or the config file gave."""
+    to the names of the settings a flag or the config file gave, and
+    `flagged` to those a flag gave."""
     config = make()
     for section, f in command.fields(sections):
         setattr(getattr(config, section), f.name, command.default(section, f))
@@ -359,6 +360,7 @@ def resolve(
                 raise UsageError(f"give at least one {what}: fedcompose {command.name} {what}...")
             raise UsageError(f"{flag(f.name)} is required")
     config.given = frozenset(given)
+    config.flagged = frozenset(name for values in flags.values() for name in values)
     if command.sweep:
         for section, f in command.fields(sections):
             value = getattr(getattr(config, section), f.name)

@@ -76,12 +76,31 @@ def test_non_finite_values_in_a_config_file_are_rejected_too(tmp_path):
             "needs more than 10 clients per round",
         ),
         (["--on-non-finite", "ignore"], "choose one of fail, drop"),
+        # A flag the chosen block does not take is refused even at its default value.
+        (["--noise-multiplier", "0.5"], "--noise-multiplier applies to --aggregator dp_fixed"),
+        (["--aggregator", "dp_fixed", "--weighting", "examples"], "--weighting applies to"),
+        (["--server-momentum", "0.9"], "--server-momentum applies to --server-optimizer sgdm"),
+        (["--client-work", "model_delta", "--clip-norm", "1"], "--clip-norm applies to"),
     ],
 )
 def test_invalid_algorithms_are_refused_in_one_line(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")) as info:
         _resolve(*argv)
     assert "\n" not in str(info.value)
+
+
+def test_a_resolved_config_fed_back_may_change_its_blocks(tmp_path):
+    """A resolved config.toml holds every setting at its value, those of the
+    blocks not chosen included: with --config, only values other than the
+    defaults count as set, so another aggregator can be chosen by flag."""
+    written = tmp_path / "config.toml"
+    written.write_text(_resolve().to_toml())  # mean, weighting = "examples", ...
+    config = _resolve("--config", str(written), "--aggregator", "dp_fixed")
+    assert (config.algorithm.aggregator, config.algorithm.weighting) == ("dp_fixed", "uniform")
+    # DP's own weighting, given by flag, is accepted.
+    assert _resolve("--aggregator", "dp_fixed", "--weighting", "uniform").algorithm.weighting == (
+        "uniform"
+    )
 
 
 def test_the_blocks_are_recorded_and_read_back(tmp_path):
