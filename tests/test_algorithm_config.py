@@ -169,6 +169,8 @@ def test_blocks_command_lists_every_choice_and_parameter():
             assert f"  {choice} " in text, choice
     for f in dataclasses.fields(config_lib.AlgorithmConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
+    # An on-by-default switch says how to turn it off.
+    assert "--zeroing / --no-zeroing" in text and "--clipping / --no-clipping" in text
 
 
 def test_empty_clients_are_harmless_only_for_example_weighted_aggregates():
