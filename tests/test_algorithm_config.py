@@ -194,25 +194,47 @@ def test_privacy_accountant_composes_rounds_as_dp_accounting_does():
     import dp_accounting
     from dp_accounting import rdp
 
-    from coordinator.algorithm.privacy import PrivacyAccountant
+    from coordinator.algorithm.privacy import PrivacyAccountant, round_event
 
-    accountant = PrivacyAccountant(0.8, 10, 60, 1e-5)
-    for rounds in (1, 7, 30):
-        fresh = rdp.RdpAccountant(
+    def spent(z: float, rounds: list[tuple[int, int]]) -> float:
+        accountant = PrivacyAccountant(z, 1e-5)
+        for pool, drawn in rounds:
+            accountant.add_round(pool, drawn)
+        return accountant.epsilon()
+
+    def fresh(z: float, rounds: list[tuple[int, int]]) -> float:
+        accountant = rdp.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
         )
-        fresh.compose(accountant.round_event(), rounds)
-        assert accountant.epsilon(rounds) == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
-    eps = [accountant.epsilon(r) for r in (1, 5, 30)]
+        for pool, drawn in rounds:
+            accountant.compose(round_event(z, pool, drawn), 1)
+        return accountant.get_epsilon(1e-5)
+
+    for rounds in (1, 7, 30):
+        assert spent(0.8, [(60, 10)] * rounds) == pytest.approx(
+            fresh(0.8, [(60, 10)] * rounds), rel=1e-9
+        )
+    # Rounds drawn from fewer clients (a worker down), all of them included.
+    mixed = [(60, 10), (40, 10), (60, 10), (8, 8), (40, 10)]
+    assert spent(0.8, mixed) == pytest.approx(fresh(0.8, mixed), rel=1e-9)
+    eps = [spent(0.8, [(60, 10)] * r) for r in (1, 5, 30)]
     assert eps == sorted(eps) and eps[0] > 0
     # More noise, fewer clients sampled or a larger population: less privacy spent.
-    assert PrivacyAccountant(2.0, 10, 60, 1e-5).epsilon(30) < eps[-1]
-    assert PrivacyAccountant(0.8, 10, 600, 1e-5).epsilon(30) < eps[-1]
-    assert math.isinf(PrivacyAccountant(0.0, 10, 60, 1e-5).epsilon(1))
-    assert PrivacyAccountant(0.0, 10, 60, 1e-5).record(3)["epsilon"] is None
+    assert spent(2.0, [(60, 10)] * 30) < eps[-1]
+    assert spent(0.8, [(600, 10)] * 30) < eps[-1]
+    # A round drawn from fewer clients spends more; one taking every client, most.
+    assert spent(0.8, [(60, 10), (30, 10)]) > spent(0.8, [(60, 10)] * 2)
+    assert spent(0.8, [(60, 10), (10, 10)]) > spent(0.8, [(60, 10), (30, 10)])
+    assert math.isinf(spent(0.0, [(60, 10)]))
+    nothing = PrivacyAccountant(0.0, 1e-5)
+    nothing.add_round(60, 10)
+    assert nothing.record()["epsilon"] is None
+    assert PrivacyAccountant(0.8, 1e-5).epsilon() == 0.0
+    with pytest.raises(ValueError):
+        PrivacyAccountant(0.8, 1e-5).add_round(10, 11)
     # The event is the sampling the federation does: 10 of 60 without replacement,
     # Gaussian noise of half TFF's multiplier (replace-one doubles the sensitivity).
-    event = accountant.round_event()
+    event = round_event(0.8, 60, 10)
     assert isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent)
     assert (event.source_dataset_size, event.sample_size) == (60, 10)
     assert event.event.noise_multiplier == 0.4
