@@ -31,6 +31,8 @@ _SAME = ("data", "model", "federation.workers", "training.clients_per_round", "t
 class Run:
     def __init__(self, path: Path):
         self.path = path
+        self.label = path.name or str(path)
+        """The run's name in the table and the legend (`run` makes it unique)."""
         if not path.is_dir():
             why = "not a directory" if path.exists() else "no such directory"
             raise RunDirError(f"{path} is not a run directory ({why})")
@@ -82,10 +84,6 @@ class Run:
             aggregator += " uniform"
         server = f"server {a.get('server_optimizer')} {_g(t.get('server_learning_rate', 1.0))}"
         return f"{client} | {aggregator} | {server}"
-
-    @property
-    def label(self) -> str:
-        return self.path.name or str(self.path)
 
     def epsilon(self) -> str:
         privacy = next(
@@ -167,6 +165,7 @@ def plot(runs: list[Run], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     legend_inches = 0.2 + 0.2 * len(runs)
     height = 4.2 + legend_inches
@@ -180,6 +179,7 @@ def plot(runs: list[Run], path: Path) -> None:
     ax_loss.set(xlabel="round", ylabel="held-out loss", title="held-out loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 2.2
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     fig.legend(loc="lower center", fontsize=8, frameon=False)
     try:
@@ -203,6 +203,10 @@ def run(config: config_lib.RunConfig) -> int:
     if output.is_dir():
         raise UsageError(f"--output {output} is a directory; give a .png file")
     runs = [Run(Path(p)) for p in c.run_dirs]
+    names = [r.label for r in runs]
+    for r in runs:
+        if names.count(r.label) > 1:  # runs/a/fedavg and runs/b/fedavg: say which
+            r.label = str(r.path)
     plot(runs, output)
     print(table(runs))
     for note in _differences(runs):

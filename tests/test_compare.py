@@ -81,6 +81,13 @@ def test_compare_survives_damaged_files_and_notes_runs_that_end_apart(tmp_path):
     assert "the final figures are from different rounds (a 4, b 2)" in result.stderr
     assert "prox x" in result.stdout
 
+    # Two runs of one name in different places are told apart by their paths.
+    other = _fake_run(tmp_path / "elsewhere" / "a", [0.1, 0.2, 0.3, 0.4])
+    both = fedcompose("compare", str(a), str(other), "--output", str(out), timeout=120)
+    assert both.returncode == 0, both.stderr
+    rows = [line.split()[0] for line in both.stdout.splitlines()[2:]]
+    assert rows == [str(a), str(other)], both.stdout
+
     # The same directory spelled twice, and a file given as a run directory.
     twice = fedcompose("compare", str(a), f"{a}/", "--output", str(out), timeout=120)
     assert twice.returncode == 2 and "listed twice" in twice.stderr, twice.stderr
