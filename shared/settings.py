@@ -280,7 +280,10 @@ def coerce(name: str, value: Any, kind: type) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise UsageError(f"{flag(name)} must be a {kind.__name__}, got {value!r}")
+        what = {int: "an integer", float: "a number", str: "text (a string)"}.get(
+            kind, f"a {kind.__name__}"
+        )
+        raise UsageError(f"{flag(name)} must be {what}, got {value!r}")
     return value
 
 

@@ -89,6 +89,23 @@ def test_invalid_algorithms_are_refused_in_one_line(argv, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("quantization_bits = 2.5", "--quantization-bits must be an integer, got 2.5"),
+        ("quantization_bits = true", "--quantization-bits must be an integer, got True"),
+        ("noise_multiplier = true", "--noise-multiplier must be a number, got True"),
+        ("aggregator = 3", "--aggregator must be text (a string), got 3"),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_type_is_named_in_plain_words(tmp_path, line, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[algorithm]\n{line}\n")
+    with pytest.raises(UsageError) as info:
+        _resolve("--config", str(path))
+    assert str(info.value) == message
+
+
 def test_a_resolved_config_fed_back_may_change_its_blocks(tmp_path):
     """A resolved config.toml holds every setting at its value, those of the
     blocks not chosen included: with --config, only values other than the
