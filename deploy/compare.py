@@ -65,14 +65,18 @@ class Run:
     def setting(self, dotted: str):
         section, _, key = dotted.partition(".")
         table = self.config.get(section, {})
-        return table.get(key) if key else table
+        if not key:
+            return table
+        return table.get(key) if isinstance(table, dict) else None
 
     @property
     def algorithm(self) -> str:
         """A short name for the run's four blocks (the defaults left out)."""
-        a = self.config.get("algorithm", {})
-        t = self.config.get("training", {})
-        if not a:
+        if not self.config:
+            return "? (no readable config.toml)"
+        a, t = self.setting("algorithm"), self.setting("training")
+        a, t = (x if isinstance(x, dict) else {} for x in (a, t))
+        if not a:  # a run from before the blocks were choices: the tutorial's
             return "clipped sgd | mean | server sgd"
         client = f"{a.get('client_work')} {a.get('client_optimizer')}"
         if a.get("proximal_mu"):

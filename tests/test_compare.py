@@ -88,6 +88,11 @@ def test_compare_survives_damaged_files_and_notes_runs_that_end_apart(tmp_path):
     rows = [line.split()[0] for line in both.stdout.splitlines()[2:]]
     assert rows == [str(a), str(other)], both.stdout
 
+    # A run without a readable config.toml is not guessed to be the default.
+    (other / "config.toml").unlink()
+    guessed = fedcompose("compare", str(other), "--output", str(out), timeout=120)
+    assert "? (no readable config.toml)" in guessed.stdout, guessed.stdout
+
     # The same directory spelled twice, and a file given as a run directory.
     twice = fedcompose("compare", str(a), f"{a}/", "--output", str(out), timeout=120)
     assert twice.returncode == 2 and "listed twice" in twice.stderr, twice.stderr
