@@ -316,6 +316,7 @@ class RunDirectory:
         self.trained_on_path = path / "trained_on.json"
         self.metrics_csv = path / "metrics.csv"
         self.metrics_jsonl = path / "metrics.jsonl"
+        self.privacy_jsonl = path / "privacy.jsonl"
         self.tensorboard_dir = path / "tensorboard"
         self.checkpoint_dir = path / "checkpoints"
         self.plot_path = path / "metrics.png"
@@ -335,6 +336,7 @@ class RunDirectory:
             self.trained_on_path,
             self.metrics_csv,
             self.metrics_jsonl,
+            self.privacy_jsonl,
             self.plot_path,
             self.model_path,
         )
@@ -671,6 +673,36 @@ class RunDirectory:
                 if isinstance(row, dict) and isinstance(row.get("round"), int):
                     rows.append(row)
         return rows
+
+    def privacy_ledger(self) -> list[dict]:
+        """Every DP round this run directory has recorded, in order, re-runs
+        included (see `record_spent`)."""
+        text = self._read_text(self.privacy_jsonl, "delete it")
+        entries = []
+        for line in (text or "").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    def write_privacy_ledger(self, entries: list[dict]) -> None:
+        """The ledger as `entries` (a resume rewrites it whole, which also
+        drops a line a crash cut short, so appends start on a line of their own)."""
+        with _writing("the privacy ledger", self.privacy_jsonl):
+            files.write_atomic(self.privacy_jsonl, "".join(json.dumps(e) + "\n" for e in entries))
+
+    def record_spent(self, entry: dict) -> None:
+        """Appends a DP round to the ledger before its metrics are recorded.
+
+        Unlike metrics.jsonl, the ledger is never cut back on resume: a round
+        whose figures were recorded and that is run again after resuming from
+        an earlier checkpoint used its clients' data twice, with fresh noise
+        each time, and both count."""
+        with _writing("the privacy ledger", self.privacy_jsonl), open(self.privacy_jsonl, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
     def truncate_metrics_after(self, round_num: int) -> None:
         """Drops JSONL rows of rounds after the checkpoint we resume from (the

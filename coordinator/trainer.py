@@ -102,7 +102,12 @@ def train(
             plan.latest,
         )
         return TrainSummary(
-            run_dir, plan.latest or 0, plan.status.get("final_eval"), plan.latest, True
+            run_dir,
+            plan.latest or 0,
+            plan.status.get("final_eval"),
+            plan.latest,
+            True,
+            privacy=plan.status.get("privacy"),
         )
     pause_points.reached("startup")
     started = False
@@ -153,6 +158,7 @@ def train(
                 target_rounds=t.rounds,
             )
             checks = RoundChecks(config, executor, federation)
+            checks.restore_privacy(run, start_round - 1)
             final_eval = _loop(
                 config, run, executor, federation, state, start_round, show_progress, checks
             )
@@ -161,7 +167,7 @@ def train(
             max(t.rounds, start_round - 1),
             final_eval,
             start_round - 1 or None,
-            privacy=checks.privacy(max(t.rounds, start_round - 1)),
+            privacy=checks.privacy(),
         )
     except KeyboardInterrupt:
         if started:
@@ -211,7 +217,7 @@ def _loop(
                 pause_points.reached("evaluation", round_num)
                 evaluation = checks.evaluate(round_num, state)
             row = _row(round_num, result, evaluation)
-            spent = checks.privacy(round_num)
+            spent = checks.spend(round_num, result)
             if spent is not None:
                 row["privacy"] = spent
             run.record_round(row)
@@ -235,7 +241,7 @@ def _loop(
     pause_points.reached("finish")
     run.write_model(executor.model_weights(state))
     plot = run.write_plot(f"{config.model.model} model, {len(federation.workers)} workers")
-    spent = checks.privacy(t.rounds)
+    spent = checks.privacy()
     run.write_status(
         state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
     )

@@ -58,7 +58,10 @@ def _param(name: str, fields: dict[str, dataclasses.Field], indent: str = "     
     f = fields[name]
     default = settings.field_default(f)
     shown = settings._toml_value(default).strip('"')
-    return f"{indent}{settings.flag(name):<30} {f.metadata['help']} (default: {shown})"
+    flag = settings.flag(name)
+    if settings.kind_of(f) is bool:  # how to turn it off is part of the answer
+        flag += f" / --no-{flag[2:]}"
+    return f"{indent}{flag:<30} {f.metadata['help']} (default: {shown})"
 
 
 def listing() -> str:

@@ -5,7 +5,8 @@ Reads each run directory's `metrics.jsonl`, `config.toml` and `status.json`
 per run, and prints a table: the algorithm, rounds, final and best held-out
 accuracy, final held-out loss, and the privacy spent by DP runs. Runs that
 differ in something other than the algorithm (data, seeds, clients per
-round, rounds) are compared all the same, but the differences are printed.
+round, workers) or whose final figures are from different rounds are
+compared all the same, but the differences are printed.
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ _SAME = ("data", "model", "federation.workers", "training.clients_per_round", "t
 class Run:
     def __init__(self, path: Path):
         self.path = path
+        self.label = path.name or str(path)
+        """The run's name in the table and the legend (`run` makes it unique)."""
         if not path.is_dir():
-            raise RunDirError(f"{path} is not a run directory (no such directory)")
+            why = "not a directory" if path.exists() else "no such directory"
+            raise RunDirError(f"{path} is not a run directory ({why})")
         metrics = path / "metrics.jsonl"
         if not metrics.is_file():
             raise RunDirError(f"{path} holds no metrics.jsonl; is it a fedcompose run directory?")
         self.rows = []
         for line in metrics.read_text(errors="replace").splitlines():
             try:
-                self.rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
-        self.evals = [(int(r["round"]), r["eval"]) for r in self.rows if "eval" in r]
+            # Rows that are not what a run writes (an edited or damaged file) are left out.
+            if isinstance(row, dict) and type(row.get("round")) is int:
+                self.rows.append(row)
+        self.evals = [(r["round"], r["eval"]) for r in self.rows if _is_eval(r.get("eval"))]
         if not self.evals:
             raise RunDirError(
                 f"{path} has no held-out evaluation yet (metrics.jsonl has no eval rows)"
@@ -58,36 +65,56 @@ class Run:
     def setting(self, dotted: str):
         section, _, key = dotted.partition(".")
         table = self.config.get(section, {})
-        return table.get(key) if key else table
+        if not key:
+            return table
+        return table.get(key) if isinstance(table, dict) else None
 
     @property
     def algorithm(self) -> str:
         """A short name for the run's four blocks (the defaults left out)."""
-        a = self.config.get("algorithm", {})
-        t = self.config.get("training", {})
-        if not a:
+        if not self.config:
+            return "? (no readable config.toml)"
+        a, t = self.setting("algorithm"), self.setting("training")
+        a, t = (x if isinstance(x, dict) else {} for x in (a, t))
+        if not a:  # a run from before the blocks were choices: the tutorial's
             return "clipped sgd | mean | server sgd"
         client = f"{a.get('client_work')} {a.get('client_optimizer')}"
         if a.get("proximal_mu"):
-            client += f" prox {a['proximal_mu']:g}"
-        aggregator = a.get("aggregator", "mean")
+            client += f" prox {_g(a['proximal_mu'])}"
+        aggregator = str(a.get("aggregator", "mean"))
         if aggregator.startswith("dp_"):
-            aggregator += f" z={a.get('noise_multiplier'):g}"
+            aggregator += f" z={_g(a.get('noise_multiplier'))}"
         elif a.get("weighting") == "uniform":
             aggregator += " uniform"
-        server = f"server {a.get('server_optimizer')} {t.get('server_learning_rate', 1.0):g}"
+        server = f"server {a.get('server_optimizer')} {_g(t.get('server_learning_rate', 1.0))}"
         return f"{client} | {aggregator} | {server}"
 
-    @property
-    def label(self) -> str:
-        return self.path.name or str(self.path)
-
     def epsilon(self) -> str:
-        privacy = next((r["privacy"] for r in reversed(self.rows) if "privacy" in r), None)
+        privacy = next(
+            (r["privacy"] for r in reversed(self.rows) if isinstance(r.get("privacy"), dict)),
+            None,
+        )
         if privacy is None:
             return "-"
         eps = privacy.get("epsilon")
-        return f"{'inf' if eps is None else f'{eps:.3g}'} (d={privacy['delta']:g})"
+        return f"{'inf' if eps is None else _g(eps, '.3g')} (d={_g(privacy.get('delta'))})"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_eval(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_number(value.get("accuracy"))
+        and _is_number(value.get("loss"))
+    )
+
+
+def _g(value: object, spec: str = "g") -> str:
+    """A number as `spec` formats it; anything else (a hand-edited file) as it is."""
+    return format(value, spec) if _is_number(value) else str(value)
 
 
 def _differences(runs: list[Run]) -> list[str]:
@@ -96,6 +123,10 @@ def _differences(runs: list[Run]) -> list[str]:
         values = {json.dumps(r.setting(dotted), sort_keys=True) for r in runs}
         if len(values) > 1:
             notes.append(f"runs differ in {dotted}")
+    last = {r.label: r.evals[-1][0] for r in runs}
+    if len(set(last.values())) > 1:
+        rounds = ", ".join(f"{label} {n}" for label, n in last.items())
+        notes.append(f"the final figures are from different rounds ({rounds})")
     return notes
 
 
@@ -138,6 +169,7 @@ def plot(runs: list[Run], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     legend_inches = 0.2 + 0.2 * len(runs)
     height = 4.2 + legend_inches
@@ -151,6 +183,7 @@ def plot(runs: list[Run], path: Path) -> None:
     ax_loss.set(xlabel="round", ylabel="held-out loss", title="held-out loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 2.2
     fig.tight_layout(rect=(0, legend_inches / height, 1, 1))
     fig.legend(loc="lower center", fontsize=8, frameon=False)
     try:
@@ -162,14 +195,22 @@ def plot(runs: list[Run], path: Path) -> None:
 
 def run(config: config_lib.RunConfig) -> int:
     c = config.compare
-    if len(c.run_dirs) != len(set(c.run_dirs)):
-        raise UsageError("a run directory is listed twice")
+    seen: dict[Path, str] = {}
+    for given in c.run_dirs:
+        same = seen.setdefault(Path(given).resolve(), given)
+        if same is not given:
+            twice = given if given == same else f"{same} (as {given})"
+            raise UsageError(f"a run directory is listed twice: {twice}")
     output = Path(c.output)
     if output.suffix.lower() != ".png":
         raise UsageError(f"--output {output}: give a .png file")
     if output.is_dir():
         raise UsageError(f"--output {output} is a directory; give a .png file")
     runs = [Run(Path(p)) for p in c.run_dirs]
+    names = [r.label for r in runs]
+    for r in runs:
+        if names.count(r.label) > 1:  # runs/a/fedavg and runs/b/fedavg: say which
+            r.label = str(r.path)
     plot(runs, output)
     print(table(runs))
     for note in _differences(runs):

@@ -609,6 +609,8 @@ class RunConfig:
     provision: ProvisionConfig = dataclasses.field(default_factory=ProvisionConfig)
     given: frozenset[str] = frozenset()
     """Names of the settings a flag or the config file gave (the rest are defaults)."""
+    flagged: frozenset[str] = frozenset()
+    """Names of the settings a command-line flag gave."""
 
     def to_dict(self, sections: tuple[str, ...] = RUN_SECTIONS) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in sections}
@@ -758,7 +760,11 @@ def _check_algorithm(config: RunConfig) -> None:
     """Every block parameter must belong to the chosen block; combinations that
     cannot run across workers are refused here, before anything starts."""
     a, t = config.algorithm, config.training
-    changed = _not_default(a)
+    # Set to something other than its default, or by a flag even to its default
+    # (`--aggregator mean --noise-multiplier 0.5` is refused too); a config
+    # file's values count only where they differ, as a resolved config.toml
+    # fed back with --config holds every setting.
+    changed = _not_default(a) | config.flagged
     if a.aggregator in REFUSED_AGGREGATORS:
         raise UsageError(f"--aggregator {a.aggregator}: {REFUSED_AGGREGATORS[a.aggregator]}")
     aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
@@ -778,7 +784,7 @@ def _check_algorithm(config: RunConfig) -> None:
                     f"{settings.flag(name)} applies to --{side}-optimizer "
                     f"{' / '.join(takers)} only, not {chosen}"
                 )
-    if a.client_work != "clipped" and "clip_norm" in _not_default(t):
+    if a.client_work != "clipped" and "clip_norm" in _not_default(t) | config.flagged:
         raise UsageError(
             f"--clip-norm applies to --client-work clipped only; {a.client_work} does not "
             "clip gradients"

@@ -280,7 +280,10 @@ def coerce(name: str, value: Any, kind: type) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise UsageError(f"{flag(name)} must be a {kind.__name__}, got {value!r}")
+        what = {int: "an integer", float: "a number", str: "text (a string)"}.get(
+            kind, f"a {kind.__name__}"
+        )
+        raise UsageError(f"{flag(name)} must be {what}, got {value!r}")
     return value
 
 
@@ -318,7 +321,8 @@ def resolve(
 ) -> Any:
     """Defaults, then the config file, then flags; each value coerced and
     checked by its declaration. Returns `make()` filled in, with `given` set
-    to the names of the settings a flag or the config file gave."""
+    to the names of the settings a flag or the config file gave, and
+    `flagged` to those a flag gave."""
     config = make()
     for section, f in command.fields(sections):
         setattr(getattr(config, section), f.name, command.default(section, f))
@@ -359,6 +363,7 @@ def resolve(
                 raise UsageError(f"give at least one {what}: fedcompose {command.name} {what}...")
             raise UsageError(f"{flag(f.name)} is required")
     config.given = frozenset(given)
+    config.flagged = frozenset(name for values in flags.values() for name in values)
     if command.sweep:
         for section, f in command.fields(sections):
             value = getattr(getattr(config, section), f.name)

@@ -76,12 +76,48 @@ def test_non_finite_values_in_a_config_file_are_rejected_too(tmp_path):
             "needs more than 10 clients per round",
         ),
         (["--on-non-finite", "ignore"], "choose one of fail, drop"),
+        # A flag the chosen block does not take is refused even at its default value.
+        (["--noise-multiplier", "0.5"], "--noise-multiplier applies to --aggregator dp_fixed"),
+        (["--aggregator", "dp_fixed", "--weighting", "examples"], "--weighting applies to"),
+        (["--server-momentum", "0.9"], "--server-momentum applies to --server-optimizer sgdm"),
+        (["--client-work", "model_delta", "--clip-norm", "1"], "--clip-norm applies to"),
     ],
 )
 def test_invalid_algorithms_are_refused_in_one_line(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")) as info:
         _resolve(*argv)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("quantization_bits = 2.5", "--quantization-bits must be an integer, got 2.5"),
+        ("quantization_bits = true", "--quantization-bits must be an integer, got True"),
+        ("noise_multiplier = true", "--noise-multiplier must be a number, got True"),
+        ("aggregator = 3", "--aggregator must be text (a string), got 3"),
+    ],
+)
+def test_a_config_file_value_of_the_wrong_type_is_named_in_plain_words(tmp_path, line, message):
+    path = tmp_path / "c.toml"
+    path.write_text(f"[algorithm]\n{line}\n")
+    with pytest.raises(UsageError) as info:
+        _resolve("--config", str(path))
+    assert str(info.value) == message
+
+
+def test_a_resolved_config_fed_back_may_change_its_blocks(tmp_path):
+    """A resolved config.toml holds every setting at its value, those of the
+    blocks not chosen included: with --config, only values other than the
+    defaults count as set, so another aggregator can be chosen by flag."""
+    written = tmp_path / "config.toml"
+    written.write_text(_resolve().to_toml())  # mean, weighting = "examples", ...
+    config = _resolve("--config", str(written), "--aggregator", "dp_fixed")
+    assert (config.algorithm.aggregator, config.algorithm.weighting) == ("dp_fixed", "uniform")
+    # DP's own weighting, given by flag, is accepted.
+    assert _resolve("--aggregator", "dp_fixed", "--weighting", "uniform").algorithm.weighting == (
+        "uniform"
+    )
 
 
 def test_the_blocks_are_recorded_and_read_back(tmp_path):
@@ -150,6 +186,8 @@ def test_blocks_command_lists_every_choice_and_parameter():
             assert f"  {choice} " in text, choice
     for f in dataclasses.fields(config_lib.AlgorithmConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
+    # An on-by-default switch says how to turn it off.
+    assert "--zeroing / --no-zeroing" in text and "--clipping / --no-clipping" in text
 
 
 def test_empty_clients_are_harmless_only_for_example_weighted_aggregates():
@@ -173,25 +211,47 @@ def test_privacy_accountant_composes_rounds_as_dp_accounting_does():
     import dp_accounting
     from dp_accounting import rdp
 
-    from coordinator.algorithm.privacy import PrivacyAccountant
+    from coordinator.algorithm.privacy import PrivacyAccountant, round_event
 
-    accountant = PrivacyAccountant(0.8, 10, 60, 1e-5)
-    for rounds in (1, 7, 30):
-        fresh = rdp.RdpAccountant(
+    def spent(z: float, rounds: list[tuple[int, int]]) -> float:
+        accountant = PrivacyAccountant(z, 1e-5)
+        for pool, drawn in rounds:
+            accountant.add_round(pool, drawn)
+        return accountant.epsilon()
+
+    def fresh(z: float, rounds: list[tuple[int, int]]) -> float:
+        accountant = rdp.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
         )
-        fresh.compose(accountant.round_event(), rounds)
-        assert accountant.epsilon(rounds) == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
-    eps = [accountant.epsilon(r) for r in (1, 5, 30)]
+        for pool, drawn in rounds:
+            accountant.compose(round_event(z, pool, drawn), 1)
+        return accountant.get_epsilon(1e-5)
+
+    for rounds in (1, 7, 30):
+        assert spent(0.8, [(60, 10)] * rounds) == pytest.approx(
+            fresh(0.8, [(60, 10)] * rounds), rel=1e-9
+        )
+    # Rounds drawn from fewer clients (a worker down), all of them included.
+    mixed = [(60, 10), (40, 10), (60, 10), (8, 8), (40, 10)]
+    assert spent(0.8, mixed) == pytest.approx(fresh(0.8, mixed), rel=1e-9)
+    eps = [spent(0.8, [(60, 10)] * r) for r in (1, 5, 30)]
     assert eps == sorted(eps) and eps[0] > 0
     # More noise, fewer clients sampled or a larger population: less privacy spent.
-    assert PrivacyAccountant(2.0, 10, 60, 1e-5).epsilon(30) < eps[-1]
-    assert PrivacyAccountant(0.8, 10, 600, 1e-5).epsilon(30) < eps[-1]
-    assert math.isinf(PrivacyAccountant(0.0, 10, 60, 1e-5).epsilon(1))
-    assert PrivacyAccountant(0.0, 10, 60, 1e-5).record(3)["epsilon"] is None
+    assert spent(2.0, [(60, 10)] * 30) < eps[-1]
+    assert spent(0.8, [(600, 10)] * 30) < eps[-1]
+    # A round drawn from fewer clients spends more; one taking every client, most.
+    assert spent(0.8, [(60, 10), (30, 10)]) > spent(0.8, [(60, 10)] * 2)
+    assert spent(0.8, [(60, 10), (10, 10)]) > spent(0.8, [(60, 10), (30, 10)])
+    assert math.isinf(spent(0.0, [(60, 10)]))
+    nothing = PrivacyAccountant(0.0, 1e-5)
+    nothing.add_round(60, 10)
+    assert nothing.record()["epsilon"] is None
+    assert PrivacyAccountant(0.8, 1e-5).epsilon() == 0.0
+    with pytest.raises(ValueError):
+        PrivacyAccountant(0.8, 1e-5).add_round(10, 11)
     # The event is the sampling the federation does: 10 of 60 without replacement,
     # Gaussian noise of half TFF's multiplier (replace-one doubles the sensitivity).
-    event = accountant.round_event()
+    event = round_event(0.8, 60, 10)
     assert isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent)
     assert (event.source_dataset_size, event.sample_size) == (60, 10)
     assert event.event.noise_multiplier == 0.4

@@ -31,6 +31,13 @@ ROUNDS = 3
 CLIENTS = 24  # of 60 writers over 2 workers: workers get uneven counts, some padded
 SEED = 0
 MODEL_DELTA = {"client_work": "model_delta"}
+ROBUST_FIXED_NORMS = {"aggregator": "robust", "zeroing_norm": 0.05, "clipping_norm": 0.3}
+"""Fixed norms at which both zeroing and clipping act on some of the clients."""
+QUANTIZED = {
+    "quantization_threshold": 1000,
+    "quantization_rounding": "deterministic",
+    "quantization_bits": 4,
+}
 
 
 def _run(name: str, blocks: dict | None = None, stock: dict | None = None, **spec) -> dict:
@@ -213,18 +220,16 @@ def test_aggregators_equal_tff_presets_or_the_same_composition_locally(workers2,
             {"builder": "unweighted_fed_avg", "aggregator": "dp_adaptive"},
         ),
         # No stock builder: fedcompose's composition, in TFF's local context.
+        # TFF's adaptive zeroing never fires in these 3 rounds (its norm stays
+        # near 20); a fixed norm of 0.05 zeroes 5 of round 1's 24 clients and 1
+        # of round 3's, so zeroing is tested here (against the run without it).
+        _run("robust_fixed_norms", ROBUST_FIXED_NORMS),
+        _run("robust_no_zeroing", {**ROBUST_FIXED_NORMS, "zeroing": False}),
+        _run("compression", {"aggregator": "compression", **QUANTIZED}),
+        # The same as robust_fixed_norms but for the quantized sum.
         _run(
-            "robust_fixed_norms",
-            {"aggregator": "robust", "zeroing_norm": 0.5, "clipping_norm": 0.3},
-        ),
-        _run(
-            "compression",
-            {
-                "aggregator": "compression",
-                "quantization_threshold": 1000,
-                "quantization_rounding": "deterministic",
-                "quantization_bits": 4,
-            },
+            "compression_fixed_norms",
+            {**ROBUST_FIXED_NORMS, "aggregator": "compression", **QUANTIZED},
         ),
         _run(
             "dp_fixed_no_noise",
@@ -233,9 +238,11 @@ def test_aggregators_equal_tff_presets_or_the_same_composition_locally(workers2,
     ]
     dist, ref = distributed_and_reference(workers2, shards2, runs, tmp_path, "aggregators")
     assert_match(runs, dist, ref)
-    # Quantizing to 4 bits changed the result, so the compression run tests it.
+    # Quantizing to 4 bits changed the result (all else equal), so the
+    # compression runs test it; so did zeroing, so the fixed-norm run tests that.
     plain = dist["robust_fixed_norms__trainable_0"]
-    assert np.abs(dist["compression__trainable_0"] - plain).max() > 1e-6
+    assert np.abs(dist["compression_fixed_norms__trainable_0"] - plain).max() > 1e-6
+    assert np.abs(dist["robust_no_zeroing__trainable_0"] - plain).max() > 1e-6
 
 
 # Every aggregator offered, as `--aggregator` and its parameters give it.
@@ -243,7 +250,7 @@ AGGREGATORS = {
     "mean": {},
     "mean_uniform": {"weighting": "uniform"},
     "robust": {"aggregator": "robust"},
-    "robust_fixed_norms": {"aggregator": "robust", "zeroing_norm": 0.5, "clipping_norm": 0.3},
+    "robust_fixed_norms": ROBUST_FIXED_NORMS,
     "robust_uniform": {"aggregator": "robust", "weighting": "uniform"},
     "compression": {
         "aggregator": "compression",

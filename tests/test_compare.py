@@ -63,3 +63,38 @@ def test_compare_refuses_what_is_not_a_finished_run_in_one_line(tmp_path):
         assert result.returncode == code, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_compare_survives_damaged_files_and_notes_runs_that_end_apart(tmp_path):
+    a = _fake_run(tmp_path / "a", [0.2, 0.5, 0.7, 0.8])
+    b = _fake_run(tmp_path / "b", [0.3, 0.6])  # still running, say: evaluated at round 2
+    # Rows a run never writes (an edited or damaged file) and a hand-edited config.
+    with open(b / "metrics.jsonl", "a") as f:
+        for row in ([1], {"round": "x", "eval": {"loss": 1.0, "accuracy": 0.5}},
+                    {"round": 3, "eval": {"loss": 1.0}}, {"round": 3, "eval": None}):  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    (b / "config.toml").write_text('[algorithm]\nproximal_mu = "x"\n[training]\n')
+    out = tmp_path / "cmp.png"
+    result = fedcompose("compare", str(a), str(b), "--output", str(out), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "the final figures are from different rounds (a 4, b 2)" in result.stderr
+    assert "prox x" in result.stdout
+
+    # Two runs of one name in different places are told apart by their paths.
+    other = _fake_run(tmp_path / "elsewhere" / "a", [0.1, 0.2, 0.3, 0.4])
+    both = fedcompose("compare", str(a), str(other), "--output", str(out), timeout=120)
+    assert both.returncode == 0, both.stderr
+    rows = [line.split()[0] for line in both.stdout.splitlines()[2:]]
+    assert rows == [str(a), str(other)], both.stdout
+
+    # A run without a readable config.toml is not guessed to be the default.
+    (other / "config.toml").unlink()
+    guessed = fedcompose("compare", str(other), "--output", str(out), timeout=120)
+    assert "? (no readable config.toml)" in guessed.stdout, guessed.stdout
+
+    # The same directory spelled twice, and a file given as a run directory.
+    twice = fedcompose("compare", str(a), f"{a}/", "--output", str(out), timeout=120)
+    assert twice.returncode == 2 and "listed twice" in twice.stderr, twice.stderr
+    not_dir = fedcompose("compare", str(a / "metrics.jsonl"), timeout=120)
+    assert not_dir.returncode == 5 and "(not a directory)" in not_dir.stderr, not_dir.stderr
