@@ -20,8 +20,10 @@ are recomputed without them) and says so on the terminal and in the log.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+from collections.abc import Sequence
 
 from coordinator.algorithm.privacy import PrivacyAccountant
 from coordinator.federation import Federation
@@ -39,6 +41,7 @@ _HINT_TRAIN = "a NaN/inf in its data or a diverging --client-learning-rate are t
 class RoundChecks:
     def __init__(self, config: RunConfig, executor: RoundExecutor, federation: Federation):
         self.policy = config.training.on_non_finite
+        self.clients_per_round = config.training.clients_per_round
         self.round_timeout = config.resilience.round_timeout
         self.executor = executor
         self.federation = federation
@@ -55,6 +58,9 @@ class RoundChecks:
             if a.aggregator.startswith("dp_")
             else None
         )
+        self._reduced: dict[int, tuple[int, int]] = {}
+        """Rounds that sampled from fewer clients than all (workers were down):
+        round -> (clients of the live workers, clients sampled), for the accountant."""
 
     def _diagnose(self) -> diagnosis.ClientDiagnosis:
         if self._diagnosis is None:
@@ -78,6 +84,7 @@ class RoundChecks:
         result: RoundResult,
     ) -> None:
         """Names non-finite clients and applies the policy; raises `TrainingError`."""
+        self.note_sampling(round_num, result.live, result.sampled)
         m = result.metrics
         dropped = m.get("dropped_clients", 0)
         if dropped:
@@ -143,6 +150,27 @@ class RoundChecks:
             evaluation["left_out_clients"] = len(self.left_out_of_eval)
         return evaluation
 
+    def note_sampling(self, round_num: int, live: Sequence[int], sampled: int) -> None:
+        """Round `round_num` drew `sampled` clients from those of the `live` workers."""
+        if not live:
+            return  # a row from before rounds recorded it: every worker was live
+        population = sum(len(self.federation.clients_of(i)) for i in live)
+        if (population, sampled) == (self.federation.num_clients, self.clients_per_round):
+            self._reduced.pop(round_num, None)
+        else:
+            self._reduced[round_num] = (population, sampled)
+
+    def resume(self, rows: Sequence[dict]) -> None:
+        """Takes back what the rounds before a resume sampled, from their metrics rows."""
+        for row in rows:
+            self.note_sampling(
+                row["round"], row.get("live_workers", []), row.get("clients_sampled", 0)
+            )
+
     def privacy(self, rounds: int) -> dict | None:
-        """(epsilon, delta) spent after `rounds` rounds, with a DP aggregator."""
-        return self.accountant.record(rounds) if self.accountant else None
+        """(epsilon, delta) spent after `rounds` rounds, with a DP aggregator,
+        rounds run while workers were down counted at their higher sampling rate."""
+        if self.accountant is None:
+            return None
+        reduced = collections.Counter(s for r, s in self._reduced.items() if r <= rounds)
+        return self.accountant.record(rounds, reduced)

@@ -127,3 +127,78 @@ def test_a_worker_back_with_another_shard_is_refused(caplog):
         assert "not taken back" in refusals[0]
     finally:
         live.stop()
+
+
+def test_privacy_counts_rounds_run_while_a_worker_was_down_at_their_higher_sampling_rate():
+    import argparse
+    import types
+
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from coordinator.round_checks import RoundChecks
+    from shared import config as config_lib
+
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, "run")
+    args = ["--aggregator", "dp_fixed", "--noise-multiplier", "0.8", "--clients-per-round", "10"]
+    config = config_lib.resolve(parser.parse_args(args), "run")
+    fed = types.SimpleNamespace(
+        num_clients=len(IDS), clients_of=lambda i: [c for c in IDS if OWNER[c] == i]
+    )
+    checks = RoundChecks(config, None, fed)  # type: ignore[arg-type]
+    assert checks.accountant is not None
+    rows = [
+        {"round": r, "live_workers": [0, 2] if r in (3, 4) else [0, 1, 2], "clients_sampled": 10}
+        for r in range(1, 6)
+    ]
+    for row in rows:
+        checks.note_sampling(row["round"], row["live_workers"], row["clients_sampled"])
+    # Rounds 3 and 4 drew 10 of the 40 clients of the live workers, not 10 of 60.
+    expected = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    expected.compose(checks.accountant.round_event(), 3)
+    expected.compose(checks.accountant.round_event((40, 10)), 2)
+    spent = checks.privacy(5)["epsilon"]
+    assert spent == pytest.approx(expected.get_epsilon(1e-5), rel=1e-9)
+    assert spent > checks.accountant.epsilon(5)
+    assert checks.privacy(2)["epsilon"] == pytest.approx(checks.accountant.epsilon(2), rel=1e-12)
+    # A resumed run takes the sampling of the rounds before from their metrics rows.
+    resumed = RoundChecks(config, None, fed)  # type: ignore[arg-type]
+    resumed.resume(rows[:4])
+    resumed.note_sampling(5, [0, 1, 2], 10)
+    assert resumed.privacy(5)["epsilon"] == spent
+
+
+def test_round_line_says_what_a_degraded_round_and_a_partial_evaluation_missed():
+    from coordinator.trainer import _round_line
+
+    row = {
+        "round": 5, "clients": 10, "examples": 400, "train": {"loss": 0.5, "accuracy": 0.8},
+        "round_seconds": 1.0, "degraded": 1, "workers_lost": {}, "clients_lost": 0,
+        "clients_sampled": 10, "attempts": 2, "live_workers": [0, 1], "workers_total": 3,
+        "eval": {"loss": 0.4, "accuracy": 0.9, "examples": 240, "workers_down": ["worker2"]},
+    }  # fmt: skip
+    line = _round_line(row)
+    # Only an earlier attempt fell short: no "lost with" nobody.
+    assert "| retried: attempt 2, the earlier ones fell short" in line and "lost with" not in line
+    assert "on 240 examples, without worker2 (down)" in line
+    assert "| 2 of 3 workers up" in line
+    row.update(workers_lost={"worker1": "killed"}, clients_lost=3, attempts=1)
+    assert "| degraded: 3 of 10 clients lost with worker1, attempt 1" in _round_line(row)
+
+
+def test_closing_a_worker_while_a_call_on_another_thread_makes_an_executor():
+    from coordinator.executor_client import RemoteWorker
+
+    class Racing(RemoteWorker):
+        """Each disposal meets a call of another thread making an executor."""
+
+        def _dispose_executor(self, executor, timeout):
+            self.disposed.append(executor)
+            self._executors[100 + len(self.disposed)] = executor
+
+    worker = Racing("127.0.0.1:1", connect_timeout=1.0)
+    worker.disposed = []
+    worker._executors = {1: "a", 2: "b"}  # type: ignore[dict-item]
+    worker.close()  # no "dictionary changed size during iteration"
+    assert worker.disposed == ["a", "b"]

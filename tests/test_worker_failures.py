@@ -298,6 +298,12 @@ def test_worker_back_with_another_shard_is_refused(workers3, shards2, tmp_path):
     assert all(victim.index not in r["live_workers"] for r in rows[3:])
     view = json.loads((run_dir / "workers.json").read_text())["workers"][victim.index]
     assert view["state"] == "refused"
+    # The final evaluation could not cover the refused worker's writers, and says so.
+    final = rows[-1]["eval"]
+    label = f"worker{victim.index}"
+    assert final["workers_down"] == [label] and final["examples"] < 360, final
+    assert f"final model on {final['examples']} of the 360 held-out examples" in stderr
+    assert f"without the writers of {label} (down)" in stderr
 
 
 @pytest.mark.slow
