@@ -10,7 +10,6 @@ current), and takes the addresses from there when none are given.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent import futures
 from pathlib import Path
@@ -94,8 +93,14 @@ def _coordinator_running(run_dir: Path) -> bool | None:
         return False
     except OSError:
         return None
-    key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
-    return any(" FLOCK " in line and key in line for line in locks.splitlines())
+    # Lines read "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF". Only the
+    # inode is compared: some file systems (btrfs) report another device
+    # there than stat does, and a wrong "running" only says what status.json says.
+    inode = str(st.st_ino)
+    return any(
+        len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode
+        for fields in (line.split() for line in locks.splitlines())
+    )
 
 
 def _run_view(run_dir: Path) -> tuple[dict, dict[str, dict]]:
