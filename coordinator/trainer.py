@@ -58,15 +58,28 @@ def _round_line(row: dict) -> str:
         parts.append(f"| {privacy.describe(row['privacy'])}")
     if "eval" in row:
         parts.append(f"| held-out loss {row['eval']['loss']:.4f} acc {row['eval']['accuracy']:.4f}")
+        missing = _missing_from(row["eval"])
+        if missing:
+            parts.append(f"on {row['eval']['examples']} examples, without {missing}")
     if row.get("degraded"):
-        lost = ", ".join(row["workers_lost"]) or "none"
+        lost = ", ".join(row["workers_lost"])
+        # Only earlier attempts fell short: this one lost nobody.
         parts.append(
             f"| degraded: {row['clients_lost']} of {row['clients_sampled']} clients "
             f"lost with {lost}, attempt {row['attempts']}"
+            if lost
+            else f"| retried: attempt {row['attempts']}, the earlier ones fell short"
         )
     if row.get("live_workers") and len(row["live_workers"]) < row.get("workers_total", 0):
         parts.append(f"| {len(row['live_workers'])} of {row['workers_total']} workers up")
     return "  ".join(parts)
+
+
+def _missing_from(evaluation: dict) -> str:
+    """The workers whose writers an evaluation does not cover ("" if none)."""
+    down = evaluation.get("workers_down", [])
+    lost = [w for w in evaluation.get("workers_lost", {}) if w not in down]
+    return ", ".join([*(f"{w} (down)" for w in down), *(f"{w} (lost)" for w in lost)])
 
 
 def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
@@ -247,11 +260,15 @@ def _loop(
     )
     if evaluation is not None:
         left_out = evaluation.get("left_out_clients")
+        missing = _missing_from(evaluation)
+        held_out = sum(d.manifest.test_examples for d in federation.descriptions)
         log.info(
-            "final model on %s %d held-out examples%s: loss %.4f, accuracy %.4f",
-            "the" if left_out else "all",
-            evaluation["examples"],
+            "final model on %s held-out examples%s%s: loss %.4f, accuracy %.4f",
+            f"{evaluation['examples']} of the {held_out}"
+            if left_out or missing
+            else f"all {evaluation['examples']}",
             f" ({left_out} client(s) left out: not finite)" if left_out else "",
+            f", without the writers of {missing}" if missing else "",
             evaluation["loss"],
             evaluation["accuracy"],
         )

@@ -74,6 +74,35 @@ def _read_json(path: Path) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
+def _coordinator_running(run_dir: Path) -> bool | None:
+    """Whether a process holds the run directory's lock, that is, a coordinator
+    runs there now; None where the kernel does not say (no /proc/locks).
+
+    Read from the kernel's list of locks, not by trying the lock: holding it
+    even for a moment could refuse a coordinator starting at that moment.
+    """
+    from coordinator.run_dir import LOCK_NAME
+
+    try:
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    try:
+        st = (run_dir / LOCK_NAME).stat()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    # Lines read "1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF". Only the
+    # inode is compared: some file systems (btrfs) report another device
+    # there than stat does, and a wrong "running" only says what status.json says.
+    inode = str(st.st_ino)
+    return any(
+        len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode
+        for fields in (line.split() for line in locks.splitlines())
+    )
+
+
 def _run_view(run_dir: Path) -> tuple[dict, dict[str, dict]]:
     """The run's status and its coordinator's view of each worker, by address."""
     if not run_dir.is_dir():
@@ -85,6 +114,9 @@ def _run_view(run_dir: Path) -> tuple[dict, dict[str, dict]]:
     workers = {w["address"]: w for w in (view or {}).get("workers", []) if "address" in w}
     if view is not None:
         status = {**status, "view_updated_at": view.get("updated_at")}
+    if status.get("state") == "running":
+        # A coordinator SIGKILLed (or its machine lost) leaves "running" behind.
+        status["coordinator_running"] = _coordinator_running(run_dir)
     return status, workers
 
 
@@ -132,16 +164,29 @@ def _run_summary(run_dir: str, status: dict) -> dict:
         "completed_rounds": status.get("completed_rounds"),
         "target_rounds": status.get("target_rounds"),
         "view_updated_at": status.get("view_updated_at"),
+        **(
+            {"coordinator_running": status["coordinator_running"]}
+            if "coordinator_running" in status
+            else {}
+        ),
     }
 
 
 def _run_line(run_dir: str, status: dict) -> str:
     s = _run_summary(run_dir, status)
-    line = f"run {run_dir}: {s['state']}"
+    state = s["state"]
+    if s.get("coordinator_running") is False:
+        state = (
+            "not running (it says running, but no coordinator holds the run directory: it "
+            "was killed or its machine went down; run the same command to resume)"
+        )
+    line = f"run {run_dir}: {state}"
     if s["completed_rounds"] is not None:
         line += f", {s['completed_rounds']} of {s['target_rounds']} rounds done"
     if s["view_updated_at"]:
         line += f"; its view of the workers is {_age(s['view_updated_at'])} old"
+        if s.get("coordinator_running") is False:
+            line += ", from before it stopped"
     return line
 
 

@@ -263,9 +263,14 @@ class Supervisor:
 
     Each worker is restarted at most `max_restarts` times, the k-th time after
     `backoff * 2**(k-1)` seconds (at most `MAX_BACKOFF`); every exit and restart
-    is logged. Restarted processes are children of the supervising thread,
-    whose death the kernel reports to them (`PR_SET_PDEATHSIG`): the thread
-    therefore lives until `stop`, and never dies of an error.
+    is logged. Each worker has a supervising thread of its own, so that one
+    worker's back-off or slow start never delays another's restart (with one
+    thread for all, a federation that lost every worker got them back one
+    after another, and a restart that never became ready held the others for
+    its whole ready timeout). Restarted processes are children of their
+    supervising thread, whose death the kernel reports to them
+    (`PR_SET_PDEATHSIG`): the threads therefore live until `stop`, and never
+    die of an error.
     """
 
     MAX_BACKOFF = 30.0
@@ -283,49 +288,54 @@ class Supervisor:
         self.backoff = backoff
         self.ready_timeout = ready_timeout
         self._stop = threading.Event()
-        self._given_up: set[int] = set()
-        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._threads = [
+            threading.Thread(
+                target=self._watch, args=(w,), name=f"supervisor-{w.index}", daemon=True
+            )
+            for w in self.workers
+        ]
 
     def start(self) -> Supervisor:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         """No restart from now on; a restart under way is abandoned (the caller
         stops the workers)."""
         self._stop.set()
-        self._thread.join(timeout=5.0)
+        deadline = time.monotonic() + 5.0
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _watch(self) -> None:
+    def _watch(self, worker: LocalWorker) -> None:
         while not self._stop.wait(0.2):
-            for worker in self.workers:
-                if self._stop.is_set():
-                    return
-                if worker.index in self._given_up or worker.process.poll() is None:
-                    continue
-                try:
-                    self._restart(worker)
-                except Exception:  # the supervisor must outlive any one restart
-                    log.exception("restarting worker %d failed", worker.index)
+            if worker.process.poll() is None:
+                continue
+            try:
+                if not self._restart(worker):
+                    return  # given up on it
+            except Exception:  # the supervisor must outlive any one restart
+                log.exception("restarting worker %d failed", worker.index)
 
-    def _restart(self, worker: LocalWorker) -> None:
+    def _restart(self, worker: LocalWorker) -> bool:
+        """Restarts the worker after its back-off; False once its restarts are used up."""
         worker.output.join(timeout=0.5)
         why = f"exited with code {worker.process.returncode}: {worker.last_error()}"
         if worker.restarts >= self.max_restarts:
-            self._given_up.add(worker.index)
             log.error(
                 "worker %d (%s) %s; it was restarted %d times already (--worker-restarts); "
                 "not restarting it, the run goes on without it (log: %s)",
                 worker.index, worker.address, why, worker.restarts, worker.log_file,
             )  # fmt: skip
-            return
+            return False
         wait = min(self.MAX_BACKOFF, self.backoff * 2.0**worker.restarts)
         log.warning(
             "worker %d (%s) %s; restarting it in %.1fs (restart %d of %d)",
             worker.index, worker.address, why, wait, worker.restarts + 1, self.max_restarts,
         )  # fmt: skip
         if self._stop.wait(wait):
-            return
+            return True
         started = time.monotonic()
         restart_worker(worker)
         if wait_serving(worker, self.ready_timeout + 15.0, self._stop):
@@ -338,3 +348,4 @@ class Supervisor:
                 "worker %d did not come back after restart %d: %s",
                 worker.index, worker.restarts, worker.last_error(),
             )  # fmt: skip
+        return True

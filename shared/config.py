@@ -24,6 +24,10 @@ SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
 BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
 NON_FINITE_POLICIES = ("fail", "drop")
+MAX_WAIT = 1e6
+"""Longest wait in seconds a resilience setting may ask for (11.6 days): Python's
+waits overflow past about 9.2e9 s (`threading.TIMEOUT_MAX`), which a run would
+only meet mid-round, as a traceback."""
 
 # The learning algorithm's four building blocks and the parameters each choice
 # takes (coordinator/algorithm/ maps every name to TFF's own constructors).
@@ -149,6 +153,7 @@ class ResilienceConfig:
         "finisher to merge and finish them); a worker not done by then is dropped from the "
         "round like a failed one",
         above=0,
+        maximum=MAX_WAIT,
     )
     min_coverage: float = setting(
         0.5,
@@ -167,14 +172,19 @@ class ResilienceConfig:
         "seconds to wait before retrying a round, for down workers to come back (a worker "
         "that rejoins ends the wait)",
         minimum=0,
+        maximum=MAX_WAIT,
     )
     probe_interval: float = setting(
         1.0,
         "seconds before the first probe of a worker that went down; doubles per probe",
         above=0,
+        maximum=MAX_WAIT,
     )
     probe_interval_max: float = setting(
-        30.0, "longest wait in seconds between two probes of a down worker", above=0
+        30.0,
+        "longest wait in seconds between two probes of a down worker",
+        above=0,
+        maximum=MAX_WAIT,
     )
     worker_restarts: int = setting(
         5, "run: times each local worker that crashed is restarted (0: never)", minimum=0
@@ -184,6 +194,7 @@ class ResilienceConfig:
         "run: seconds before restarting a crashed local worker; doubles with each restart of "
         "it, up to 30",
         minimum=0,
+        maximum=MAX_WAIT,
     )
 
 

@@ -72,6 +72,11 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--eval-every", "-1"], "--eval-every must be >= 0"),
         (["--client-learning-rate", "inf"], "--client-learning-rate must be a finite number"),
         (["--client-learning-rate", "nan"], "--client-learning-rate must be a finite number"),
+        # Past `threading.TIMEOUT_MAX` a wait raises OverflowError mid-round.
+        (["--round-timeout", "1e10"], "--round-timeout must be <= 1e"),
+        (["--probe-interval", "1e10"], "--probe-interval must be <= 1e"),
+        (["--probe-interval-max", "1e10"], "--probe-interval-max must be <= 1e"),
+        (["--retry-wait", "1e10"], "--retry-wait must be <= 1e"),
         (["--rounds", "ten"], "--rounds takes an integer, got 'ten'"),
         (["--base-port", "65535", "--workers", "2"], "runs past port 65535"),
         (["--no-only-digits"], "--no-only-digits needs --source emnist"),

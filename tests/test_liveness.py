@@ -127,3 +127,38 @@ def test_a_worker_back_with_another_shard_is_refused(caplog):
         assert "not taken back" in refusals[0]
     finally:
         live.stop()
+
+
+def test_round_line_says_what_a_degraded_round_and_a_partial_evaluation_missed():
+    from coordinator.trainer import _round_line
+
+    row = {
+        "round": 5, "clients": 10, "examples": 400, "train": {"loss": 0.5, "accuracy": 0.8},
+        "round_seconds": 1.0, "degraded": 1, "workers_lost": {}, "clients_lost": 0,
+        "clients_sampled": 10, "attempts": 2, "live_workers": [0, 1], "workers_total": 3,
+        "eval": {"loss": 0.4, "accuracy": 0.9, "examples": 240, "workers_down": ["worker2"]},
+    }  # fmt: skip
+    line = _round_line(row)
+    # Only an earlier attempt fell short: no "lost with" nobody.
+    assert "| retried: attempt 2, the earlier ones fell short" in line and "lost with" not in line
+    assert "on 240 examples, without worker2 (down)" in line
+    assert "| 2 of 3 workers up" in line
+    row.update(workers_lost={"worker1": "killed"}, clients_lost=3, attempts=1)
+    assert "| degraded: 3 of 10 clients lost with worker1, attempt 1" in _round_line(row)
+
+
+def test_closing_a_worker_while_a_call_on_another_thread_makes_an_executor():
+    from coordinator.executor_client import RemoteWorker
+
+    class Racing(RemoteWorker):
+        """Each disposal meets a call of another thread making an executor."""
+
+        def _dispose_executor(self, executor, timeout):
+            self.disposed.append(executor)
+            self._executors[100 + len(self.disposed)] = executor
+
+    worker = Racing("127.0.0.1:1", connect_timeout=1.0)
+    worker.disposed = []
+    worker._executors = {1: "a", 2: "b"}  # type: ignore[dict-item]
+    worker.close()  # no "dictionary changed size during iteration"
+    assert worker.disposed == ["a", "b"]

@@ -3,16 +3,20 @@ and `fedcompose status` shows the run's own view of each worker."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import sys
 import time
 
 import psutil
 import pytest
 
+from deploy import workers as workers_lib
+from shared import worker_dir
 from shared.pause_points import ENV_POINT as PAUSE_ENV
-from tests.conftest import fedcompose, kill_tree, start_fedcompose
+from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
 from tests.test_worker_failures import _paused, _rows, _wait_view
 
 
@@ -90,6 +94,9 @@ def test_status_shows_the_runs_view_of_each_worker(workers2, tmp_path):
     (run_dir / "status.json").write_text(
         json.dumps({"state": "running", "completed_rounds": 7, "target_rounds": 30})
     )
+    # A coordinator runs there: it holds the run directory's lock.
+    lock = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     result = fedcompose("status", "--run-dir", str(run_dir), timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -104,6 +111,13 @@ def test_status_shows_the_runs_view_of_each_worker(workers2, tmp_path):
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [r["run_view"]["state"] for r in rows[:2]] == ["up", "rejoining"]
     assert rows[2]["run"]["completed_rounds"] == 7
+    assert rows[2]["run"]["coordinator_running"] is True
+
+    # Killed, it leaves "running" behind; status says no coordinator runs there.
+    os.close(lock)
+    dead = fedcompose("status", "--run-dir", str(run_dir), timeout=120)
+    assert f"run {run_dir}: not running (it says running, but no coordinator holds" in dead.stdout
+    assert "7 of 30 rounds done" in dead.stdout and "from before it stopped" in dead.stdout
 
     missing = fedcompose("status", "--run-dir", str(tmp_path / "nowhere"), timeout=60)
     assert missing.returncode == 2
@@ -112,3 +126,45 @@ def test_status_shows_the_runs_view_of_each_worker(workers2, tmp_path):
     )
     neither = fedcompose("status", timeout=60)
     assert neither.returncode == 2 and "give --addresses, or --run-dir" in neither.stderr
+
+
+def _exited_worker(index: int, tmp_path, restart_script: str) -> workers_lib.LocalWorker:
+    """A local worker whose process has exited; a restart runs `restart_script`."""
+    process, output = workers_lib._spawn([sys.executable, "-c", "raise SystemExit(3)"])
+    process.wait(timeout=30)
+    args = [sys.executable, "-c", restart_script]
+    return workers_lib.LocalWorker(
+        index, tmp_path, 0, tmp_path / f"w{index}.log", process, output, args
+    )
+
+
+def test_one_workers_slow_restart_does_not_hold_up_anothers(tmp_path):
+    # Worker 0 comes back but never says it serves; worker 1 is ready at once.
+    # A single supervising thread held worker 1 for worker 0's whole ready
+    # timeout (30 + 15 s here).
+    hang = "import time; time.sleep(120)"
+    # Like `fedcompose worker`, it dies with the thread that started it.
+    ready = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+        "from shared.processes import die_with_parent; die_with_parent(); "
+        f"print({worker_dir.READY_MARK!r}, flush=True); time.sleep(120)"
+    )
+    workers = [_exited_worker(0, tmp_path, hang), _exited_worker(1, tmp_path, ready)]
+    supervisor = workers_lib.Supervisor(
+        workers, max_restarts=1, backoff=0.0, ready_timeout=30.0
+    ).start()
+    try:
+        # Not `wait_serving`: until the restart, the process it sees is the exited one.
+        deadline = time.monotonic() + 15.0
+        while not workers[1].output.ready.is_set():
+            assert time.monotonic() < deadline, "worker 1 was not restarted in time"
+            time.sleep(0.05)
+        assert workers[0].restarts == 1 and not workers[0].output.ready.is_set()
+        # Its supervising thread lives on, so the kernel does not stop it.
+        time.sleep(1.0)
+        assert workers[1].process.poll() is None
+    finally:
+        supervisor.stop()
+        for w in workers:
+            w.process.kill()
+            w.process.wait(timeout=30)

@@ -298,6 +298,12 @@ def test_worker_back_with_another_shard_is_refused(workers3, shards2, tmp_path):
     assert all(victim.index not in r["live_workers"] for r in rows[3:])
     view = json.loads((run_dir / "workers.json").read_text())["workers"][victim.index]
     assert view["state"] == "refused"
+    # The final evaluation could not cover the refused worker's writers, and says so.
+    final = rows[-1]["eval"]
+    label = f"worker{victim.index}"
+    assert final["workers_down"] == [label] and final["examples"] < 360, final
+    assert f"final model on {final['examples']} of the 360 held-out examples" in stderr
+    assert f"without the writers of {label} (down)" in stderr
 
 
 @pytest.mark.slow
@@ -330,3 +336,34 @@ def test_coordinator_killed_while_a_worker_is_down_resumes_and_completes(workers
     assert rows[2]["degraded"] == 1 and rows[3]["live_workers"] != [0, 1, 2]
     assert all(r["live_workers"] == [0, 1, 2] and not r["degraded"] for r in rows[4:])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_stopped_finisher_costs_only_its_own_partial(workers3, tmp_path):
+    # Every worker hosts 20 writers: worker0 finishes the evaluation. While the
+    # coordinator was held forwarding a partial to it (stopped) until the
+    # deadline, the partials that arrived meanwhile were taken as missing it:
+    # a healthy worker was dropped too, and its writers left out.
+    run_dir, pause = tmp_path / "run", tmp_path / "pause"
+    args = ("--rounds", "4", "--eval-every", "3", "--round-timeout", "4")
+    proc = _train(workers3, run_dir, *args, pauses={"evaluation:3": pause})
+    stopped = None
+    try:
+        _paused(pause, proc)
+        stopped = _executor_of(workers3[0])
+        stopped.suspend()
+        pause.unlink()
+        _wait_rows(run_dir, 3, proc)
+        stopped.resume()
+        stopped = None
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if stopped is not None:
+            stopped.resume()
+        kill_tree(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = _rows(run_dir)
+    evaluation = rows[2]["eval"]
+    assert list(evaluation["workers_lost"]) == ["worker0"], evaluation
+    assert evaluation["examples"] == 240 and evaluation["clients"] == 40, evaluation
+    assert 0 not in rows[3]["live_workers"] and {1, 2} <= set(rows[3]["live_workers"])

@@ -366,9 +366,13 @@ class RemoteWorker:
         return comp.deserialize_result(self.call_proto(comp, arg_proto, num_clients))
 
     def close(self) -> None:
-        for executor in self._executors.values():
-            self._dispose_executor(executor, 2.0)
+        # A copy: a round that ended by an exception can leave calls running on
+        # other threads, which make executors meanwhile (iterating the dict
+        # itself then raised "dictionary changed size", hiding the real error).
+        executors = list(self._executors.copy().values())
         self._executors.clear()
+        for executor in executors:
+            self._dispose_executor(executor, 2.0)
         self._loaded.clear()
         self._channel.close()
 

@@ -363,21 +363,48 @@ class MergeableRunner:
                 track(index, future)
         timing.prepare = time.perf_counter() - started
 
+        merge_by = deadline
+        """Until when a merge step on the finisher may run: the delivery deadline,
+        then (for the merges left and `after_merge`) as long again."""
+
         def on_finisher(step: Callable[[], None]) -> None:
-            """Runs a merge step on the finisher, within the phase's deadline; a
-            finisher that fails it is lost, with every partial forwarded to it."""
+            """Runs a merge step on the finisher, within `merge_by`; a finisher
+            that fails it is lost, with every partial forwarded to it."""
             nonlocal finisher_ok
             if not finisher_ok:
                 return
             try:
-                if deadline is None:
+                if merge_by is None:
                     step()
                 else:
-                    with finisher.deadline(deadline, _within(phase_timeout, "to merge")):
+                    with finisher.deadline(merge_by, _within(phase_timeout, "to merge")):
                         step()
             except WorkerError as e:
                 finisher_ok = False
                 lost[finisher_index] = f"{e} (while merging, as the round's finisher)"
+
+        def harvest(future: futures.Future) -> None:
+            """Takes in a worker's finished call: its partial, or its loss."""
+            nonlocal finisher_ok, original_arg
+            index = pending[future]
+            try:
+                partial: _Partial = future.result()
+            except WorkerError as e:
+                lost[index] = str(e)
+                if index == finisher_index:
+                    finisher_ok = False
+                on_finisher(lambda i=index: merger.skip(i))
+                return
+            self._record(timing, partial, tokens_by_worker, started)
+            t0 = time.perf_counter()
+            if partial.ref is not None:
+                original_arg = partial.original_arg
+                on_finisher(lambda p=partial: merger.add_ref(p.index, p.ref))
+            else:
+                assert partial.proto is not None
+                protos[partial.index] = partial.proto
+                on_finisher(lambda p=partial: merger.add_proto(p.index, p.proto))
+            timing.merge += time.perf_counter() - t0
 
         try:
             # Partials are merged in worker order, each as soon as all before it
@@ -391,26 +418,20 @@ class MergeableRunner:
                 done, waiting = futures.wait(
                     waiting, timeout=left, return_when=futures.FIRST_COMPLETED
                 )
-                for future in done:
-                    index = pending[future]
-                    try:
-                        partial: _Partial = future.result()
-                    except WorkerError as e:
-                        lost[index] = str(e)
-                        if index == finisher_index:
-                            finisher_ok = False
-                        on_finisher(lambda i=index: merger.skip(i))
-                        continue
-                    self._record(timing, partial, tokens_by_worker, started)
-                    t0 = time.perf_counter()
-                    if partial.ref is not None:
-                        original_arg = partial.original_arg
-                        on_finisher(lambda p=partial: merger.add_ref(p.index, p.ref))
-                    else:
-                        assert partial.proto is not None
-                        protos[partial.index] = partial.proto
-                        on_finisher(lambda p=partial: merger.add_proto(p.index, p.proto))
-                    timing.merge += time.perf_counter() - t0
+                for future in sorted(done, key=lambda f: pending[f]):
+                    harvest(future)
+            # Delivery is over. The merges left and `after_merge` get as long
+            # again: a merge step run on the expired deadline failed at once,
+            # losing a healthy finisher (and its partial) whenever a partial
+            # after a missing one in worker order waited to be merged.
+            if phase_timeout is not None:
+                merge_by = time.monotonic() + phase_timeout
+            # Calls that ended while this thread was held (by a merge step on a
+            # stuck finisher, until the deadline) delivered in time; only those
+            # still running missed it.
+            for future in sorted((f for f in waiting if f.done()), key=lambda f: pending[f]):
+                waiting.discard(future)
+                harvest(future)
             for future in waiting:
                 index = pending[future]
                 lost[index] = _within(phase_timeout, "to deliver its partial", missed=True)
@@ -423,7 +444,7 @@ class MergeableRunner:
                 if not accept(merger.merged):
                     raise NotEnough(merger.merged, lost)
                 pause_points.reached("merged", round_num, finisher=finisher.address)
-                finish_by = None if phase_timeout is None else time.monotonic() + phase_timeout
+                finish_by = merge_by
                 try:
                     if finish_by is None:
                         result = self._finish_on(

@@ -400,7 +400,9 @@ class RoundExecutor:
 
         A worker lost on the way is dropped like in a round; the figures then
         cover the writers of the workers that delivered (`examples` and
-        `clients` say how many, `workers_lost` who was missing).
+        `clients` say how many, `workers_lost` who was missing, and
+        `workers_down` who was down already, so that a partial figure is never
+        taken for the whole federation's).
         """
         weights = self.model_weights(state)
         eval_state = self.server.worker.call(self._eval_initialize, None)
@@ -453,6 +455,9 @@ class RoundExecutor:
         }
         if lost:
             evaluation["workers_lost"] = {f"worker{i}": r for i, r in sorted(lost.items())}
+        down = [f"worker{i}" for i in range(len(self.federation.workers)) if i not in live]
+        if down:
+            evaluation["workers_down"] = down
         return evaluation
 
 
