@@ -31,29 +31,41 @@ class Run:
     def __init__(self, path: Path):
         self.path = path
         if not path.is_dir():
-            raise RunDirError(f"{path} is not a run directory (no such directory)")
+            what = "not a directory" if path.exists() else "no such directory"
+            raise RunDirError(f"{path} is not a run directory ({what})")
         metrics = path / "metrics.jsonl"
         if not metrics.is_file():
             raise RunDirError(f"{path} holds no metrics.jsonl; is it a fedcompose run directory?")
         self.rows = []
         for line in metrics.read_text(errors="replace").splitlines():
             try:
-                self.rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
-        self.evals = [(int(r["round"]), r["eval"]) for r in self.rows if "eval" in r]
+            if isinstance(row, dict) and _is_number(row.get("round")):
+                self.rows.append(row)
+        # Rows a damaged or foreign file holds in another shape are passed over.
+        self.evals = [
+            (int(r["round"]), r["eval"])
+            for r in self.rows
+            if isinstance(r.get("eval"), dict)
+            and _is_number(r["eval"].get("accuracy"))
+            and _is_number(r["eval"].get("loss"))
+        ]
         if not self.evals:
             raise RunDirError(
                 f"{path} has no held-out evaluation yet (metrics.jsonl has no eval rows)"
             )
         try:
-            self.config = tomllib.loads((path / "config.toml").read_text())
+            config = tomllib.loads((path / "config.toml").read_text())
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            self.config = {}
+            config = {}
+        self.config = {k: v for k, v in config.items() if isinstance(v, dict)}
         try:
-            self.status = json.loads((path / "status.json").read_text())
+            status = json.loads((path / "status.json").read_text())
         except (OSError, ValueError):
-            self.status = {}
+            status = {}
+        self.status = status if isinstance(status, dict) else {}
 
     def setting(self, dotted: str):
         section, _, key = dotted.partition(".")
@@ -69,13 +81,13 @@ class Run:
             return "clipped sgd | mean | server sgd"
         client = f"{a.get('client_work')} {a.get('client_optimizer')}"
         if a.get("proximal_mu"):
-            client += f" prox {a['proximal_mu']:g}"
-        aggregator = a.get("aggregator", "mean")
+            client += f" prox {_g(a['proximal_mu'])}"
+        aggregator = str(a.get("aggregator", "mean"))
         if aggregator.startswith("dp_"):
-            aggregator += f" z={a.get('noise_multiplier'):g}"
+            aggregator += f" z={_g(a.get('noise_multiplier'))}"
         elif a.get("weighting") == "uniform":
             aggregator += " uniform"
-        server = f"server {a.get('server_optimizer')} {t.get('server_learning_rate', 1.0):g}"
+        server = f"server {a.get('server_optimizer')} {_g(t.get('server_learning_rate', 1.0))}"
         return f"{client} | {aggregator} | {server}"
 
     @property
@@ -83,11 +95,22 @@ class Run:
         return self.path.name or str(self.path)
 
     def epsilon(self) -> str:
-        privacy = next((r["privacy"] for r in reversed(self.rows) if "privacy" in r), None)
-        if privacy is None:
+        privacy = next(
+            (r["privacy"] for r in reversed(self.rows) if isinstance(r.get("privacy"), dict)), None
+        )
+        if privacy is None or not _is_number(privacy.get("delta")):
             return "-"
         eps = privacy.get("epsilon")
-        return f"{'inf' if eps is None else f'{eps:.3g}'} (d={privacy['delta']:g})"
+        return f"{f'{eps:.3g}' if _is_number(eps) else 'inf'} (d={privacy['delta']:g})"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _g(value: object) -> str:
+    """A setting as the table shows it (a damaged config.toml may hold anything)."""
+    return f"{value:g}" if _is_number(value) else str(value)
 
 
 def _differences(runs: list[Run]) -> list[str]:
