@@ -322,3 +322,29 @@ def test_shards_dir_sets_the_worker_count(tmp_path, shards2):
     result = fedcompose("run", "--shards-dir", shards_dir, "--workers", "3", "--run-dir",
                         str(tmp_path / "r"))  # fmt: skip
     assert_one_line_error(result, "run", 2, "--workers 3 but --shards-dir", "holds 2 shards")
+
+
+def test_status_of_a_run_whose_files_are_damaged(tmp_path):
+    """A workers.json or status.json of another shape was a traceback in `status`."""
+    address = "127.0.0.1:1"  # refused at once: nothing listens there
+    entry = {"address": address, "state": "down", "since": "x", "reason": 1}
+    views = [
+        {"workers": 5, "updated_at": "yesterday"},
+        {"workers": [entry, "address", {"address": 7}, {"address": address}]},
+    ]
+    for n, view in enumerate(views):
+        run_dir = tmp_path / f"view{n}"
+        run_dir.mkdir()
+        (run_dir / "status.json").write_text('{"state": "running"}')
+        (run_dir / "workers.json").write_text(json.dumps(view))
+        result = fedcompose("status", "--run-dir", str(run_dir), "--addresses", address)
+        assert result.returncode == 4, result.stderr  # the worker is down
+        assert "Traceback" not in result.stderr and "DOWN" in result.stdout, result.stderr
+        assert f"run {run_dir}: running" in result.stdout
+    (run_dir / "status.json").write_bytes(b'{"state": "runn')
+    result = fedcompose("status", "--run-dir", str(run_dir))
+    assert_one_line_error(result, "status", 5, str(run_dir / "status.json"), "cannot be read")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = fedcompose("status", "--run-dir", str(a_file))
+    assert_one_line_error(result, "status", 2, str(a_file), "is not a directory")
