@@ -269,6 +269,7 @@ def test_worker_log_file_that_cannot_be_a_file(tmp_path, shards2):
     shard = str(shards2[0])
     for log_file, message in (
         (tmp_path, "Is a directory"),
+        (Path("/proc/version"), "/proc/version: Invalid argument"),  # opens, cannot seek
         (tmp_path / "missing-parent-is-file" / "w.log", None),
     ):
         if message is None:
