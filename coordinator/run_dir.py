@@ -118,6 +118,7 @@ def locked(directory: Path, command: str) -> Iterator[list[Path]]:
     if key in _held:
         _held[key].count += 1
     else:
+        _refuse_foreign(directory)
         _held[key] = _Held(_lock(directory, command), 1)
         removed = RunDirectory(directory).remove_temporaries()
     try:
@@ -151,6 +152,56 @@ def _make_directory(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"--run-dir {directory} cannot be created: {files.failure(e)}") from None
+
+
+RUN_ENTRIES = frozenset(
+    {
+        LOCK_NAME,
+        "config.toml",
+        "status.json",
+        "trained_on.json",
+        "workers.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "metrics.png",
+        "final_model.npz",
+        "tensorboard",
+        "checkpoints",
+        "logs",
+        "shards",
+    }
+)
+"""What a run keeps in its directory (and nothing else is needed to call it one)."""
+
+
+def _refuse_foreign(directory: Path) -> None:
+    """Refuses a directory that holds other things and no run (`--run-dir .`,
+    `--run-dir ~`): a run would overwrite a config.toml or metrics.csv of
+    someone else's there, and its start-up sweep of temporaries would search
+    (and clean) the whole tree below it. A directory that a fedcompose
+    command ever locked has `.lock`; an empty one, or one holding only what a
+    run keeps, is a run's too."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return  # taking the lock says what is wrong, naming the file
+    if LOCK_NAME in entries:
+        return
+    foreign = sorted(
+        name
+        for name in entries
+        if name not in RUN_ENTRIES
+        and not files.is_temporary_name(name)
+        and not _TFF_TEMPORARY.match(name)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise RunDirError(
+            f"--run-dir {directory} is not a fedcompose run directory (it holds {shown}); "
+            "give a new or empty directory"
+        )
 
 
 def _lock(directory: Path, command: str) -> int:

@@ -115,6 +115,39 @@ def test_run_dir_paths_that_cannot_be_used(tmp_path):
     assert not os.path.exists(bad)
 
 
+def test_a_directory_that_holds_something_else_is_not_taken_for_a_run(tmp_path):
+    """`--run-dir .` in a project (or `~`) wrote config.toml, status.json and
+    metrics over the files of the same names there, and the start-up sweep
+    searched the whole tree below it and deleted what looked like temporaries."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.toml").write_text("[tool]\nname = 'mine'\n")
+    (project / "README.md").write_text("mine")
+    (project / "src" / ".editor.tmp-1").write_text("an editor's, not ours")
+    before = snapshot(project)
+    for command, args in (("train", ["--addresses", "localhost:9"]), ("run", ["--workers", "1"])):
+        result = fedcompose(command, *args, "--run-dir", str(project), timeout=120)
+        assert_one_line_error(
+            result, command, 5, f"--run-dir {project} is not a fedcompose run directory",
+            "README.md, src",
+        )  # fmt: skip
+        assert snapshot(project) == before
+    # A run's own directory stays usable with anything added to it later.
+    run = tmp_path / "run"
+    with run_dir_lib.locked(run, "train"):
+        pass
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints").mkdir()
+    with run_dir_lib.locked(run, "train"):
+        pass
+    old = tmp_path / "old-run"  # before .lock existed: only what a run keeps
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "status.json").write_text("{}")
+    (old / ".status.json.tmp-99").write_text("{")
+    with run_dir_lib.locked(old, "train") as removed:
+        assert removed == [old / ".status.json.tmp-99"]
+
+
 def test_read_only_and_foreign_run_dirs(tmp_path):
     with tmpfs(tmp_path / "ro", "1m") as fs:
         (fs / "run").mkdir()
