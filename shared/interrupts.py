@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop a run even when the interrupt lands inside a library.
+"""Ctrl-C, SIGTERM and SIGHUP stop a run even when the interrupt lands inside a library.
 
 A KeyboardInterrupt raised while gRPC is waiting on a call can come back as a
 cancelled call, which clean-up code may rightly ignore; a run then went on
@@ -16,7 +16,12 @@ _signum: list[int] = []
 
 
 def install() -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt now and are remembered."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt now and are remembered.
+
+    SIGHUP (the terminal or SSH session closed) used to end a run on the spot,
+    as SIGKILL does: status.json said `running` for a run that was gone. It
+    stays ignored where it was (`nohup`), as the user asked.
+    """
 
     def handler(signum, _frame):
         _signum[:] = [signum]
@@ -25,6 +30,8 @@ def install() -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 def raise_if_requested() -> None:

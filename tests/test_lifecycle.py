@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
 from shared.ports import free_ports
-from tests.conftest import fedcompose, kill_tree, start_fedcompose
+from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
 
 
 def _wait_for_round(run_dir, proc, timeout: float = 300) -> None:
@@ -35,7 +37,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupting_a_run_stops_every_process(tmp_path, sig):
     run_dir = tmp_path / "run"
     proc = start_fedcompose("run", "--rounds", "500", "--workers", "2", "--run-dir", str(run_dir))
@@ -53,6 +55,27 @@ def test_interrupting_a_run_stops_every_process(tmp_path, sig):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [c.cmdline() for c in alive]
+
+
+INSTALL = """
+import signal, sys
+from shared import interrupts
+if sys.argv[1] == "nohup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+interrupts.install()
+handler = signal.getsignal(signal.SIGHUP)
+print({signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}.get(handler, "handled"))
+"""
+
+
+def test_sighup_stops_a_run_unless_nohup_ignores_it():
+    """SIGHUP (the terminal closed) ended a run like SIGKILL, leaving status.json
+    at `running`; it now stops it like Ctrl-C, except under `nohup`."""
+    for how, expected in (("terminal", "handled"), ("nohup", "ignored")):
+        result = subprocess.run(
+            [sys.executable, "-c", INSTALL, how], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.stdout.strip() == expected, result.stderr
 
 
 def test_sigkilled_worker_takes_its_executor_with_it(workers2):
