@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import dataclasses
 import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -709,6 +711,51 @@ class RunDirectory:
             asyncio.run(tensorboard.release(scalars, key=round_num))
         with _writing("metrics", self.metrics_jsonl), open(self.metrics_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def repair_metrics_csv(self) -> Path | None:
+        """Rebuilds metrics.csv from metrics.jsonl if TFF's CSV manager could
+        not read it (cut short, edited, not text, a row without a round): it
+        read such a file only when the next round was recorded, and failed
+        there with a traceback. The unreadable file is kept aside; returns
+        where, or None if there was nothing to repair."""
+        try:
+            with open(self.metrics_csv, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                rounds = [int(row["round"]) for row in reader]
+                if "round" not in (reader.fieldnames or []) or rounds != sorted(rounds):
+                    raise ValueError("no round column, or rounds out of order")
+            return None
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError, csv.Error) as e:
+            problem = _one_line(e)
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, self.metrics_csv)}") from None
+        aside = self.path / f"{UNREADABLE_PREFIX}{self.metrics_csv.name}"
+        rows = self.metrics()
+        flat = []
+        for row in rows:
+            scalars: dict[str, float] = {}
+            _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
+            flat.append({"round": row["round"], **scalars})
+        fieldnames = list(dict.fromkeys(name for row in flat for name in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fieldnames or ["round"])
+        writer.writeheader()
+        writer.writerows(flat)
+        with _writing("metrics", self.metrics_csv):
+            os.replace(self.metrics_csv, aside)
+            files.write_atomic(self.metrics_csv, text.getvalue())
+        log.warning(
+            "%s cannot be read (%s); rebuilt it from %s (%d rounds), the unreadable one is "
+            "kept as %s",
+            self.metrics_csv,
+            problem,
+            self.metrics_jsonl.name,
+            len(rows),
+            aside,
+        )
+        return aside
 
     def metrics(self) -> list[dict]:
         text = self._read_text(self.metrics_jsonl, "delete it")

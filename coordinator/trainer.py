@@ -146,6 +146,7 @@ def train(
                 log.info("resuming %s after round %d", run_dir, restored[0])
             if restored is not None or run.metrics_jsonl.exists():
                 run.truncate_metrics_after(start_round - 1)
+            run.repair_metrics_csv()
             run.write_status(
                 state="running",
                 completed_rounds=start_round - 1,

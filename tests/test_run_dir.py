@@ -3,6 +3,7 @@ and the refusals that need no worker (through the real command line)."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -382,3 +383,38 @@ def test_status_of_a_run_whose_files_are_damaged(tmp_path):
     a_file.write_text("x")
     result = fedcompose("status", "--run-dir", str(a_file))
     assert_one_line_error(result, "status", 2, str(a_file), "is not a directory")
+
+
+def test_a_metrics_csv_that_cannot_be_read_is_rebuilt_from_the_jsonl(tmp_path):
+    """A damaged metrics.csv let a resumed run train its first round and then
+    end in a traceback (ValueError, UnicodeDecodeError) where TFF's CSV
+    manager read it; it is rebuilt from metrics.jsonl at the start instead."""
+    import asyncio
+
+    import tensorflow_federated as tff
+
+    rows = [{"round": r, "train": {"loss": 1.0 / r, "accuracy": 0.1 * r}} for r in (1, 2, 3)]
+    rows[1]["eval"] = {"loss": 0.5, "accuracy": 0.9}
+    damaged = {
+        "bad round": b"round,train/loss\nx,1.0\n2,0.5\n",
+        "not utf-8": b"\xff\xfe\x00r\x00o\x00u\x00n\x00d\x00\n",
+        "no header": b"",
+        "other file": b"name,value\nfoo,1\n",
+        "rounds out of order": b"round,train/loss\n2,1.0\n1,0.5\n",
+    }
+    for case, content in damaged.items():
+        run_dir = tmp_path / case.replace(" ", "-")
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "metrics.csv").write_bytes(content)
+        run = run_dir_lib.RunDirectory(run_dir)
+        aside = run.repair_metrics_csv()
+        assert aside == run_dir / "unreadable-metrics.csv", case
+        assert aside.read_bytes() == content
+        manager = tff.program.CSVFileReleaseManager(str(run.metrics_csv), key_fieldname="round")
+        asyncio.run(manager.release({"train/loss": 0.25}, key=4))
+        with open(run.metrics_csv, newline="") as f:
+            table = list(csv.DictReader(f))
+        assert [int(r["round"]) for r in table] == [1, 2, 3, 4], case
+        assert table[1]["eval/accuracy"] == "0.9" and table[0]["train/loss"] == "1.0"
+        assert run.repair_metrics_csv() is None  # readable now: left alone
