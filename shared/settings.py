@@ -204,12 +204,22 @@ def add_arguments(
         group.add_argument(flag(f.name), **kwargs)
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a few KiB; anything past this is not one."""
+
+
 def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, Any]]:
     """A config file's tables, checked against the declared sections."""
     where = f"config file {path}"
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            # Bounded: `--config /dev/zero` read until memory ran out.
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UsageError(
+                f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB; give a TOML config file"
+            )
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{where} does not exist") from None
     except IsADirectoryError:

@@ -322,6 +322,7 @@ def test_config_files_and_values_that_are_not_usable(tmp_path):
         (["--config", str(tmp_path)], "is a directory"),
         (["--config", str(not_utf8)], "is not UTF-8"),
         (["--config", str(tmp_path / "none.toml")], "does not exist"),
+        (["--config", "/dev/zero"], "is larger than 1024 KiB"),  # read until memory ran out
         (["--config", str(non_finite)], "--client-learning-rate must be a finite number"),
         (["--client-learning-rate", "inf"], "must be a finite number"),
         (["--server-learning-rate=-inf"], "must be a finite number"),
