@@ -306,6 +306,9 @@ def check(f: dataclasses.Field, value: Any) -> None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        # What TensorFlow, numpy and gRPC take; --batch-size 1e20 was an OverflowError.
+        raise UsageError(f"{name} must be an integer below 2**63, got {value}")
     bounds = []
     if m.get("above") is not None:
         bounds.append((value > m["above"], f"> {m['above']:g}"))
