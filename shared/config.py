@@ -260,7 +260,14 @@ class TrainingConfig:
         1.0, "global L2 norm each client gradient is clipped to", above=0, fixed_on_resume=True
     )
     shuffle_buffer: int = setting(
-        100, "client-side shuffle buffer (1 disables shuffling)", minimum=1, fixed_on_resume=True
+        100,
+        "client-side shuffle buffer (1 disables shuffling)",
+        minimum=1,
+        # TensorFlow allocates the whole buffer for every client dataset: at 2**62
+        # each worker's executor aborted (std::length_error) and the run blamed
+        # the workers; 1e5 is more than any client holds, at 2.4 MB a dataset.
+        maximum=100_000,
+        fixed_on_resume=True,
     )
     seed: int = setting(
         0,

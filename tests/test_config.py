@@ -92,6 +92,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--seed", "10000000000000"], "--seed must be <= 4.29497e+09"),
         (["--batch-size", "99999999999999999999"], "--batch-size must be an integer below 2**63"),
         (["--rounds", str(2**63)], "--rounds must be an integer below 2**63"),
+        (["--shuffle-buffer", str(2**62)], "--shuffle-buffer must be <= 100000"),
     ],
 )
 def test_invalid_values_are_rejected(argv, message):
