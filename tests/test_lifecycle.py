@@ -78,6 +78,43 @@ def test_sighup_stops_a_run_unless_nohup_ignores_it():
         assert result.stdout.strip() == expected, result.stderr
 
 
+SIGNAL_DURING_IMPORT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from shared import interrupts
+interrupts.install()
+try:
+    import slow_module
+    print("imported", flush=True)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+SLOW_MODULE = """
+import os, signal, time
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("module done", flush=True)
+"""
+
+
+def test_a_signal_during_an_import_is_raised_after_it(tmp_path):
+    """A SIGTERM raised as KeyboardInterrupt inside Python's import machinery
+    can leave its global import lock held: `fedcompose run` SIGTERMed while
+    its main thread and its TensorFlow-preloading thread both imported hung
+    for good ("Exception ignored in ... _get_module_lock ... cb"), its
+    workers running and its run directory locked. The interrupt now waits
+    for the import to end."""
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_IMPORT, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.split() == ["module", "done", "imported", "interrupted"], result.stderr
+    assert time.monotonic() - started < 8  # at once, not after the 10 s sleep it interrupts
+
+
 def test_sigkilled_worker_takes_its_executor_with_it(workers2):
     worker = workers2[0]
     executors = [
