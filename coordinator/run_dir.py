@@ -265,6 +265,19 @@ def data_record(manifests: Sequence[shard_format.Manifest]) -> dict:
     }
 
 
+_RECORD_FIELDS: dict[str, type] = {
+    "dataset": str,
+    "num_classes": int,
+    "build_id": str,
+    "shards_built": int,
+    "clients": int,
+    "client_ids_sha256": str,
+    "clients_per_shard": dict,
+}
+"""`data_record`'s fields and their types: a trained_on.json without them
+(edited, or another program's) cannot say what a run was trained on."""
+
+
 def describe_record(record: dict) -> str:
     shards = record.get("clients_per_shard", {})
     return (
@@ -439,7 +452,10 @@ class RunDirectory:
             record = json.loads(text)
         except ValueError:
             record = None
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or any(
+            not isinstance(record.get(key), kind) or isinstance(record.get(key), bool)
+            for key, kind in _RECORD_FIELDS.items()
+        ):
             raise RunDirError(
                 f"{self.trained_on_path} is corrupt; delete it to accept the workers as they "
                 "are, or use a new --run-dir"

@@ -204,12 +204,14 @@ def test_run_dir_entries_of_the_wrong_kind_are_refused_before_any_write(tmp_path
 
 
 def test_corrupt_run_dir_files_are_refused_in_one_line(tmp_path):
-    cases = {
-        "config.toml": (b"\xff\xfe[model", "not UTF-8"),
-        "trained_on.json": (b"[1", "is corrupt"),
-    }
-    for name, (content, message) in cases.items():
-        run_dir = tmp_path / name
+    cases = [
+        ("config.toml", b"\xff\xfe[model", "not UTF-8"),
+        ("trained_on.json", b"[1", "is corrupt"),
+        # Valid JSON of another shape was a TypeError traceback.
+        ("trained_on.json", b'{"clients_per_shard": 5, "shards_built": 7}', "is corrupt"),
+    ]
+    for n, (name, content, message) in enumerate(cases):
+        run_dir = tmp_path / f"case{n}"
         run_dir.mkdir()
         (run_dir / name).write_bytes(content)
         (run_dir / "checkpoints" / "round_1").mkdir(parents=True)
