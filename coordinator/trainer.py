@@ -76,6 +76,18 @@ def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
     return row
 
 
+def _final_eval(status: dict) -> dict | None:
+    """The final held-out figures status.json recorded, if it holds them whole
+    (an edited or damaged file made the summary line a traceback)."""
+    final = status.get("final_eval")
+    if isinstance(final, dict) and all(
+        isinstance(final.get(k), int | float) and not isinstance(final.get(k), bool)
+        for k in ("accuracy", "loss", "examples")
+    ):
+        return final
+    return None
+
+
 def train(
     config: RunConfig,
     addresses: list[str],
@@ -101,9 +113,7 @@ def train(
             run_dir,
             plan.latest,
         )
-        return TrainSummary(
-            run_dir, plan.latest or 0, plan.status.get("final_eval"), plan.latest, True
-        )
+        return TrainSummary(run_dir, plan.latest or 0, _final_eval(plan.status), plan.latest, True)
     pause_points.reached("startup")
     started = False
     try:

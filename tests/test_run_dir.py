@@ -421,3 +421,17 @@ def test_a_metrics_csv_that_cannot_be_read_is_rebuilt_from_the_jsonl(tmp_path):
         assert [int(r["round"]) for r in table] == [1, 2, 3, 4], case
         assert table[1]["eval/accuracy"] == "0.9" and table[0]["train/loss"] == "1.0"
         assert run.repair_metrics_csv() is None  # readable now: left alone
+
+
+def test_a_finished_run_whose_status_is_damaged_is_still_left_alone(tmp_path):
+    """A finished run is not re-run; a status.json whose final figures were
+    damaged made the summary line a traceback."""
+    for n, final in enumerate(({"accuracy": "high"}, 5)):
+        run_dir = tmp_path / f"run{n}"
+        (run_dir / "checkpoints" / "round_3").mkdir(parents=True)
+        (run_dir / "status.json").write_text(json.dumps({"state": "finished", "final_eval": final}))
+        result = fedcompose(
+            "train", "--addresses", "127.0.0.1:1", "--rounds", "3", "--run-dir", str(run_dir)
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "already finished 3 rounds" in result.stderr
