@@ -774,9 +774,17 @@ class RunDirectory:
         return aside
 
     def metrics(self) -> list[dict]:
-        text = self._read_text(self.metrics_jsonl, "delete it")
+        """The rows of metrics.jsonl. A line that is not one (cut short by a
+        crash, or damaged: even bytes that are not UTF-8, which the writer
+        never writes) is passed over, as the rewrite on resume drops it."""
+        try:
+            data = self.metrics_jsonl.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, self.metrics_jsonl)}") from None
         rows = []
-        for line in (text or "").splitlines():
+        for line in data.splitlines():
             if line.strip():
                 try:
                     row = json.loads(line)

@@ -234,7 +234,9 @@ def test_status_agrees_with_disk_and_drops_old_errors(tmp_path):
     (tmp_path / "checkpoints" / "round_12").mkdir()
     (tmp_path / "checkpoints" / "round_13_temp0001").mkdir()
     rows = "".join(json.dumps({"round": r}) + "\n" for r in range(1, 14)) + '{"round": 14, "lo'
-    (tmp_path / "metrics.jsonl").write_text(rows)
+    # A damaged line, even one that is not UTF-8, is passed over like a cut one
+    # (it was a refusal raised after the resume had begun writing).
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"round": 0, "x": "\xff"}\n' + rows.encode())
     run.note_stopped("interrupted")
     status = run.status()
     assert status["state"] == "interrupted" and "error" not in status
