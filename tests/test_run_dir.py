@@ -149,6 +149,15 @@ def test_a_directory_that_holds_something_else_is_not_taken_for_a_run(tmp_path):
         assert removed == [old / ".status.json.tmp-99"]
 
 
+def test_bench_run_dir_that_is_a_file(tmp_path):
+    """It said only "File exists", exit 1."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for extra in ((), ("--chaos",)):
+        result = fedcompose("bench", "--quick", *extra, "--run-dir", str(a_file), timeout=120)
+        assert_one_line_error(result, "bench", 5, f"--run-dir {a_file} exists and is not a dir")
+
+
 def test_read_only_and_foreign_run_dirs(tmp_path):
     with tmpfs(tmp_path / "ro", "1m") as fs:
         (fs / "run").mkdir()
