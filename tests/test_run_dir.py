@@ -312,6 +312,14 @@ def test_scratch_dirs_of_killed_owners_are_swept():
 # --- commands' own bad input ----------------------------------------------------------
 
 
+def test_tls_dir_that_is_a_file_is_called_one(tmp_path):
+    """It was called "no such directory"."""
+    a_file = tmp_path / "kit"
+    a_file.write_text("x")
+    result = fedcompose("worker", "--shard", str(tmp_path), "--tls-dir", str(a_file), timeout=60)
+    assert_one_line_error(result, "worker", 2, f"--tls-dir {a_file}: not a directory")
+
+
 def test_worker_log_file_that_cannot_be_a_file(tmp_path, shards2):
     shard = str(shards2[0])
     for log_file, message in (
