@@ -312,12 +312,14 @@ def test_scratch_dirs_of_killed_owners_are_swept():
 # --- commands' own bad input ----------------------------------------------------------
 
 
-def test_tls_dir_that_is_a_file_is_called_one(tmp_path):
-    """It was called "no such directory"."""
+def test_tls_and_kits_dirs_that_are_files_are_called_so(tmp_path):
+    """They were "no such directory" and "File exists" (exit 1)."""
     a_file = tmp_path / "kit"
     a_file.write_text("x")
     result = fedcompose("worker", "--shard", str(tmp_path), "--tls-dir", str(a_file), timeout=60)
     assert_one_line_error(result, "worker", 2, f"--tls-dir {a_file}: not a directory")
+    result = fedcompose("provision", "--kits-dir", str(a_file), "--sites", "w0=127.0.0.1")
+    assert_one_line_error(result, "provision", 2, f"--kits-dir {a_file} exists and is not a dir")
 
 
 def test_worker_log_file_that_cannot_be_a_file(tmp_path, shards2):
