@@ -213,7 +213,7 @@ class WorkerConfig:
     shard_check: str = setting(
         "full",
         "how a worker checks its shard at start: full reads every example (checksums, pixel "
-        "and label ranges); quick checks sizes only",
+        "and label ranges); quick checks sizes and that each file opens",
         choices=SHARD_CHECKS,
     )
     ready_timeout: float = setting(
