@@ -100,9 +100,18 @@ def _check_client_file(
         size = path.stat().st_size
     except FileNotFoundError:
         raise ShardError(f"{path}: missing (listed in the manifest)") from None
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read ({e.strerror})") from None
     if size != expected * shard_format.RECORD_BYTES:
         raise ShardError(f"{path}: {_size_problem(size, expected)}")
     if not deep:
+        # Readable, at least: a file the worker cannot open passed the quick
+        # check and failed inside a round, where the run blamed the worker.
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read ({e.strerror})") from None
         return
     try:
         data = path.read_bytes()

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import dataclasses
 import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -118,6 +120,7 @@ def locked(directory: Path, command: str) -> Iterator[list[Path]]:
     if key in _held:
         _held[key].count += 1
     else:
+        _refuse_foreign(directory)
         _held[key] = _Held(_lock(directory, command), 1)
         removed = RunDirectory(directory).remove_temporaries()
     try:
@@ -151,6 +154,56 @@ def _make_directory(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(f"--run-dir {directory} cannot be created: {files.failure(e)}") from None
+
+
+RUN_ENTRIES = frozenset(
+    {
+        LOCK_NAME,
+        "config.toml",
+        "status.json",
+        "trained_on.json",
+        "workers.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "metrics.png",
+        "final_model.npz",
+        "tensorboard",
+        "checkpoints",
+        "logs",
+        "shards",
+    }
+)
+"""What a run keeps in its directory (and nothing else is needed to call it one)."""
+
+
+def _refuse_foreign(directory: Path) -> None:
+    """Refuses a directory that holds other things and no run (`--run-dir .`,
+    `--run-dir ~`): a run would overwrite a config.toml or metrics.csv of
+    someone else's there, and its start-up sweep of temporaries would search
+    (and clean) the whole tree below it. A directory that a fedcompose
+    command ever locked has `.lock`; an empty one, or one holding only what a
+    run keeps, is a run's too."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return  # taking the lock says what is wrong, naming the file
+    if LOCK_NAME in entries:
+        return
+    foreign = sorted(
+        name
+        for name in entries
+        if name not in RUN_ENTRIES
+        and not files.is_temporary_name(name)
+        and not _TFF_TEMPORARY.match(name)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise RunDirError(
+            f"--run-dir {directory} is not a fedcompose run directory (it holds {shown}); "
+            "give a new or empty directory"
+        )
 
 
 def _lock(directory: Path, command: str) -> int:
@@ -210,6 +263,19 @@ def data_record(manifests: Sequence[shard_format.Manifest]) -> dict:
             for m in sorted(manifests, key=lambda m: m.shard_index)
         },
     }
+
+
+_RECORD_FIELDS: dict[str, type] = {
+    "dataset": str,
+    "num_classes": int,
+    "build_id": str,
+    "shards_built": int,
+    "clients": int,
+    "client_ids_sha256": str,
+    "clients_per_shard": dict,
+}
+"""`data_record`'s fields and their types: a trained_on.json without them
+(edited, or another program's) cannot say what a run was trained on."""
 
 
 def describe_record(record: dict) -> str:
@@ -388,7 +454,10 @@ class RunDirectory:
             record = json.loads(text)
         except ValueError:
             record = None
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or any(
+            not isinstance(record.get(key), kind) or isinstance(record.get(key), bool)
+            for key, kind in _RECORD_FIELDS.items()
+        ):
             raise RunDirError(
                 f"{self.trained_on_path} is corrupt; delete it to accept the workers as they "
                 "are, or use a new --run-dir"
@@ -661,10 +730,63 @@ class RunDirectory:
         with _writing("metrics", self.metrics_jsonl), open(self.metrics_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def repair_metrics_csv(self) -> Path | None:
+        """Rebuilds metrics.csv from metrics.jsonl if TFF's CSV manager could
+        not read it (cut short, edited, not text, a row without a round): it
+        read such a file only when the next round was recorded, and failed
+        there with a traceback. The unreadable file is kept aside; returns
+        where, or None if there was nothing to repair."""
+        try:
+            with open(self.metrics_csv, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                rounds = [int(row["round"]) for row in reader]
+                if "round" not in (reader.fieldnames or []) or rounds != sorted(rounds):
+                    raise ValueError("no round column, or rounds out of order")
+            return None
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError, csv.Error) as e:
+            problem = _one_line(e)
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, self.metrics_csv)}") from None
+        aside = self.path / f"{UNREADABLE_PREFIX}{self.metrics_csv.name}"
+        rows = self.metrics()
+        flat = []
+        for row in rows:
+            scalars: dict[str, float] = {}
+            _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
+            flat.append({"round": row["round"], **scalars})
+        fieldnames = list(dict.fromkeys(name for row in flat for name in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fieldnames or ["round"])
+        writer.writeheader()
+        writer.writerows(flat)
+        with _writing("metrics", self.metrics_csv):
+            os.replace(self.metrics_csv, aside)
+            files.write_atomic(self.metrics_csv, text.getvalue())
+        log.warning(
+            "%s cannot be read (%s); rebuilt it from %s (%d rounds), the unreadable one is "
+            "kept as %s",
+            self.metrics_csv,
+            problem,
+            self.metrics_jsonl.name,
+            len(rows),
+            aside,
+        )
+        return aside
+
     def metrics(self) -> list[dict]:
-        text = self._read_text(self.metrics_jsonl, "delete it")
+        """The rows of metrics.jsonl. A line that is not one (cut short by a
+        crash, or damaged: even bytes that are not UTF-8, which the writer
+        never writes) is passed over, as the rewrite on resume drops it."""
+        try:
+            data = self.metrics_jsonl.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, self.metrics_jsonl)}") from None
         rows = []
-        for line in (text or "").splitlines():
+        for line in data.splitlines():
             if line.strip():
                 try:
                     row = json.loads(line)

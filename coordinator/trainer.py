@@ -89,6 +89,30 @@ def _row(round_num: int, result: RoundResult, evaluation: dict | None) -> dict:
     return row
 
 
+def _final_eval(status: dict) -> dict | None:
+    """The final held-out figures status.json recorded, if it holds them whole
+    (an edited or damaged file made the summary line a traceback)."""
+    final = status.get("final_eval")
+    if isinstance(final, dict) and all(
+        isinstance(final.get(k), int | float) and not isinstance(final.get(k), bool)
+        for k in ("accuracy", "loss", "examples")
+    ):
+        return final
+    return None
+
+
+def _recorded_privacy(status: dict) -> dict | None:
+    """The (epsilon, delta) status.json recorded, if it holds them whole."""
+    spent = status.get("privacy")
+    if (
+        isinstance(spent, dict)
+        and isinstance(spent.get("delta"), int | float)
+        and (spent.get("epsilon") is None or isinstance(spent.get("epsilon"), int | float))
+    ):
+        return spent
+    return None
+
+
 def train(
     config: RunConfig,
     addresses: list[str],
@@ -117,10 +141,10 @@ def train(
         return TrainSummary(
             run_dir,
             plan.latest or 0,
-            plan.status.get("final_eval"),
+            _final_eval(plan.status),
             plan.latest,
             True,
-            privacy=plan.status.get("privacy"),
+            privacy=_recorded_privacy(plan.status),
         )
     pause_points.reached("startup")
     started = False
@@ -164,6 +188,7 @@ def train(
                 log.info("resuming %s after round %d", run_dir, restored[0])
             if restored is not None or run.metrics_jsonl.exists():
                 run.truncate_metrics_after(start_round - 1)
+            run.repair_metrics_csv()
             run.write_status(
                 state="running",
                 completed_rounds=start_round - 1,

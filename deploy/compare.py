@@ -54,13 +54,15 @@ class Run:
                 f"{path} has no held-out evaluation yet (metrics.jsonl has no eval rows)"
             )
         try:
-            self.config = tomllib.loads((path / "config.toml").read_text())
+            config = tomllib.loads((path / "config.toml").read_text())
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            self.config = {}
+            config = {}
+        self.config = {k: v for k, v in config.items() if isinstance(v, dict)}
         try:
-            self.status = json.loads((path / "status.json").read_text())
+            status = json.loads((path / "status.json").read_text())
         except (OSError, ValueError):
-            self.status = {}
+            status = {}
+        self.status = status if isinstance(status, dict) else {}
 
     def setting(self, dotted: str):
         section, _, key = dotted.partition(".")

@@ -431,6 +431,8 @@ def provision(
     if coordinator_name in sites or CA_DIR in sites:
         clash = coordinator_name if coordinator_name in sites else CA_DIR
         raise UsageError(f"--sites: {clash!r} is reserved (the coordinator's or the CA's kit)")
+    if kits_dir.exists() and not kits_dir.is_dir():  # was only "File exists", exit 1
+        raise UsageError(f"--kits-dir {kits_dir} exists and is not a directory; give a directory")
     kits_dir.mkdir(parents=True, exist_ok=True)
     # Two provisions at once would each make a CA (one losing the rename and
     # leaving its key behind) or each rewrite the coordinator's list: one at a time.

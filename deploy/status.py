@@ -16,7 +16,7 @@ from pathlib import Path
 
 from coordinator.liveness import WORKERS_VIEW
 from shared import config
-from shared.errors import FederationError, UsageError
+from shared.errors import FederationError, RunDirError, UsageError
 
 DESCRIPTION = (
     "Show, for each worker address, whether it is up, what shard it serves (dataset, "
@@ -68,7 +68,7 @@ def _read_json(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise UsageError(
+        raise RunDirError(
             f"{path} cannot be read ({e}); is it a fedcompose run directory?"
         ) from None
     return body if isinstance(body, dict) else None
@@ -103,15 +103,34 @@ def _coordinator_running(run_dir: Path) -> bool | None:
     )
 
 
+_VIEW_FIELDS = ("state", "since", "reason", "outages", "rejoins")
+
+
+def _worker_views(view: dict | None) -> dict[str, dict]:
+    """The coordinator's view of each worker, by address. Entries of another
+    shape (a damaged or foreign file) are left out; fields missing are None."""
+    entries = (view or {}).get("workers")
+    if not isinstance(entries, list):
+        return {}
+    workers = {}
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("address"), str):
+            one = {k: entry.get(k) for k in _VIEW_FIELDS}
+            one["state"] = str(one["state"] or "unknown")
+            workers[entry["address"]] = one
+    return workers
+
+
 def _run_view(run_dir: Path) -> tuple[dict, dict[str, dict]]:
     """The run's status and its coordinator's view of each worker, by address."""
     if not run_dir.is_dir():
-        raise UsageError(f"--run-dir {run_dir} does not exist")
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise UsageError(f"--run-dir {run_dir} {what}")
     status = _read_json(run_dir / "status.json") or {}
     view = _read_json(run_dir / WORKERS_VIEW)
     if not status and view is None:
         raise UsageError(f"--run-dir {run_dir} holds no run (no status.json, no {WORKERS_VIEW})")
-    workers = {w["address"]: w for w in (view or {}).get("workers", []) if "address" in w}
+    workers = _worker_views(view)
     if view is not None:
         status = {**status, "view_updated_at": view.get("updated_at")}
     if status.get("state") == "running":
@@ -121,8 +140,6 @@ def _run_view(run_dir: Path) -> tuple[dict, dict[str, dict]]:
 
 
 def run(settings: config.RunConfig) -> int:
-    from coordinator.executor_client.connection import load_client_tls
-
     addresses = list(settings.federation.addresses)
     run_status: dict | None = None
     views: dict[str, dict] = {}
@@ -133,6 +150,9 @@ def run(settings: config.RunConfig) -> int:
         raise UsageError(
             "give --addresses, or --run-dir of a run whose coordinator recorded its workers"
         )
+    # TensorFlow loads only now: refusals that need only the run directory come first.
+    from coordinator.executor_client.connection import load_client_tls
+
     timeout = settings.federation.connect_timeout
     tls = load_client_tls(settings.tls.tls_dir)
     with futures.ThreadPoolExecutor(len(addresses)) as pool:
@@ -140,11 +160,7 @@ def run(settings: config.RunConfig) -> int:
     if run_status is not None:
         for row in rows:
             view = views.get(row["address"])
-            row["run_view"] = (
-                {k: view[k] for k in ("state", "since", "reason", "outages", "rejoins")}
-                if view
-                else None
-            )
+            row["run_view"] = view
     if settings.output.json:
         for row in rows:
             print(json.dumps(row))
@@ -190,7 +206,9 @@ def _run_line(run_dir: str, status: dict) -> str:
     return line
 
 
-def _age(at: float) -> str:
+def _age(at: object) -> str:
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        return "?"
     seconds = max(0, round(time.time() - at))
     return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m"
 

@@ -24,10 +24,6 @@ SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
 BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
 NON_FINITE_POLICIES = ("fail", "drop")
-MAX_WAIT = 1e6
-"""Longest wait in seconds a resilience setting may ask for (11.6 days): Python's
-waits overflow past about 9.2e9 s (`threading.TIMEOUT_MAX`), which a run would
-only meet mid-round, as a traceback."""
 
 # The learning algorithm's four building blocks and the parameters each choice
 # takes (coordinator/algorithm/ maps every name to TFF's own constructors).
@@ -70,6 +66,12 @@ compiling each with `tff.backends.native.compile_to_mergeable_comp_form`)."""
 WEIGHTINGS = ("examples", "uniform")
 ROUNDINGS = ("stochastic", "deterministic")
 MAX_LOCAL_WORKERS = 64
+MAX_SECONDS = 1e7
+"""Longest wait or deadline (116 days): Python's waits refuse more than about
+9.2e9 s, and a run given --round-timeout 1e10 ended in an OverflowError."""
+MAX_SEED = 2**32 - 1
+"""Shuffle seeds (seed x 1,000,003 + round) travel to the workers as int64; a
+seed of 1e13 overflowed there and every worker was reported down."""
 MIN_WORKER_MEMORY_MB = 512
 DEFAULT_EMNIST_PATH = "~/.tff"
 """Where `tff.simulation.datasets.emnist.load_data` caches the file by default."""
@@ -129,9 +131,14 @@ class FederationConfig:
     base_port: int = setting(
         0, "first port for local workers; 0 picks free ports", minimum=0, maximum=65535
     )
-    rpc_timeout: float = setting(600.0, "deadline in seconds for any one call to a worker", above=0)
+    rpc_timeout: float = setting(
+        600.0,
+        "deadline in seconds for any one call to a worker",
+        above=0,
+        maximum=MAX_SECONDS,
+    )
     connect_timeout: float = setting(
-        30.0, "seconds to wait for every worker to be reachable", above=0
+        30.0, "seconds to wait for every worker to be reachable", above=0, maximum=MAX_SECONDS
     )
     worker_memory_mb: int = setting(
         2048,
@@ -153,7 +160,7 @@ class ResilienceConfig:
         "finisher to merge and finish them); a worker not done by then is dropped from the "
         "round like a failed one",
         above=0,
-        maximum=MAX_WAIT,
+        maximum=MAX_SECONDS,
     )
     min_coverage: float = setting(
         0.5,
@@ -172,19 +179,19 @@ class ResilienceConfig:
         "seconds to wait before retrying a round, for down workers to come back (a worker "
         "that rejoins ends the wait)",
         minimum=0,
-        maximum=MAX_WAIT,
+        maximum=MAX_SECONDS,
     )
     probe_interval: float = setting(
         1.0,
         "seconds before the first probe of a worker that went down; doubles per probe",
         above=0,
-        maximum=MAX_WAIT,
+        maximum=MAX_SECONDS,
     )
     probe_interval_max: float = setting(
         30.0,
         "longest wait in seconds between two probes of a down worker",
         above=0,
-        maximum=MAX_WAIT,
+        maximum=MAX_SECONDS,
     )
     worker_restarts: int = setting(
         5, "run: times each local worker that crashed is restarted (0: never)", minimum=0
@@ -194,7 +201,7 @@ class ResilienceConfig:
         "run: seconds before restarting a crashed local worker; doubles with each restart of "
         "it, up to 30",
         minimum=0,
-        maximum=MAX_WAIT,
+        maximum=MAX_SECONDS,
     )
 
 
@@ -206,11 +213,14 @@ class WorkerConfig:
     shard_check: str = setting(
         "full",
         "how a worker checks its shard at start: full reads every example (checksums, pixel "
-        "and label ranges); quick checks sizes only",
+        "and label ranges); quick checks sizes and that each file opens",
         choices=SHARD_CHECKS,
     )
     ready_timeout: float = setting(
-        120.0, "seconds to wait for a worker's executor service to come up", above=0
+        120.0,
+        "seconds to wait for a worker's executor service to come up",
+        above=0,
+        maximum=MAX_SECONDS,
     )
     max_message_mb: int = setting(
         2000, "gRPC message size limit of the executor service, MB", minimum=1, maximum=2047
@@ -250,9 +260,22 @@ class TrainingConfig:
         1.0, "global L2 norm each client gradient is clipped to", above=0, fixed_on_resume=True
     )
     shuffle_buffer: int = setting(
-        100, "client-side shuffle buffer (1 disables shuffling)", minimum=1, fixed_on_resume=True
+        100,
+        "client-side shuffle buffer (1 disables shuffling)",
+        minimum=1,
+        # TensorFlow allocates the whole buffer for every client dataset: at 2**62
+        # each worker's executor aborted (std::length_error) and the run blamed
+        # the workers; 1e5 is more than any client holds, at 2.4 MB a dataset.
+        maximum=100_000,
+        fixed_on_resume=True,
     )
-    seed: int = setting(0, "seed of client sampling and shuffling", minimum=0, fixed_on_resume=True)
+    seed: int = setting(
+        0,
+        "seed of client sampling and shuffling",
+        minimum=0,
+        maximum=MAX_SEED,
+        fixed_on_resume=True,
+    )
     on_non_finite: str = setting(
         "fail",
         "a client's update or loss, the aggregate, the model or a held-out figure that is "

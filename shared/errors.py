@@ -16,7 +16,7 @@ Exit codes (also in README, *Commands*):
     5    run directory: locked by another run, holds another run, or unwritable
     6    training: a client's update, the aggregate, the model or a held-out figure
          was not finite (NaN/inf) and --on-non-finite is fail
-    130  interrupted (Ctrl-C, SIGTERM)
+    130  interrupted (Ctrl-C, SIGTERM, SIGHUP)
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ def temporary_path(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
 
 
+def is_temporary_name(name: str) -> bool:
+    """Whether `name` is one of `temporary_path`'s."""
+    return _TMP.match(name) is not None
+
+
 def write_atomic(path: Path, data: str | bytes, *, sync: bool = False) -> None:
     """Replaces `path` with `data` in one step; on failure, `path` is unchanged
     and no temporary file is left."""

@@ -75,6 +75,8 @@ def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedc
                 f"log file {log_file}: {log_file.parent} exists and is not a directory"
             ) from None
         except OSError as e:
+            if e.filename is None:  # Python's append mode seeks after opening, unnamed
+                e.filename = str(log_file)
             raise UsageError(f"log file: {describe_os_error(e)}") from None
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")

@@ -204,12 +204,22 @@ def add_arguments(
         group.add_argument(flag(f.name), **kwargs)
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a few KiB; anything past this is not one."""
+
+
 def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, Any]]:
     """A config file's tables, checked against the declared sections."""
     where = f"config file {path}"
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            # Bounded: `--config /dev/zero` read until memory ran out.
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UsageError(
+                f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB; give a TOML config file"
+            )
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{where} does not exist") from None
     except IsADirectoryError:
@@ -299,6 +309,9 @@ def check(f: dataclasses.Field, value: Any) -> None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        # What TensorFlow, numpy and gRPC take; --batch-size 1e20 was an OverflowError.
+        raise UsageError(f"{name} must be an integer below 2**63, got {value}")
     bounds = []
     if m.get("above") is not None:
         bounds.append((value > m["above"], f"> {m['above']:g}"))

@@ -92,9 +92,8 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
 
     path = Path(directory).expanduser()
     if not path.is_dir():
-        raise UsageError(
-            f"{flag} {path}: no such directory; give the kit `fedcompose provision` made"
-        )
+        what = "not a directory" if path.exists() else "no such directory"
+        raise UsageError(f"{flag} {path}: {what}; give the kit `fedcompose provision` made")
     raw_info = _read(path / KIT_FILE, "kit description", flag)
     try:
         info = json.loads(raw_info)

@@ -98,3 +98,36 @@ def test_compare_survives_damaged_files_and_notes_runs_that_end_apart(tmp_path):
     assert twice.returncode == 2 and "listed twice" in twice.stderr, twice.stderr
     not_dir = fedcompose("compare", str(a / "metrics.jsonl"), timeout=120)
     assert not_dir.returncode == 5 and "(not a directory)" in not_dir.stderr, not_dir.stderr
+
+
+def test_compare_passes_over_damaged_rows_and_settings(tmp_path):
+    """Rows and settings of another shape (a damaged or hand-edited file) were
+    tracebacks; they are passed over, and a run left with none is refused."""
+    run = _fake_run(tmp_path / "damaged", [0.1, 0.5, 0.6, 0.7])
+    junk = [
+        "[1, 2]",
+        '"text"',
+        '{"round": "3", "eval": {"accuracy": 0.9, "loss": 1.0}}',
+        '{"round": 5, "eval": 0.9}',
+        '{"round": 6, "eval": {"accuracy": null, "loss": 1.0}}',
+        '{"round": 7, "privacy": 3}',
+    ]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("\n".join(junk) + "\n")
+    (run / "config.toml").write_text(
+        'data = "x"\n[algorithm]\naggregator = 5\nproximal_mu = "a"\n'
+        '[training]\nserver_learning_rate = "fast"\n'
+    )
+    (run / "status.json").write_text("[]")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    only_junk = tmp_path / "junk"
+    only_junk.mkdir()
+    (only_junk / "metrics.jsonl").write_text("\n".join(junk) + "\n")
+    result = fedcompose("compare", str(run), "--output", str(tmp_path / "c.png"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "0.7000" in result.stdout.splitlines()[2]
+    for path, message in ((not_a_dir, "(not a directory)"), (only_junk, "no held-out evaluation")):
+        result = fedcompose("compare", str(path), timeout=120)
+        assert result.returncode == 5, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

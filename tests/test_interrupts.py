@@ -21,7 +21,7 @@ from shared import interrupts
 def fresh_interrupts(monkeypatch):
     monkeypatch.setattr(interrupts, "_requested", type(interrupts._requested)())
     monkeypatch.setattr(interrupts, "_signum", [])
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
     for s, handler in previous.items():
         signal.signal(s, handler)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
 from shared.ports import free_ports
-from tests.conftest import fedcompose, kill_tree, start_fedcompose
+from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
 
 
 def _wait_for_round(run_dir, proc, timeout: float = 300) -> None:
@@ -35,7 +37,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupting_a_run_stops_every_process(tmp_path, sig):
     run_dir = tmp_path / "run"
     proc = start_fedcompose("run", "--rounds", "500", "--workers", "2", "--run-dir", str(run_dir))
@@ -53,6 +55,64 @@ def test_interrupting_a_run_stops_every_process(tmp_path, sig):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [c.cmdline() for c in alive]
+
+
+INSTALL = """
+import signal, sys
+from shared import interrupts
+if sys.argv[1] == "nohup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+interrupts.install()
+handler = signal.getsignal(signal.SIGHUP)
+print({signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}.get(handler, "handled"))
+"""
+
+
+def test_sighup_stops_a_run_unless_nohup_ignores_it():
+    """SIGHUP (the terminal closed) ended a run like SIGKILL, leaving status.json
+    at `running`; it now stops it like Ctrl-C, except under `nohup`."""
+    for how, expected in (("terminal", "handled"), ("nohup", "ignored")):
+        result = subprocess.run(
+            [sys.executable, "-c", INSTALL, how], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.stdout.strip() == expected, result.stderr
+
+
+SIGNAL_DURING_IMPORT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from shared import interrupts
+interrupts.install()
+try:
+    import slow_module
+    print("imported", flush=True)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+SLOW_MODULE = """
+import os, signal, time
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("module done", flush=True)
+"""
+
+
+def test_a_signal_during_an_import_is_raised_after_it(tmp_path):
+    """A SIGTERM raised as KeyboardInterrupt inside Python's import machinery
+    can leave its global import lock held: `fedcompose run` SIGTERMed while
+    its main thread and its TensorFlow-preloading thread both imported hung
+    for good ("Exception ignored in ... _get_module_lock ... cb"), its
+    workers running and its run directory locked. The interrupt now waits
+    for the import to end."""
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_DURING_IMPORT, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.stdout.split() == ["module", "done", "imported", "interrupted"], result.stderr
+    assert time.monotonic() - started < 8  # at once, not after the 10 s sleep it interrupts
 
 
 def test_sigkilled_worker_takes_its_executor_with_it(workers2):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 
 import numpy as np
@@ -139,6 +140,28 @@ def test_small_alpha_skews_labels_more_than_iid():
     mild = mean_label_skew(partition.dirichlet_resplit(source, alpha=100.0, seed=0))
     assert skewed > iid + 0.25, (skewed, iid)
     assert mild < skewed
+
+
+def test_tiny_alpha_ends_quickly_and_deals_each_client_nearly_one_class():
+    """numpy's Dirichlet sampler never returned for alpha 1e-12 (a hung
+    `fedcompose data --partition dirichlet --alpha 1e-12`)."""
+    source = random_source(num_writers=60)
+    for alpha in (1e-12, 1e-300, 5e-324):
+        started = time.monotonic()
+        resplit = partition.dirichlet_resplit(source, alpha=alpha, seed=0)
+        assert time.monotonic() - started < 10, alpha
+        assert split_hashes(resplit) == split_hashes(source)
+    assert mean_label_skew(resplit) > mean_label_skew(
+        partition.dirichlet_resplit(source, alpha=0.05, seed=0)
+    )
+    # Above the threshold, numpy's draw as before: shards built earlier rebuild the same.
+    rng = np.random.default_rng(1)
+    prior = np.bincount(np.arange(10) % 7, minlength=10) / 10
+    present = prior > 0
+    assert np.array_equal(
+        partition._dirichlet(rng, 0.3, present.sum(), prior[present], 5),
+        np.random.default_rng(1).dirichlet(0.3 * present.sum() * prior[present], size=5),
+    )
 
 
 def test_dirichlet_needs_a_positive_alpha():

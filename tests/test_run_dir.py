@@ -3,6 +3,7 @@ and the refusals that need no worker (through the real command line)."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -115,6 +116,48 @@ def test_run_dir_paths_that_cannot_be_used(tmp_path):
     assert not os.path.exists(bad)
 
 
+def test_a_directory_that_holds_something_else_is_not_taken_for_a_run(tmp_path):
+    """`--run-dir .` in a project (or `~`) wrote config.toml, status.json and
+    metrics over the files of the same names there, and the start-up sweep
+    searched the whole tree below it and deleted what looked like temporaries."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.toml").write_text("[tool]\nname = 'mine'\n")
+    (project / "README.md").write_text("mine")
+    (project / "src" / ".editor.tmp-1").write_text("an editor's, not ours")
+    before = snapshot(project)
+    for command, args in (("train", ["--addresses", "localhost:9"]), ("run", ["--workers", "1"])):
+        result = fedcompose(command, *args, "--run-dir", str(project), timeout=120)
+        assert_one_line_error(
+            result, command, 5, f"--run-dir {project} is not a fedcompose run directory",
+            "README.md, src",
+        )  # fmt: skip
+        assert snapshot(project) == before
+    # A run's own directory stays usable with anything added to it later.
+    run = tmp_path / "run"
+    with run_dir_lib.locked(run, "train"):
+        pass
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints").mkdir()
+    with run_dir_lib.locked(run, "train"):
+        pass
+    old = tmp_path / "old-run"  # before .lock existed: only what a run keeps
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "status.json").write_text("{}")
+    (old / ".status.json.tmp-99").write_text("{")
+    with run_dir_lib.locked(old, "train") as removed:
+        assert removed == [old / ".status.json.tmp-99"]
+
+
+def test_bench_run_dir_that_is_a_file(tmp_path):
+    """It said only "File exists", exit 1."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for extra in ((), ("--chaos",)):
+        result = fedcompose("bench", "--quick", *extra, "--run-dir", str(a_file), timeout=120)
+        assert_one_line_error(result, "bench", 5, f"--run-dir {a_file} exists and is not a dir")
+
+
 def test_read_only_and_foreign_run_dirs(tmp_path):
     with tmpfs(tmp_path / "ro", "1m") as fs:
         (fs / "run").mkdir()
@@ -170,12 +213,14 @@ def test_run_dir_entries_of_the_wrong_kind_are_refused_before_any_write(tmp_path
 
 
 def test_corrupt_run_dir_files_are_refused_in_one_line(tmp_path):
-    cases = {
-        "config.toml": (b"\xff\xfe[model", "not UTF-8"),
-        "trained_on.json": (b"[1", "is corrupt"),
-    }
-    for name, (content, message) in cases.items():
-        run_dir = tmp_path / name
+    cases = [
+        ("config.toml", b"\xff\xfe[model", "not UTF-8"),
+        ("trained_on.json", b"[1", "is corrupt"),
+        # Valid JSON of another shape was a TypeError traceback.
+        ("trained_on.json", b'{"clients_per_shard": 5, "shards_built": 7}', "is corrupt"),
+    ]
+    for n, (name, content, message) in enumerate(cases):
+        run_dir = tmp_path / f"case{n}"
         run_dir.mkdir()
         (run_dir / name).write_bytes(content)
         (run_dir / "checkpoints" / "round_1").mkdir(parents=True)
@@ -198,7 +243,9 @@ def test_status_agrees_with_disk_and_drops_old_errors(tmp_path):
     (tmp_path / "checkpoints" / "round_12").mkdir()
     (tmp_path / "checkpoints" / "round_13_temp0001").mkdir()
     rows = "".join(json.dumps({"round": r}) + "\n" for r in range(1, 14)) + '{"round": 14, "lo'
-    (tmp_path / "metrics.jsonl").write_text(rows)
+    # A damaged line, even one that is not UTF-8, is passed over like a cut one
+    # (it was a refusal raised after the resume had begun writing).
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"round": 0, "x": "\xff"}\n' + rows.encode())
     run.note_stopped("interrupted")
     status = run.status()
     assert status["state"] == "interrupted" and "error" not in status
@@ -265,10 +312,21 @@ def test_scratch_dirs_of_killed_owners_are_swept():
 # --- commands' own bad input ----------------------------------------------------------
 
 
+def test_tls_and_kits_dirs_that_are_files_are_called_so(tmp_path):
+    """They were "no such directory" and "File exists" (exit 1)."""
+    a_file = tmp_path / "kit"
+    a_file.write_text("x")
+    result = fedcompose("worker", "--shard", str(tmp_path), "--tls-dir", str(a_file), timeout=60)
+    assert_one_line_error(result, "worker", 2, f"--tls-dir {a_file}: not a directory")
+    result = fedcompose("provision", "--kits-dir", str(a_file), "--sites", "w0=127.0.0.1")
+    assert_one_line_error(result, "provision", 2, f"--kits-dir {a_file} exists and is not a dir")
+
+
 def test_worker_log_file_that_cannot_be_a_file(tmp_path, shards2):
     shard = str(shards2[0])
     for log_file, message in (
         (tmp_path, "Is a directory"),
+        (Path("/proc/version"), "/proc/version: Invalid argument"),  # opens, cannot seek
         (tmp_path / "missing-parent-is-file" / "w.log", None),
     ):
         if message is None:
@@ -287,6 +345,7 @@ def test_config_files_and_values_that_are_not_usable(tmp_path):
         (["--config", str(tmp_path)], "is a directory"),
         (["--config", str(not_utf8)], "is not UTF-8"),
         (["--config", str(tmp_path / "none.toml")], "does not exist"),
+        (["--config", "/dev/zero"], "is larger than 1024 KiB"),  # read until memory ran out
         (["--config", str(non_finite)], "--client-learning-rate must be a finite number"),
         (["--client-learning-rate", "inf"], "must be a finite number"),
         (["--server-learning-rate=-inf"], "must be a finite number"),
@@ -322,3 +381,78 @@ def test_shards_dir_sets_the_worker_count(tmp_path, shards2):
     result = fedcompose("run", "--shards-dir", shards_dir, "--workers", "3", "--run-dir",
                         str(tmp_path / "r"))  # fmt: skip
     assert_one_line_error(result, "run", 2, "--workers 3 but --shards-dir", "holds 2 shards")
+
+
+def test_status_of_a_run_whose_files_are_damaged(tmp_path):
+    """A workers.json or status.json of another shape was a traceback in `status`."""
+    address = "127.0.0.1:1"  # refused at once: nothing listens there
+    entry = {"address": address, "state": "down", "since": "x", "reason": 1}
+    views = [
+        {"workers": 5, "updated_at": "yesterday"},
+        {"workers": [entry, "address", {"address": 7}, {"address": address}]},
+    ]
+    for n, view in enumerate(views):
+        run_dir = tmp_path / f"view{n}"
+        run_dir.mkdir()
+        (run_dir / "status.json").write_text('{"state": "running"}')
+        (run_dir / "workers.json").write_text(json.dumps(view))
+        result = fedcompose("status", "--run-dir", str(run_dir), "--addresses", address)
+        assert result.returncode == 4, result.stderr  # the worker is down
+        assert "Traceback" not in result.stderr and "DOWN" in result.stdout, result.stderr
+        assert f"run {run_dir}: running" in result.stdout
+    (run_dir / "status.json").write_bytes(b'{"state": "runn')
+    result = fedcompose("status", "--run-dir", str(run_dir))
+    assert_one_line_error(result, "status", 5, str(run_dir / "status.json"), "cannot be read")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = fedcompose("status", "--run-dir", str(a_file))
+    assert_one_line_error(result, "status", 2, str(a_file), "is not a directory")
+
+
+def test_a_metrics_csv_that_cannot_be_read_is_rebuilt_from_the_jsonl(tmp_path):
+    """A damaged metrics.csv let a resumed run train its first round and then
+    end in a traceback (ValueError, UnicodeDecodeError) where TFF's CSV
+    manager read it; it is rebuilt from metrics.jsonl at the start instead."""
+    import asyncio
+
+    import tensorflow_federated as tff
+
+    rows = [{"round": r, "train": {"loss": 1.0 / r, "accuracy": 0.1 * r}} for r in (1, 2, 3)]
+    rows[1]["eval"] = {"loss": 0.5, "accuracy": 0.9}
+    damaged = {
+        "bad round": b"round,train/loss\nx,1.0\n2,0.5\n",
+        "not utf-8": b"\xff\xfe\x00r\x00o\x00u\x00n\x00d\x00\n",
+        "no header": b"",
+        "other file": b"name,value\nfoo,1\n",
+        "rounds out of order": b"round,train/loss\n2,1.0\n1,0.5\n",
+    }
+    for case, content in damaged.items():
+        run_dir = tmp_path / case.replace(" ", "-")
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run_dir / "metrics.csv").write_bytes(content)
+        run = run_dir_lib.RunDirectory(run_dir)
+        aside = run.repair_metrics_csv()
+        assert aside == run_dir / "unreadable-metrics.csv", case
+        assert aside.read_bytes() == content
+        manager = tff.program.CSVFileReleaseManager(str(run.metrics_csv), key_fieldname="round")
+        asyncio.run(manager.release({"train/loss": 0.25}, key=4))
+        with open(run.metrics_csv, newline="") as f:
+            table = list(csv.DictReader(f))
+        assert [int(r["round"]) for r in table] == [1, 2, 3, 4], case
+        assert table[1]["eval/accuracy"] == "0.9" and table[0]["train/loss"] == "1.0"
+        assert run.repair_metrics_csv() is None  # readable now: left alone
+
+
+def test_a_finished_run_whose_status_is_damaged_is_still_left_alone(tmp_path):
+    """A finished run is not re-run; a status.json whose final figures were
+    damaged made the summary line a traceback."""
+    for n, final in enumerate(({"accuracy": "high"}, 5)):
+        run_dir = tmp_path / f"run{n}"
+        (run_dir / "checkpoints" / "round_3").mkdir(parents=True)
+        (run_dir / "status.json").write_text(json.dumps({"state": "finished", "final_eval": final}))
+        result = fedcompose(
+            "train", "--addresses", "127.0.0.1:1", "--rounds", "3", "--run-dir", str(run_dir)
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "already finished 3 rounds" in result.stderr

@@ -7,9 +7,13 @@ Every case runs the real `fedcompose worker` on a shard written by
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +26,7 @@ import pytest
 from deploy.data import shards
 from deploy.data.sources import ClientData, FederatedSource
 from shared import shard_format
-from tests.conftest import fedcompose, kill_tree, start_fedcompose
+from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
 
 CLIENT = "writer_b"
 """The client each damaged shard has something wrong with."""
@@ -86,6 +90,36 @@ def test_missing_client_file(tmp_path):
     shard = write_shard(tmp_path)
     client_file(shard).unlink()
     assert f"{client_file(shard)}: missing (listed in the manifest)" in worker_refuses(shard)
+
+
+def test_unreadable_client_file_is_refused_by_the_quick_check_too():
+    """--shard-check quick checked sizes only: a client file the worker cannot
+    read passed, and failed inside a round, blamed on the worker. Run as user
+    nobody (root reads anything) on a shard it may search but not read."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "this test runs the worker as user nobody with setpriv (util-linux)"
+    root = Path(tempfile.mkdtemp(prefix="fedcompose-test-unreadable-"))
+    try:
+        shard = write_shard(root)
+        for directory in (root, *root.rglob("*")):
+            if directory.is_dir():
+                directory.chmod(0o755)
+            else:
+                directory.chmod(0o644)
+        client_file(shard).chmod(0o000)
+        for check in ("quick", "full"):
+            result = subprocess.run(
+                [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 sys.executable, "-m", "deploy.cli", "worker", "--shard", str(shard),
+                 "--port", str(free_port()), "--shard-check", check, "--ready-timeout", "20"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 3, (check, result.stderr[-2000:])
+            assert f"{client_file(shard)}: cannot read (Permission denied)" in result.stderr
+            assert "Traceback" not in result.stderr
+        assert os.stat(client_file(shard)).st_mode & 0o777 == 0
+    finally:
+        shutil.rmtree(root)
 
 
 def test_truncated_client_file(tmp_path):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from shared import config as config_lib
-from shared.errors import FedcomposeError, UsageError
+from shared.errors import FedcomposeError, RunDirError, UsageError
 
 log = logging.getLogger("fedcompose.bench")
 
@@ -158,6 +158,19 @@ def _chaos(config: config_lib.RunConfig) -> int:
     return chaos.run_soak(plan, run_dir)
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    """The bench's directory, or one line saying why it cannot be (a file
+    there was "File exists", exit 1)."""
+    from shared import files
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} exists and is not a directory; give a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"--run-dir {run_dir} cannot be created: {files.failure(e)}") from None
+
+
 def run(config: config_lib.RunConfig) -> int:
     from shared import interrupts, logs
 
@@ -165,7 +178,7 @@ def run(config: config_lib.RunConfig) -> int:
         if config.bench.pinned:
             raise UsageError("--pinned measures the grid; leave out --chaos")
         if config.output.run_dir:
-            Path(config.output.run_dir).mkdir(parents=True, exist_ok=True)
+            _make_run_dir(Path(config.output.run_dir))
         logs.setup(verbose=config.output.verbose, name="bench")
         interrupts.install()
         return _chaos(config)
@@ -173,7 +186,7 @@ def run(config: config_lib.RunConfig) -> int:
     run_dir = Path(
         config.output.run_dir or Path("bench-results") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _make_run_dir(run_dir)
     results_path = run_dir / "results.json"
     logs.setup(verbose=config.output.verbose, log_file=run_dir / "bench.log", name="bench")
     interrupts.install()
