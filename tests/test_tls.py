@@ -504,16 +504,18 @@ def test_a_kit_made_of_another_kits_files_is_refused_when_loaded(kits, tmp_path)
         shutil.copytree(kits / source, directory)
         return directory
 
-    swapped = copy("coordinator", "coordinator-with-w0-cert")
-    for file in ("cert.pem", "key.pem"):
-        (swapped / file).unlink()
-        shutil.copy(kits / "w0" / file, swapped / file)
+    def with_pair_of(kit: str, donor: str) -> Path:
+        """`kit`'s directory with `donor`'s certificate and key in it."""
+        directory = copy(kit, f"{kit}-with-{donor}-cert")
+        for file in ("cert.pem", "key.pem"):
+            (directory / file).unlink()
+            shutil.copy(kits / donor / file, directory / file)
+        return directory
+
+    swapped = with_pair_of("coordinator", "w0")
     with pytest.raises(UsageError, match=r"\(CN=w0\) is not a coordinator's certificate"):
         tls.load_kit(swapped, tls.COORDINATOR)
-    reverse = copy("w0", "w0-with-coordinator-cert")
-    for file in ("cert.pem", "key.pem"):
-        (reverse / file).unlink()
-        shutil.copy(kits / "coordinator" / file, reverse / file)
+    reverse = with_pair_of("w0", "coordinator")
     with pytest.raises(UsageError, match=r"\(CN=coordinator\) is not a worker's certificate"):
         tls.load_kit(reverse, tls.WORKER)
 
