@@ -103,3 +103,16 @@ def describe_os_error(e: OSError, doing: str = "") -> str:
     what = f"cannot {doing}: " if doing else ""
     return f"{what}{where}{reason}" + (f" ({hint})" if hint else "")
 
+
+def one_line(error: BaseException | str, limit: int | None = 200) -> str:
+    """An error (or its text) as one line to quote inside a message: whitespace
+    collapsed, at most `limit` characters. An exception other than a
+    `FedcomposeError` is prefixed with its type, which is often the only
+    clue when its text is terse (`KeyError: 'round'`)."""
+    if isinstance(error, BaseException):
+        text = " ".join(str(error).split())
+        if not isinstance(error, FedcomposeError):
+            text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    else:
+        text = " ".join(error.split())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
