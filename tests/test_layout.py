@@ -41,3 +41,24 @@ def test_listing_matches_the_modules(package: Path):
         f"{package.relative_to(ROOT)}/__init__.py: not listed {sorted(present - listed)}, "
         f"listed but absent {sorted(listed - present)}"
     )
+
+
+NAMED_PATH = re.compile(
+    r"\b((?:coordinator|client_worker|shared|deploy|tests|docs)/[\w/.-]*?"
+    r"\.(?:py|md|c|sh|service|lock|ipynb|toml))\b"
+)
+
+
+def test_paths_the_code_names_exist():
+    """A comment or message that names a file of this repository names one that
+    is there (`shared/loopback.py` cited a design document that was not)."""
+    stale = []
+    for top in (*PACKAGES, "tests"):
+        for source in sorted((ROOT / top).rglob("*")):
+            if source.suffix not in (".py", ".sh", ".c", ".service") or not source.is_file():
+                continue
+            for line_no, line in enumerate(source.read_text().splitlines(), 1):
+                for path in NAMED_PATH.findall(line):
+                    if not (ROOT / path).exists():
+                        stale.append(f"{source.relative_to(ROOT)}:{line_no}: {path}")
+    assert not stale, stale
