@@ -23,7 +23,7 @@ from coordinator.executor_client.server import ServerExecutor
 from coordinator.rounds import prepared
 from coordinator.rounds.executor_reuse import MemoryPlan
 from coordinator.rounds.round_executor import RoundExecutor
-from shared.errors import UsageError
+from shared.errors import UsageError, one_line
 
 if TYPE_CHECKING:
     from coordinator.algorithm.user_process import UserAlgorithm
@@ -95,7 +95,7 @@ class FederationSession:
             raise UsageError(
                 f"the algorithm ({spec.describe()}) cannot run across workers: TFF cannot "
                 "split its round into the mergeable form "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                f"({one_line(e, 300)}); "
                 "choose other blocks (`fedcompose blocks`)"
             ) from e
         executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)

@@ -26,7 +26,7 @@ from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
 from shared import interrupts, pause_points
 from shared.config import RunConfig
-from shared.errors import RunDirError, UsageError
+from shared.errors import RunDirError, UsageError, one_line
 
 if TYPE_CHECKING:
     from coordinator.algorithm.user_process import UserAlgorithm
@@ -267,9 +267,8 @@ def train(
                 run.note_stopped("interrupted")
             raise KeyboardInterrupt(str(exc)) from exc
         if started:
-            run.note_stopped(
-                "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            )
+            # The whole line the user sees, not only its first line.
+            run.note_stopped("failed", error=one_line(exc, limit=None))
         raise
 
 

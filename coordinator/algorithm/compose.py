@@ -78,15 +78,10 @@ def test_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
     return make_dataset
 
 
-def _weights_type(model_fn) -> tff.StructType:
-    with tf.Graph().as_default():
-        return tff.learning.models.weights_type_from_model(model_fn())
-
-
 def build_learning_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess:
     """The four building blocks, composed; `next` still takes datasets."""
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
-    weights_type = _weights_type(model_fn)
+    weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
@@ -154,7 +149,7 @@ def build_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess
 
 def build(spec: AlgorithmSpec) -> Algorithm:
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
-    weights_type = _weights_type(model_fn)
+    weights_type = models.weights_type_of(model_fn)
     process = build_process(spec)
     evaluation = tff.simulation.compose_dataset_computation_with_learning_process(
         test_dataset_computation(spec),
