@@ -50,7 +50,8 @@ def metrics_figure(rows: list[dict], title: str = "") -> Figure:
     ax_acc.set(xlabel="round", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -33,7 +33,6 @@ Rules that keep the directory whole, whatever happens to the process:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import dataclasses
@@ -56,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import files, pause_points, settings, shard_format
+from shared import event_loops, files, pause_points, settings, shard_format
 from shared.config import COMMANDS, SECTIONS, RunConfig, resume_conflicts
 from shared.errors import RunDirError, UsageError, one_line
 
@@ -597,7 +596,7 @@ class RunDirectory:
                 manager = tff.program.FileProgramStateManager(
                     str(staging), prefix=CHECKPOINT_PREFIX, keep_total=0
                 )
-                asyncio.run(manager.save(state, round_num))
+                event_loops.run(manager.save(state, round_num))
                 written = staging / target.name
                 files.sync_tree(written)
                 pause_points.reached("checkpoint", round_num)
@@ -662,10 +661,10 @@ class RunDirectory:
             str(self.checkpoint_dir), prefix=CHECKPOINT_PREFIX, keep_total=0
         )
         try:
-            state = asyncio.run(manager.load(version, structure))
+            state = event_loops.run(manager.load(version, structure))
         except Exception as e:  # TF raises many kinds; sorted out below
             try:
-                asyncio.run(file_utils.read_saved_model(str(path)))
+                event_loops.run(file_utils.read_saved_model(str(path)))
             except Exception as unreadable:
                 return None, one_line(unreadable)
             raise self._misfit(path, one_line(e)) from None
@@ -724,9 +723,9 @@ class RunDirectory:
         csv, tensorboard = self._release_managers()
 
         with _writing("metrics", self.metrics_csv):
-            asyncio.run(csv.release(scalars, key=round_num))
+            event_loops.run(csv.release(scalars, key=round_num))
         with _writing("TensorBoard events", self.tensorboard_dir):
-            asyncio.run(tensorboard.release(scalars, key=round_num))
+            event_loops.run(tensorboard.release(scalars, key=round_num))
         with _writing("metrics", self.metrics_jsonl), open(self.metrics_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -836,10 +835,11 @@ class RunDirectory:
     # --- artefacts -------------------------------------------------------------------
 
     def write_model(self, weights: Any) -> None:
-        arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(weights.trainable)}
-        arrays.update(
-            {f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(weights.non_trainable)}
-        )
+        from coordinator.rounds.outputs import weight_lists
+
+        trainable, non_trainable = weight_lists(weights)
+        arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(trainable)}
+        arrays.update({f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(non_trainable)})
         with (
             _writing("the final model", self.model_path),
             files.atomic_target(self.model_path, ".npz") as tmp,

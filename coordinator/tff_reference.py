@@ -136,7 +136,7 @@ def _child(work: Path) -> int:
     from tensorflow_federated.proto.v0 import computation_pb2
 
     from coordinator import federation
-    from coordinator.rounds.outputs import scalars
+    from coordinator.rounds.outputs import scalars, weight_lists
     from deploy.bench.tff_local import LocalReference
     from shared import shard_format
 
@@ -162,11 +162,9 @@ def _child(work: Path) -> int:
             )
             state = output["state"]
             metrics.append(scalars(output["metrics"]))
-        weights = _plain(comps["get_model_weights"](state))
-    arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(weights["trainable"])}
-    arrays.update(
-        {f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(weights["non_trainable"])}
-    )
+        trainable, non_trainable = weight_lists(_plain(comps["get_model_weights"](state)))
+    arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(trainable)}
+    arrays.update({f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(non_trainable)})
     np.savez(work / "weights.npz", **arrays)
     (work / "metrics.json").write_text(json.dumps(metrics))
     return 0

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import tensorflow_federated as tff
 from tqdm import tqdm
 
 from coordinator import algorithm_record
@@ -21,6 +22,7 @@ from coordinator.executor_client.connection import load_client_tls
 from coordinator.liveness import WORKERS_VIEW
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
+from coordinator.rounds.outputs import weight_lists
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
@@ -255,7 +257,7 @@ def train(
             final_eval,
             start_round - 1 or None,
             privacy=checks.privacy(),
-            model_weights=weights,
+            model_weights=tff.learning.models.ModelWeights(*weight_lists(weights)),
         )
     except KeyboardInterrupt:
         if started:

@@ -125,7 +125,9 @@ class LocalFederation(Federation):
             "run",
             LOCAL_SECTIONS,
             given,
-            fixed={"verbose": verbose},
+            # Rounds' sizes are train()'s, checked against the clients the
+            # workers host when it starts; none is asked of the data here.
+            fixed={"verbose": verbose, "clients_per_round": 1},
             what="LocalFederation()",
             exclude=TRAINING_OWNED | set(config_lib._COORDINATOR_RESILIENCE),
             elsewhere="train()",

@@ -110,12 +110,20 @@ def traced(preprocess: Preprocess, split: str) -> tff.Computation:
     try:
         return _dataset_computation(preprocess, split)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raw = tff.types.tensorflow_to_type(preprocessing.raw_element_spec())
         raise UsageError(
             f"the preprocessing function cannot run on the workers' {split} data "
-            f"(elements {_describe_type(preprocessing.raw_element_spec())}): "
-            f"{type(e).__name__}: {first}"
+            f"(elements {_describe_type(raw)}): {_cause(e)}"
         ) from e
+
+
+def _cause(e: BaseException) -> str:
+    """One line for an error from traced user code: AutoGraph puts its own
+    "in user code:" and a stack before the error's own last line."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("in user code"):
+        return lines[-1][:300]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def check_fits(made: tff.Type, taken: tff.Type, who: str) -> None:

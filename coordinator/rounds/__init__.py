@@ -7,4 +7,5 @@ round_executor.py  `RoundExecutor`: training rounds and evaluations of one algor
 resilience.py      a round that survives lost workers: live sampling, coverage, retries
 diagnosis.py       which clients were not finite, recomputed where they live
 prepared.py        the algorithm's computations, compiled once and cached across processes
+outputs.py         a round's and an evaluation's figures, from the algorithm's metrics
 """

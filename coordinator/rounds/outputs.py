@@ -87,3 +87,16 @@ def eval_metrics(metrics: object) -> dict:
         "accuracy": _accuracy(flat, prefix),
         "examples": int(examples) if examples is not None else None,
     }
+
+
+def weight_lists(weights: object) -> tuple[list, list]:
+    """(trainable, non-trainable) arrays of what a process's `get_model_weights`
+    returns: TFF's ModelWeights, or any structure of tensors (k-means' centroids),
+    taken as trainable."""
+    import tensorflow as tf
+
+    if hasattr(weights, "trainable") and hasattr(weights, "non_trainable"):
+        return list(weights.trainable), list(weights.non_trainable)  # type: ignore[attr-defined]  # ModelWeights
+    if isinstance(weights, Mapping) and set(weights) == {"trainable", "non_trainable"}:
+        return list(weights["trainable"]), list(weights["non_trainable"])
+    return [np.asarray(leaf) for leaf in tf.nest.flatten(weights)], []

@@ -13,4 +13,5 @@ curves.py            cost curves: memory against clients per round, scale agains
 scale_child.py       child: the coordinator at scale, timing what grows with hosted clients
 pinning.py           pinned mode: each measured process on cores of its own
 chaos.py             `--chaos`: a soak of a run that loses workers
+sweep.py             a sweep in one federation against separate runs (python -m ...sweep)
 """

@@ -29,8 +29,8 @@ def client_update(model, dataset, server_weights, client_optimizer):
         grads = tape.gradient(outputs.loss, client_weights.trainable)
         gradient_norm = tf.linalg.global_norm(grads)
         if gradient_norm > 1:
-            grads = tf.nest.map_structure(lambda x: x / gradient_norm, grads)
-        client_optimizer.apply_gradients(zip(grads, client_weights.trainable))
+            grads = tf.nest.map_structure(lambda x: x / gradient_norm, grads)  # noqa: B023
+        client_optimizer.apply_gradients(zip(grads, client_weights.trainable, strict=True))
     client_update = tf.nest.map_structure(
         tf.subtract, server_weights.trainable, client_weights.trainable
     )
