@@ -23,7 +23,6 @@ config file (`config="sweep.toml"`), and checked by the same rules.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import logging
@@ -227,17 +226,16 @@ class Federation:
         except BaseException:
             self.close()
             raise
+        # Runs at interpreter exit if close() has not (a finalizer holding the
+        # bound `_stop` keeps the object alive until then).
         self._closer.detach()
         self._closer = weakref.finalize(self, _close_quietly, self._session, self._stop)
-        atexit.register(self.close)
         return self
 
     def close(self) -> None:
         """Stops every process this federation started; safe to call again."""
         session, self._session = self._session, None
         self._closer.detach()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
         _close_quietly(session, self._stop)
 
     def __enter__(self) -> Federation:
