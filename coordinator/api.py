@@ -138,7 +138,15 @@ class TrainingResult:
         """Loss and accuracy against round (a matplotlib Figure)."""
         from coordinator import plots
 
-        return plots.metrics_figure(self.records, title or str(self.run_dir))
+        figure = plots.metrics_figure(self.records, title or str(self.run_dir))
+        if _in_notebook():
+            # A figure made without pyplot has no inline display until the
+            # inline backend is loaded: tell IPython to show figures as PNG.
+            from IPython import get_ipython
+            from IPython.core.pylabtools import select_figure_formats
+
+            select_figure_formats(get_ipython(), {"png"})
+        return figure
 
     def __repr__(self) -> str:
         held_out = ""
