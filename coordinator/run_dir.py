@@ -636,7 +636,10 @@ class RunDirectory:
 
         target = self.checkpoint_path(round_num)
         staging = files.temporary_path(self.checkpoint_dir / "staging")
-        with _writing(f"checkpoint {target}", target):
+        # Named by its round, and a failure by the path that failed: TensorFlow's
+        # errors carry no path, and what it writes is the staging directory (the
+        # message named the target twice, which was never written to).
+        with _writing(f"round {round_num}'s checkpoint", staging):
             try:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 manager = tff.program.FileProgramStateManager(

@@ -334,6 +334,39 @@ def test_failures_of_tensorflow_file_writes_name_the_path():
     assert not files.is_file_error(ValueError("No space left on device"))
 
 
+SAVE_CHECKPOINT = """
+import sys
+import numpy as np
+from pathlib import Path
+from coordinator.run_dir import RunDirectory
+from shared.errors import RunDirError
+try:
+    RunDirectory(Path(sys.argv[1])).save_checkpoint(3, [np.zeros(3, np.float32)])
+except RunDirError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_write_refused_by_permissions_names_the_directory_that_failed(tmp_path):
+    """It named the checkpoint's path twice, and not the staging directory
+    TensorFlow could not make. Run in a user namespace of its own, where this
+    test's root is no more than the owner of the files (0555: no writing)."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    checkpoints.chmod(0o555)
+    result = subprocess.run(
+        ["unshare", "--user", sys.executable, "-c", SAVE_CHECKPOINT, str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = result.stdout.strip()
+    assert line.startswith(f"cannot write round 3's checkpoint: {checkpoints}/.staging.tmp-"), (
+        result.stdout + result.stderr[-2000:]
+    )
+    assert line.endswith("Permission denied (check its permissions)")
+    assert "round_3" not in line
+    assert os.listdir(checkpoints) == []
+
+
 # --- private directories of killed owners --------------------------------------------
 
 MAKE_SCRATCH = """
