@@ -139,10 +139,19 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
             f"`chmod 600 {key_path}`"
         )
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        cas = x509.load_pem_x509_certificates(ca_pem)
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         raise UsageError(f"{flag}: {path} holds a certificate that is not valid PEM") from None
+    if len(cas) != 1:
+        # Every certificate in it is trusted: a second CA (another federation's,
+        # or a forged one placed first) widens whom this site trusts, and made
+        # the diagnosis of a refused handshake blame what was not at fault.
+        raise UsageError(
+            f"{flag}: {path / CA_FILE} holds {len(cas)} certificates; a kit's ca.pem holds its "
+            "federation's CA alone: copy it again from the federation's ca/ca.pem"
+        )
+    ca = cas[0]
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
@@ -158,8 +167,15 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
+        why = ""
+        if ca.subject == cert.issuer:
+            why = (
+                f": {CA_FILE} has the name of its issuer ({ca.subject.rfc4514_string()}) but "
+                "another key (a CA re-made or forged under that name); copy this site's whole "
+                "kit again"
+            )
         raise UsageError(
-            f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}"
+            f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}{why}"
         ) from None
     # A certificate copied in from another kit: a worker's may only serve, the
     # coordinator's only be a client (`provision.issue`), so it would fail at
