@@ -157,7 +157,9 @@ def _remove_if_unused(directory: Path) -> None:
     `.lock` and `logs/` looked like a run (`train --clients-per-round 1e9`
     refused after connecting left them). Under the lock, before it is dropped."""
     try:
-        if set(os.listdir(directory)) <= _BEFORE_USE:
+        others = [directory / name for name in os.listdir(directory) if name not in _BEFORE_USE]
+        # An empty directory (`shards/` after a failed build removed its shards) holds nothing.
+        if all(p.is_dir() and not p.is_symlink() and not any(p.iterdir()) for p in others):
             shutil.rmtree(directory)
     except OSError:
         pass  # left as it is: it holds nothing a later start trips on
