@@ -390,7 +390,12 @@ def resolve(
                     converted = [
                         coerce(name, item, kind_of(f), text=not from_file) for item in items
                     ]
-                elif from_file and name not in taken and isinstance(value, list):
+                elif (
+                    from_file
+                    and name not in taken
+                    and isinstance(value, list)
+                    and kind_of(f) is not list
+                ):
                     # Another command's sweep (bench's clients_per_round = [10, 100]).
                     converted = [coerce(name, item, kind_of(f), text=False) for item in value]
                 else:

@@ -232,6 +232,12 @@ def test_a_sweep_of_another_command_in_a_config_file_is_checked_item_by_item(tmp
     parser = argparse.ArgumentParser()
     config_lib.add_arguments(parser, "data")
     config_lib.resolve(parser.parse_args(["--config", str(path), "--shards-dir", "x"]), "data")
+    # A list setting stays a list (the addresses of `train`, in a file `data` reads).
+    path.write_text('[federation]\naddresses = ["127.0.0.1:1", "127.0.0.1:2"]\n')
+    config = config_lib.resolve(
+        parser.parse_args(["--config", str(path), "--shards-dir", "x"]), "data"
+    )
+    assert config.federation.addresses == ["127.0.0.1:1", "127.0.0.1:2"]
     path.write_text("[training]\nclients_per_round = [10, 0]\n")
     with pytest.raises(UsageError, match=re.escape("training.clients_per_round must be >= 1")):
         config_lib.resolve(parser.parse_args(["--config", str(path), "--shards-dir", "x"]), "data")
