@@ -24,7 +24,9 @@ from shared import worker_dir
 from tests import container_env
 from tests.conftest import fedcompose
 
-pytestmark = pytest.mark.slow
+# The first container test of a fresh machine builds the base and the image
+# (measured: about 8 minutes on 2 busy cores), beyond pytest's usual 900 s.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 UID = 10001
 ROUNDS = 12
