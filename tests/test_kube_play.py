@@ -4,12 +4,14 @@ No Kubernetes cluster can run here (DESIGN.md, section 10), so this smoke test
 takes the StatefulSet's pod template as it is (its init container, command,
 user, read-only root, probes) and runs one replica of it under podman. What a
 cluster would do and podman 4.3 cannot is done by the test, and only that: the
-pod gets the name the StatefulSet would give it, the kustomization's image and
+pod gets a name of this run's (`fc<run id>-fedcompose-worker-0`, where the
+StatefulSet would name it `fedcompose-worker-0`), the kustomization's image and
 labels are applied, the Secrets volume becomes a host directory laid out as the
 projected volume would be (mode 0440, group 10001, as kubelet with fsGroup
-makes it), and the shards claim a host directory, with the pod's `subPathExpr`
-resolved; the init container is kept after it ran (a podman 4.3 race). Then the coordinator's `fedcompose status` reaches the worker over
-mutual TLS.
+makes it), the shards claim becomes a host directory with the pod's
+`subPathExpr` resolved, and the init container is kept after it ran (a podman
+4.3 race). Then the coordinator's `fedcompose status` reaches the worker over
+mutual TLS from this host.
 """
 
 from __future__ import annotations
