@@ -115,6 +115,13 @@ def base_image() -> str:
     tag = f"{BASE_REPO}:{BASE_SUITE}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if build.image_exists(tag):
         return tag
+    with build.locked("base"):  # one maker at a time (test processes run side by side)
+        if not build.image_exists(tag):
+            _make_base(tag)
+    return tag
+
+
+def _make_base(tag: str) -> None:
     with tempfile.TemporaryDirectory(prefix="fedcompose-rootfs-", dir=build.cache_dir()) as tmp:
         tarball = Path(tmp) / "rootfs.tar"
         _run(
@@ -134,7 +141,6 @@ def base_image() -> str:
             timeout=600,
             what="podman import (the test base image)",
         )
-    return tag
 
 
 _built: dict[str, str] = {}

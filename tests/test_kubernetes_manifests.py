@@ -34,7 +34,7 @@ def validator() -> Path:
     program = venv / "bin" / "kubernetes-validate"
     if program.is_file():
         return program
-    with build._locked("kubernetes-validate"):
+    with build.locked("kubernetes-validate"):
         if program.is_file():
             return program
         pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]

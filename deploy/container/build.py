@@ -79,7 +79,7 @@ def _run(args: list[str], what: str, timeout: float, **kwargs) -> subprocess.Com
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def locked(name: str) -> Iterator[None]:
     """One builder at a time per cache (test processes run side by side)."""
     fd = os.open(cache_dir() / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -118,7 +118,7 @@ def wheelhouse(log: Log = _stderr) -> Path:
     target = cache_dir() / f"wheelhouse-{_lock_hash()}"
     if (target / ".complete").is_file():
         return target
-    with _locked("wheelhouse"):
+    with locked("wheelhouse"):
         if (target / ".complete").is_file():
             return target
         started = time.monotonic()
@@ -251,7 +251,7 @@ def ensure_image(base: str = DEFAULT_BASE, engine: str = "podman", log: Log = _s
     image = f"{REPOSITORY}:{content_hash(_image_id(base, engine))}"
     if image_exists(image, engine):
         return image
-    with _locked("image"):
+    with locked("image"):
         if image_exists(image, engine):
             return image
         wheels = wheelhouse(log)
