@@ -150,8 +150,9 @@ def fedcompose_image() -> str:
     """fedcompose's image on the test base: set-up first, then built (or reused)."""
     if "image" in _built:
         return _built["image"]
-    install_packages()
-    write_containers_conf()
+    with build.locked("setup"):  # apt-get and the settings file: one process at a time
+        install_packages()
+        write_containers_conf()
     started = time.monotonic()
     base = base_image()
     try:

@@ -129,6 +129,13 @@ def test_federation_of_containers_trains_over_mutual_tls(tmp_path):
             podman.wait_log(name, worker_dir.READY_MARK)
         health = podman("healthcheck", "run", workers[0], check=False, timeout=60)
         assert health.returncode == 0, health.stdout + health.stderr
+        said = podman("exec", workers[0], "python", "-m", "deploy.container.healthcheck").stdout
+        assert said.startswith("healthy: worker serves mutual TLS on port 10000"), said
+        # The same image running no fedcompose is unhealthy.
+        idle = podman.name("idle")
+        podman("run", "--detach", "--name", idle, *common, "--entrypoint", "sleep", image, "600")
+        assert podman("healthcheck", "run", idle, check=False, timeout=60).returncode == 1
+        podman("rm", "--force", "--time", "0", idle)
 
         coordinator_kit = _owned_copy(kits / "coordinator", mounts / "coordinator")
         pause_a, pause_b = runs_host / "pause-a", runs_host / "pause-b"
