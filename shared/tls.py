@@ -56,7 +56,7 @@ class Kit:
     info: dict = dataclasses.field(default_factory=dict)
     serial: int = 0
     revocations: Revocations | None = None
-    """The kit's `crl.pem`, re-read when it changes; None: the kit has none."""
+    """The kit's `crl.pem`, re-read when it changes (or appears)."""
 
     def sites_by_address(self) -> dict[str, str]:
         """A coordinator's kit: dial address (lower case) -> the worker site provisioned there."""
@@ -104,6 +104,9 @@ class Revocations:
 
     def _load(self, strict: bool) -> None:
         stamp = self._stat()
+        if stamp is None:  # no list (yet): nothing is revoked
+            self._revoked, self._stamp, self.error = {}, None, ""
+            return
         try:
             self._revoked = parse_crl(_read(self.path, "revocation list", self._flag), self._ca_pem)
             self.error = ""
@@ -238,15 +241,14 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
                 f"{flag}: this site's {what} is valid only from "
                 f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
             )
-    revocations = None
-    if (path / CRL_FILE).exists():
-        revocations = Revocations(path / CRL_FILE, ca_pem, flag)
-        when = revocations.revoked(cert.serial_number)
-        if when is not None:
-            raise UsageError(
-                f"{flag}: this site's certificate ({name}, serial {cert.serial_number:x}) was "
-                f"revoked on {when:%Y-%m-%d %H:%M} UTC; provision a new kit for it"
-            )
+    # Watched even while absent: a list copied in later is taken without a restart.
+    revocations = Revocations(path / CRL_FILE, ca_pem, flag)
+    when = revocations.revoked(cert.serial_number)
+    if when is not None:
+        raise UsageError(
+            f"{flag}: this site's certificate ({name}, serial {cert.serial_number:x}) was "
+            f"revoked on {when:%Y-%m-%d %H:%M} UTC; provision a new kit for it"
+        )
     return Kit(
         directory=path,
         role=role,

@@ -76,7 +76,7 @@ class ClientTLS:
     def checks_peer(self) -> bool:
         """Whether a connection needs our own look at the worker's certificate
         (gRPC checks only the CA and the address)."""
-        return bool(self.sites) or self.revocations is not None
+        return bool(self.sites) or (self.revocations is not None and len(self.revocations) > 0)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
