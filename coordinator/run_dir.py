@@ -58,7 +58,7 @@ import numpy as np
 
 from shared import files, pause_points, settings, shard_format
 from shared.config import COMMANDS, SECTIONS, RunConfig, resume_conflicts
-from shared.errors import RunDirError, UsageError
+from shared.errors import RunDirError, UsageError, one_line
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -667,12 +667,12 @@ class RunDirectory:
             try:
                 asyncio.run(file_utils.read_saved_model(str(path)))
             except Exception as unreadable:
-                return None, _one_line(unreadable)
-            raise self._misfit(path, _one_line(e)) from None
+                return None, one_line(unreadable)
+            raise self._misfit(path, one_line(e)) from None
         try:
             loaded, wanted = tf.nest.flatten(state), tf.nest.flatten(structure)
         except (TypeError, ValueError) as e:
-            raise self._misfit(path, _one_line(e)) from None
+            raise self._misfit(path, one_line(e)) from None
         if len(loaded) != len(wanted):
             raise self._misfit(path, f"{len(loaded)} tensors, the model has {len(wanted)}")
         for i, (a, b) in enumerate(zip(loaded, wanted, strict=True)):
@@ -746,7 +746,7 @@ class RunDirectory:
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError, csv.Error) as e:
-            problem = _one_line(e)
+            problem = one_line(e)
         except OSError as e:
             raise RunDirError(f"cannot read {files.failure(e, self.metrics_csv)}") from None
         aside = self.path / f"{UNREADABLE_PREFIX}{self.metrics_csv.name}"
@@ -855,8 +855,3 @@ class RunDirectory:
         with _writing("the plot", self.plot_path):
             plots.plot_metrics(rows, self.plot_path, title)
         return self.plot_path
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

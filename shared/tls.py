@@ -69,10 +69,6 @@ class Kit:
         return found
 
     @property
-    def ca_path(self) -> Path:
-        return self.directory / CA_FILE
-
-    @property
     def cert_path(self) -> Path:
         return self.directory / CERT_FILE
 
