@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from shared import config, logs, processes, worker_dir
+from shared.errors import UsageError
 from shared.shard_format import ShardError
 
 log = logging.getLogger("fedcompose.worker")
@@ -31,6 +32,7 @@ def run(settings: config.RunConfig) -> int:
     # started outlives the shell that started it.
     processes.die_with_parent(signal.SIGTERM)
 
+    from client_worker import audit as audit_lib
     from client_worker import service, shard_check
     from shared import loopback, tls
 
@@ -38,6 +40,21 @@ def run(settings: config.RunConfig) -> int:
     # one line, before the shard is read or anything starts.
     kit = tls.load_kit(settings.tls.tls_dir, tls.WORKER) if settings.tls.tls_dir else None
     loopback.confine_children()
+    _raise_descriptor_limit()
+    audit = None
+    if kit is not None or settings.tls.insecure_plaintext_network:
+        audit_path = (
+            Path(settings.tls.audit_log).expanduser()
+            if settings.tls.audit_log
+            else audit_lib.default_path(log_file, w.port)
+        )
+        try:
+            audit = audit_lib.AuditLog(audit_path)
+        except OSError as e:
+            raise UsageError(
+                f"--audit-log {audit_path}: cannot be written ({e.strerror or e}); give a "
+                "writable file with --audit-log"
+            ) from None
 
     shard_dir = Path(w.shard).expanduser()
     started = time.monotonic()
@@ -80,6 +97,9 @@ def run(settings: config.RunConfig) -> int:
             max_message_mb=w.max_message_mb,
             kit=kit,
             plaintext_network=settings.tls.insecure_plaintext_network,
+            audit=audit,
+            handshake_timeout=settings.tls.handshake_timeout,
+            max_pending=settings.tls.max_pending_handshakes,
         )
     except service.WorkerStartError as e:
         log.error("cannot start: %s", e)
@@ -113,3 +133,17 @@ def run(settings: config.RunConfig) -> int:
     finally:
         svc.stop()
         log.info("stopped")
+
+
+def _raise_descriptor_limit() -> None:
+    """The soft descriptor limit up to the hard one: each connection costs
+    descriptors (up to three while relayed), and a low soft limit (often 1024,
+    256 seen) is what a flood exhausts first."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

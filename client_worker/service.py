@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from client_worker import proxy as proxy_lib
+from client_worker.audit import AuditLog
 from shared import executor_binary, loopback, ports, processes, scratch, shard_format, worker_dir
 from shared.errors import FedcomposeError
 from shared.tls import Kit
@@ -48,6 +49,7 @@ class WorkerService:
     executor_log: Path
     executor_port: int = 0
     proxy: proxy_lib.Proxy | None = None
+    audit: AuditLog = dataclasses.field(default_factory=lambda: AuditLog(None))
 
     @property
     def exposure(self) -> str:
@@ -55,7 +57,10 @@ class WorkerService:
         if self.proxy is None:
             return "loopback only"
         if self.proxy.forwarder._allowed is not None:
-            return f"every interface, mutual TLS, only {self.proxy.forwarder._allowed!r} may call"
+            return (
+                f"every interface, mutual TLS, only {self.proxy.forwarder._allowed!r} may call; "
+                f"audit log {self.audit.path}"
+            )
         return "EVERY INTERFACE, PLAINTEXT, NO AUTHENTICATION"
 
     def stop(self) -> None:
@@ -63,6 +68,7 @@ class WorkerService:
             self.proxy.stop()
         processes.stop(self.process, grace=5.0, sig=signal.SIGTERM)
         scratch.release(self.runtime_dir)
+        self.audit.close()
 
     def executor_log_tail(self, lines: int = 5) -> str:
         try:
@@ -127,6 +133,9 @@ def start(
     max_message_mb: int = executor_binary.DEFAULT_MAX_MESSAGE_MB,
     kit: Kit | None = None,
     plaintext_network: bool = False,
+    audit: AuditLog | None = None,
+    handshake_timeout: float = proxy_lib.gate_lib.HANDSHAKE_TIMEOUT,
+    max_pending: int = proxy_lib.gate_lib.MAX_PENDING,
 ) -> WorkerService:
     """Starts the executor over `shard_dir`; `port` is served on loopback, or
     through the proxy on every interface with `kit` (mutual TLS) or
@@ -157,6 +166,8 @@ def start(
     service = WorkerService(
         shard_dir, port, manifest, runtime_dir, process, executor_log, executor_port
     )
+    if audit is not None:
+        service.audit = audit
     if not _wait_until_serving(executor_port, process, ready_timeout):
         code = process.poll()
         tail = service.executor_log_tail()
@@ -179,7 +190,12 @@ def start(
         loopback.check_confined(process.pid, f"TFF's executor service (pid {process.pid})")
         if public:
             service.proxy = proxy_lib.start(
-                port, executor_binary.loopback_address(executor_port), kit
+                port,
+                executor_binary.loopback_address(executor_port),
+                kit,
+                audit=service.audit,
+                handshake_timeout=handshake_timeout,
+                max_pending=max_pending,
             )
     except BaseException:
         service.stop()

@@ -15,6 +15,12 @@ ones that exist unchanged, and refuses a site whose addresses changed (remove
 its directory to re-issue it), a second coordinator identity (workers accept
 exactly one) and two workers dialled at one address and port. The
 coordinator's kit.json and commands list every worker provisioned so far.
+
+`--revoke NAME,...` adds sites' certificates to the federation's revocation
+list (`ca/crl.pem`, an X.509 CRL signed by the CA), copies that list into
+every kit (`crl.pem`), and moves the revoked kits aside to `.revoked/`, so
+that the name can be issued again. Workers and the coordinator refuse a
+revoked peer (`shared.tls.Revocations`).
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ KIT_INSTALL_ROOT = "/etc/fedcompose"
 """Where the generated command lines and units expect a kit to be copied."""
 CA_VALID_DAYS = 3650
 LOCK_FILE = ".provision.lock"
+REVOKED_DIR = ".revoked"
+NOFILE_LIMIT = 65536
+"""The kit's unit's descriptor limit: connections a flood opens cost descriptors."""
 
 
 def _now() -> datetime.datetime:
@@ -370,6 +379,9 @@ NoNewPrivileges=yes
 PrivateTmp=yes
 LogsDirectory=fedcompose
 WorkingDirectory=/opt/fedcompose
+# Every connection costs descriptors; the worker bounds unauthenticated ones
+# (--max-pending-handshakes), this bounds the rest.
+LimitNOFILE={NOFILE_LIMIT}
 ExecStart=/opt/fedcompose/.venv/bin/{command}
 KillSignal=SIGTERM
 TimeoutStopSec=20
@@ -592,12 +604,107 @@ def _provision_locked(
             extra_files={"commands.txt": _coordinator_commands(workers, coordinator_kit_dir)},
         )
         done.append(f"issued the coordinator's kit in {coordinator_dir}")
+    _distribute_crl(kits_dir, ca_dir, done)
     return done
+
+
+def _distribute_crl(kits_dir: Path, ca_dir: Path, done: list[str]) -> None:
+    """Copies the federation's revocation list into every kit that lacks it or holds an old one."""
+    crl = ca_dir / tls.CRL_FILE
+    if not crl.is_file():
+        return
+    data = crl.read_bytes()
+    for site in sorted(p for p in kits_dir.iterdir() if not p.name.startswith(".")):
+        if site.name == CA_DIR or not (site / tls.KIT_FILE).is_file():
+            continue
+        target = site / tls.CRL_FILE
+        if not target.is_file() or target.read_bytes() != data:
+            files.write_atomic(target, data)
+            os.chmod(target, 0o644)
+            done.append(f"wrote the revocation list into {target}: copy it to its machine")
+
+
+def _revoked_serials(ca_dir: Path, ca_cert) -> dict[int, datetime.datetime]:
+    crl = ca_dir / tls.CRL_FILE
+    if not crl.is_file():
+        return {}
+    return tls.parse_crl(crl.read_bytes(), _cert_pem(ca_cert), where=f"--kits-dir: {ca_dir}")
+
+
+def revoke(
+    kits_dir: Path, names: list[str], coordinator_name: str = "coordinator", valid_days: int = 365
+) -> list[str]:
+    """Revokes the certificates of the sites `names`; returns what it did, one line each."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    if not (kits_dir / CA_DIR).is_dir():
+        raise UsageError(
+            f"--kits-dir {kits_dir} holds no federation (no {CA_DIR}/); nothing to revoke"
+        )
+    lock = os.open(kits_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ca_dir = kits_dir / CA_DIR
+        ca_key, ca_cert = _load_ca(ca_dir)
+        revoked = _revoked_serials(ca_dir, ca_cert)
+        done: list[str] = []
+        moved: list[tuple[Path, Path]] = []
+        now = _now()
+        for name in names:
+            site_dir = kits_dir / name
+            if name == CA_DIR or not (site_dir / tls.KIT_FILE).is_file():
+                raise UsageError(
+                    f"--revoke {name}: no kit of that name in {kits_dir}; give the name of a "
+                    "provisioned site"
+                )
+            try:
+                cert = x509.load_pem_x509_certificate((site_dir / tls.CERT_FILE).read_bytes())
+            except (OSError, ValueError):
+                raise UsageError(
+                    f"--revoke {name}: {site_dir / tls.CERT_FILE} cannot be read as a certificate"
+                ) from None
+            revoked.setdefault(cert.serial_number, now)
+            aside = kits_dir / REVOKED_DIR / f"{name}-{cert.serial_number:x}"
+            moved.append((site_dir, aside))
+            done.append(f"revoked {name}'s certificate (serial {cert.serial_number:x})")
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - datetime.timedelta(minutes=5))
+            .next_update(ca_cert.not_valid_after_utc)
+        )
+        for serial, when in sorted(revoked.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        crl = builder.sign(ca_key, hashes.SHA256())
+        from cryptography.hazmat.primitives import serialization
+
+        files.write_atomic(
+            ca_dir / tls.CRL_FILE, crl.public_bytes(serialization.Encoding.PEM).decode()
+        )
+        os.chmod(ca_dir / tls.CRL_FILE, 0o644)
+        for site_dir, aside in moved:
+            aside.parent.mkdir(mode=0o700, exist_ok=True)
+            os.rename(site_dir, aside)
+            done.append(f"moved {site_dir.name}'s kit aside to {aside}")
+        # The coordinator's list loses revoked workers; a revoked coordinator is issued anew.
+        done += _provision_locked(kits_dir, {}, coordinator_name, valid_days)
+        return done
+    finally:
+        os.close(lock)
 
 
 def run(config: config_lib.RunConfig) -> int:
     p = config.provision
     sites = parse_sites(list(p.sites))
+    kits_dir = Path(p.kits_dir).expanduser()
+    if p.revoke:
+        for line in revoke(kits_dir, list(p.revoke), p.coordinator_name, p.valid_days):
+            print(line)
+        if not sites:
+            return 0
     for line in provision(Path(p.kits_dir).expanduser(), sites, p.coordinator_name, p.valid_days):
         print(line)
     return 0

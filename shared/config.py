@@ -580,6 +580,26 @@ class TLSConfig:
         "reaches the port can run code as this user (without this or --tls-dir a worker "
         "listens on loopback only)",
     )
+    audit_log: str = setting(
+        "",
+        "worker: the audit log (every refused connection and every call, rotated at 5 MB, "
+        "3 old files kept); default: next to --log-file (NAME.audit.log), else "
+        "~/.local/state/fedcompose/worker-PORT.audit.log",
+        metavar="FILE",
+    )
+    handshake_timeout: float = setting(
+        10.0,
+        "worker: seconds a connection may take to complete mutual TLS before it is closed",
+        above=0,
+        maximum=300,
+    )
+    max_pending_handshakes: int = setting(
+        64,
+        "worker: TLS handshakes in progress at once; one more closes the oldest (a flood of "
+        "connections without a certificate cannot lock the coordinator out)",
+        minimum=1,
+        maximum=10_000,
+    )
 
 
 @dataclasses.dataclass
@@ -598,6 +618,14 @@ class ProvisionConfig:
     )
     valid_days: int = setting(
         365, "days the issued site certificates are valid", minimum=1, maximum=3650
+    )
+    revoke: list = setting(
+        [],
+        "sites whose certificates to revoke (comma separated names): adds them to the "
+        "federation's revocation list crl.pem, copies it into every kit, and moves the "
+        "revoked kits aside (re-issue one with --sites); copy each kit's new crl.pem to its "
+        "machine, where workers take it without a restart",
+        metavar="NAME,...",
     )
 
 

@@ -28,6 +28,8 @@ from shared.errors import FedcomposeError
 
 SOURCE = Path(__file__).with_name("loopback_shim.c")
 SHIM_NAME = "fedcompose-loopback.so"
+FEATURES = b"fedcompose-shim-features: loopback-bind exclusive-port uid-filter-v1"
+"""The marker `loopback_shim.c` carries for what it does."""
 ENV_OVERRIDE = "FEDCOMPOSE_LOOPBACK_SHIM"
 """Path of the shim to use instead of the virtualenv's (packagers, tests)."""
 
@@ -53,7 +55,20 @@ def require_shim() -> Path:
             "on every interface; build it with `deploy/bootstrap.sh` (or "
             f"`{sys.executable} -m shared.loopback --build`, which needs a C compiler)"
         )
+    if not _has_features(path):
+        raise ConfinementError(
+            f"the loopback shim {path} is an older build that lets other users of this machine "
+            "connect to the executor service; rebuild it with `deploy/bootstrap.sh` (or "
+            f"`{sys.executable} -m shared.loopback --build`)"
+        )
     return path
+
+
+def _has_features(path: Path) -> bool:
+    try:
+        return FEATURES in path.read_bytes()
+    except OSError:
+        return False
 
 
 def environment(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -88,7 +103,7 @@ def confine_children() -> None:
 def build(dest: Path | None = None, compiler: str | None = None) -> Path:
     """Compiles the shim into `dest` (default: the virtualenv) unless it is up to date."""
     dest = dest or shim_path()
-    if dest.is_file() and dest.stat().st_mtime >= SOURCE.stat().st_mtime:
+    if dest.is_file() and dest.stat().st_mtime >= SOURCE.stat().st_mtime and _has_features(dest):
         return dest
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:

@@ -6,6 +6,8 @@ A kit is a directory::
     cert.pem    this site's certificate, signed by the CA
     key.pem     this site's private key (mode 0600)
     kit.json    who this site is: role, name, the coordinator's name, addresses
+    crl.pem     optional: the federation's revocation list (`fedcompose provision
+                --revoke`), signed by the CA; both sides refuse a revoked peer
 
 A worker serves mutual TLS with its kit and lets only the coordinator's
 identity call (`client_worker.proxy`); the coordinator dials workers with its
@@ -32,6 +34,7 @@ CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 KIT_FILE = "kit.json"
+CRL_FILE = "crl.pem"
 WORKER = "worker"
 COORDINATOR = "coordinator"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -52,6 +55,19 @@ class Kit:
     not_after: datetime.datetime
     addresses: tuple[str, ...] = ()
     info: dict = dataclasses.field(default_factory=dict)
+    serial: int = 0
+    revocations: Revocations | None = None
+    """The kit's `crl.pem`, re-read when it changes (or appears)."""
+
+    def sites_by_address(self) -> dict[str, str]:
+        """A coordinator's kit: dial address (lower case) -> the worker site provisioned there."""
+        workers = self.info.get("workers") or {}
+        found: dict[str, str] = {}
+        if isinstance(workers, dict):
+            for name, dial in workers.items():
+                for address in dial if isinstance(dial, list) else []:
+                    found[str(address).lower()] = str(name)
+        return found
 
     @property
     def cert_path(self) -> Path:
@@ -60,6 +76,68 @@ class Kit:
     @property
     def key_path(self) -> Path:
         return self.directory / KEY_FILE
+
+
+class Revocations:
+    """A revocation list (X.509 CRL signed by the federation's CA), re-read when
+    its file changes, so that a worker takes a new list without a restart."""
+
+    def __init__(self, path: Path, ca_pem: bytes, flag: str = "--tls-dir"):
+        self.path = path
+        self._ca_pem = ca_pem
+        self._flag = flag
+        self._stamp: tuple[int, int] | None = None
+        self._revoked: dict[int, datetime.datetime] = {}
+        self.error = ""
+        """Why the last change to the file was not taken (the list before it stays)."""
+        self._load(strict=True)
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _load(self, strict: bool) -> None:
+        stamp = self._stat()
+        if stamp is None:  # no list (yet): nothing is revoked
+            self._revoked, self._stamp, self.error = {}, None, ""
+            return
+        try:
+            self._revoked = parse_crl(_read(self.path, "revocation list", self._flag), self._ca_pem)
+            self.error = ""
+        except UsageError as e:
+            if strict:
+                raise
+            self.error = str(e)
+        self._stamp = stamp
+
+    def revoked(self, serial: int) -> datetime.datetime | None:
+        """When the certificate with `serial` was revoked; None: it is not."""
+        if self._stat() != self._stamp:
+            self._load(strict=False)
+        return self._revoked.get(serial)
+
+    def __len__(self) -> int:
+        return len(self._revoked)
+
+
+def parse_crl(pem: bytes, ca_pem: bytes, where: str = "--tls-dir") -> dict[int, datetime.datetime]:
+    """Serial -> revocation time of a CRL, after checking it is the CA's; one-line errors."""
+    from cryptography import x509
+
+    try:
+        crl = x509.load_pem_x509_crl(pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise UsageError(f"{where}: {CRL_FILE} is not a PEM revocation list") from None
+    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
+        raise UsageError(
+            f"{where}: {CRL_FILE} is not signed by this federation's CA; copy the {CRL_FILE} "
+            "that `fedcompose provision --revoke` wrote"
+        )
+    return {r.serial_number: r.revocation_date_utc for r in crl}
 
 
 def _read(path: Path, what: str, flag: str) -> bytes:
@@ -202,6 +280,14 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
                 f"{flag}: this site's {what} is valid only from "
                 f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
             )
+    # Watched even while absent: a list copied in later is taken without a restart.
+    revocations = Revocations(path / CRL_FILE, ca_pem, flag)
+    when = revocations.revoked(cert.serial_number)
+    if when is not None:
+        raise UsageError(
+            f"{flag}: this site's certificate ({name}, serial {cert.serial_number:x}) was "
+            f"revoked on {when:%Y-%m-%d %H:%M} UTC; provision a new kit for it"
+        )
     return Kit(
         directory=path,
         role=role,
@@ -213,4 +299,6 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
         not_after=cert.not_valid_after_utc,
         addresses=tuple(info.get("addresses", ())),
         info=info,
+        serial=cert.serial_number,
+        revocations=revocations,
     )

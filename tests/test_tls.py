@@ -272,10 +272,22 @@ def test_without_a_working_loopback_shim_nothing_is_exposed(tmp_path, shards2):
     assert run.returncode == 1 and "loopback shim" in _one_error_line(run.stderr, "run")
     assert not run_dir.exists()
 
-    # A shim that loads but does not confine (here: one that does nothing) is
-    # caught by reading what the executor listens on, and it is stopped.
+    # A shim built before the per-user filter (no feature marker) is refused
+    # before anything starts: it would let other local users connect.
     noop = tmp_path / "noop.c"
     noop.write_text("int fedcompose_noop_shim;\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "old.so"), str(noop)],
+                   check=True)  # fmt: skip
+    env["FEDCOMPOSE_LOOPBACK_SHIM"] = str(tmp_path / "old.so")
+    worker = fedcompose("worker", "--shard", str(shards2[0]), "--port", str(port), env=env)
+    assert worker.returncode == 1
+    assert "older build that lets other users" in _one_error_line(worker.stderr, "worker")
+
+    # A shim that loads but does not confine (here: one that does nothing but
+    # carry the marker) is caught by reading what the executor listens on, and
+    # it is stopped.
+    marker = loopback.FEATURES.decode()
+    noop.write_text(f'const char marker[] __attribute__((used)) = "{marker}";\n')
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "noop.so"), str(noop)],
                    check=True)  # fmt: skip
     env["FEDCOMPOSE_LOOPBACK_SHIM"] = str(tmp_path / "noop.so")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from shared.tls import Kit
+from shared.tls import Kit, Revocations
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -50,7 +50,10 @@ TLS_EXPECTED = "tls_expected"
 PLAINTEXT_PEER = "plaintext_peer"
 PEER_CERTIFICATE = "peer_certificate"
 OUR_CERTIFICATE = "our_certificate"
+WRONG_SITE = "wrong_site"
+REVOKED = "revoked"
 OK = "ok"
+_GOAWAY_FRAME = 0x07
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +63,20 @@ class ClientTLS:
     ca_pem: bytes
     cert_path: Path | None
     key_path: Path | None
+    sites: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Dial address (lower case) -> the worker site provisioned there: a worker
+    answering at that address must present that site's certificate."""
+    revocations: Revocations | None = None
 
     @classmethod
     def from_kit(cls, kit: Kit) -> ClientTLS:
-        return cls(kit.ca_pem, kit.cert_path, kit.key_path)
+        return cls(kit.ca_pem, kit.cert_path, kit.key_path, kit.sites_by_address(), kit.revocations)
+
+    @property
+    def checks_peer(self) -> bool:
+        """Whether a connection needs our own look at the worker's certificate
+        (gRPC checks only the CA and the address)."""
+        return bool(self.sites) or (self.revocations is not None and len(self.revocations) > 0)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -198,7 +211,15 @@ def _http2_answer(sock: socket.socket | ssl.SSLSocket, timeout: float) -> bytes 
     sock.settimeout(timeout)
     sock.sendall(_PREFACE + _EMPTY_SETTINGS)
     try:
-        return sock.recv(64)
+        answer = sock.recv(64)
+        if len(answer) >= 9 and answer[3] == _GOAWAY_FRAME:  # read its reason whole
+            want = 9 + int.from_bytes(answer[:3], "big")
+            while len(answer) < min(want, 2048):
+                more = sock.recv(want - len(answer))
+                if not more:
+                    break
+                answer += more
+        return answer
     except TimeoutError:
         return None
 
@@ -243,13 +264,21 @@ def _classify_plaintext_answer(answer: bytes | None, where: str, timeout: float)
     )
 
 
-def _peer_certificate(host: str, port: int, timeout: float):
-    """The peer's certificate, fetched without verifying it (to describe what is wrong)."""
+def _peer_certificate(host: str, port: int, timeout: float, tls: ClientTLS | None = None):
+    """The peer's certificate, fetched without verifying it (to describe what is wrong).
+
+    Presents our own certificate: a worker's TLS gate speaks TLS 1.2, where a
+    client without one is refused before the handshake completes."""
     from cryptography import x509
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if tls is not None and tls.cert_path is not None and tls.key_path is not None:
+        try:
+            context.load_cert_chain(tls.cert_path, tls.key_path)
+        except (OSError, ssl.SSLError):
+            pass
     try:
         with (
             socket.create_connection((host, port), timeout=timeout) as raw,
@@ -305,10 +334,10 @@ def _same_name_other_key(cert, ca_pem: bytes) -> bool:
 
 
 def _describe_verify_error(
-    e: ssl.SSLCertVerificationError, host: str, port: int, timeout: float, ca_pem: bytes
+    e: ssl.SSLCertVerificationError, host: str, port: int, timeout: float, tls: ClientTLS
 ):
     code = e.verify_code
-    cert = _peer_certificate(host, port, timeout)
+    cert = _peer_certificate(host, port, timeout, tls)
     if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
         date = f" on {_when(cert.not_valid_after_utc)}" if cert is not None else ""
         return f"its certificate expired{date}: issue the worker a new kit (`fedcompose provision`)"
@@ -322,7 +351,7 @@ def _describe_verify_error(
             "it at an address its kit names, or provision its kit with this address"
         )
     if code in (2, 7, 18, 19, 20, 21, 27, 30):  # issuer unknown / bad signature / untrusted
-        if cert is not None and _same_name_other_key(cert, ca_pem):
+        if cert is not None and _same_name_other_key(cert, tls.ca_pem):
             # Not "another federation": a CA of the very name this kit trusts
             # signed it, with another key (OpenSSL: certificate signature failure).
             return (
@@ -408,13 +437,24 @@ def _probe_tls(sock: socket.socket, host: str, port: int, tls: ClientTLS, timeou
     try:
         with context.wrap_socket(sock, server_hostname=host) as s:
             peer_der = s.getpeercert(binary_form=True)
+            refused = _check_peer(peer_der, host, port, tls)
+            if refused is not None:
+                return refused
             answer = _http2_answer(s, timeout)
     except ssl.SSLCertVerificationError as e:
         return Diagnosis(
-            PEER_CERTIFICATE, _describe_verify_error(e, host, port, timeout, tls.ca_pem), True
+            PEER_CERTIFICATE, _describe_verify_error(e, host, port, timeout, tls), True
         )
     except ssl.SSLError as e:
-        return _describe_ssl_error(e, where)
+        diagnosis = _describe_ssl_error(e, where)
+        if diagnosis.kind == OUR_CERTIFICATE:
+            # The worker's alert names the fault; our own look can add the detail.
+            why = own_certificate_problem(tls)
+            if why:
+                return Diagnosis(
+                    OUR_CERTIFICATE, f"it refused this coordinator's certificate: {why}", True
+                )
+        return diagnosis
     except TimeoutError:
         return Diagnosis(
             WRONG_PROTOCOL,
@@ -452,6 +492,12 @@ def _probe_tls(sock: socket.socket, host: str, port: int, tls: ClientTLS, timeou
         return Diagnosis(OUR_CERTIFICATE, f"it refused the TLS connection: {why}", True)
     if len(answer) >= 9 and answer[3] == _SETTINGS_FRAME:
         return Diagnosis(OK, "answers gRPC over mutual TLS", False)
+    if len(answer) >= 17 and answer[3] == _GOAWAY_FRAME:
+        # The worker's TLS gate says why it refuses this coordinator (a revoked certificate).
+        said = answer[17 : 9 + int.from_bytes(answer[:3], "big")].decode(errors="replace")
+        return Diagnosis(
+            OUR_CERTIFICATE, f"it refused this coordinator: {said or 'no reason given'}", True
+        )
     return Diagnosis(
         WRONG_PROTOCOL,
         f"answers TLS but not gRPC ({answer[:24]!r}): not a fedcompose worker",
@@ -466,6 +512,40 @@ def _load_der(der: bytes | None):
         return x509.load_der_x509_certificate(der) if der else None
     except ValueError:
         return None
+
+
+def _check_peer(der: bytes | None, host: str, port: int, tls: ClientTLS) -> Diagnosis | None:
+    """The worker's certificate against what the coordinator's kit says: the site
+    provisioned at the address dialled, and the revocation list."""
+    if not der or not tls.checks_peer:
+        return None
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_der_x509_certificate(der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    site = str(names[0].value) if names else "(no name)"
+    if tls.revocations is not None:
+        when = tls.revocations.revoked(cert.serial_number)
+        if when is not None:
+            return Diagnosis(
+                REVOKED,
+                f"its certificate (worker {site!r}, serial {cert.serial_number:x}) was revoked "
+                f"on {_when(when)} by the federation's revocation list ({tls.revocations.path}): "
+                "it may not take part; provision that worker a new kit",
+                True,
+            )
+    address = canonical_address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    expected = tls.sites.get(address.lower())
+    if expected is not None and site != expected:
+        return Diagnosis(
+            WRONG_SITE,
+            f"dialled as worker {expected!r} (the coordinator's kit records {expected} at "
+            f"{address}), but it presents the certificate of worker {site!r}: {site}'s kit is "
+            f"served on {expected}'s address; start each worker with its own kit and port",
+            True,
+        )
+    return None
 
 
 def own_certificate_problem(tls: ClientTLS, peer=None) -> str | None:

@@ -137,6 +137,7 @@ class RemoteWorker:
                 grpc.channel_ready_future(self._channel).result(
                     timeout=max(0.0, min(wait, remaining))
                 )
+                self._check_peer(max(1.0, min(3.0, deadline - time.monotonic())))
                 return
             except grpc.FutureTimeoutError:
                 pass
@@ -156,6 +157,18 @@ class RemoteWorker:
                 else:
                     message = f"{diagnosis.message} (waited {timeout:g}s)"
                 raise WorkerError(self.label, message)
+
+    def _check_peer(self, timeout: float) -> None:
+        """gRPC checked the worker's certificate against the CA and the address
+        only: here, that it is the site provisioned at that address and not
+        revoked (`connection.probe`, which compares both with the coordinator's kit)."""
+        if self.tls is None or not self.tls.checks_peer:
+            return
+        diagnosis = connection.probe(self.address, self.tls, timeout=timeout)
+        # Only these two: the channel is up, so a slow probe (a loaded machine)
+        # is no reason to refuse the worker.
+        if diagnosis.kind in (connection.WRONG_SITE, connection.REVOKED):
+            raise WorkerError(self.label, diagnosis.message)
 
     def _count_call(self) -> None:
         with self._lock:
