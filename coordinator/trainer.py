@@ -62,14 +62,12 @@ def _round_line(row: dict) -> str:
         if missing:
             parts.append(f"on {row['eval']['examples']} examples, without {missing}")
     if row.get("degraded"):
-        lost = ", ".join(row["workers_lost"])
-        # Only earlier attempts fell short: this one lost nobody.
         parts.append(
             f"| degraded: {row['clients_lost']} of {row['clients_sampled']} clients "
-            f"lost with {lost}, attempt {row['attempts']}"
-            if lost
-            else f"| retried: attempt {row['attempts']}, the earlier ones fell short"
+            f"lost with {', '.join(row['workers_lost'])}, attempt {row['attempts']}"
         )
+    elif row.get("retried"):
+        parts.append(f"| retried: attempt {row['attempts']}, the earlier ones fell short")
     if row.get("live_workers") and len(row["live_workers"]) < row.get("workers_total", 0):
         parts.append(f"| {len(row['live_workers'])} of {row['workers_total']} workers up")
     return "  ".join(parts)

@@ -122,7 +122,10 @@ class RoundResult:
             "workers_lost": self.lost,
             "live_workers": self.live,
             "workers_total": self.workers_total,
-            "degraded": int(bool(self.lost_clients or self.lost or self.failed_attempts)),
+            # Degraded: partials were lost. Retried: earlier attempts fell short,
+            # which by itself loses nothing.
+            "degraded": int(bool(self.lost_clients or self.lost)),
+            "retried": int(bool(self.failed_attempts)),
             "attempts": self.attempts,
             "failed_attempts": self.failed_attempts,
             "finisher": self.finisher,
