@@ -5,9 +5,15 @@ probe back-off after a rejoin, and what a retried round is called."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from coordinator.executor_client import WireStats, connection
+from coordinator.federation import WorkerDescription
+from coordinator.liveness import Liveness
 from coordinator.rounds.timing import RoundResult, RoundTiming
+from shared import shard_format, worker_dir
+from shared.errors import FederationError
 
 
 def test_the_plaintext_warning_is_said_once_per_worker(caplog):
@@ -48,3 +54,40 @@ def test_a_round_retried_without_losing_a_partial_is_retried_not_degraded():
     line = _round_line({"round": 5, "finished_at": 0.0, **lost})
     assert "| degraded: 2 of 10 clients lost with worker1, attempt 1" in line
     assert "retried" not in line
+
+
+def _description(index: int) -> WorkerDescription:
+    manifest = shard_format.Manifest(
+        task=shard_format.Task("sklearn-digits", 10),
+        build_id="b1",
+        shard_index=index,
+        num_shards=3,
+        partition={},
+        clients=(shard_format.ClientEntry(f"c{index}", 5, 1, "x", "y"),),
+    )
+    return WorkerDescription(f"10.250.0.{index}:7000", manifest, worker_dir.WorkerInfo(pid=1))
+
+
+def test_stopping_does_not_wait_on_probes_stuck_in_a_partition():
+    # Across a partition a probe takes its whole deadline. Waiting 2 s for
+    # each probe thread in turn held a run that gave up for 6 s (3 workers).
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def probe(index: int) -> WorkerDescription:
+        entered.release()
+        release.wait(60)
+        raise FederationError("unreachable")
+
+    live = Liveness([_description(i) for i in range(3)], probe, probe_interval=0.01)
+    try:
+        for i in range(3):
+            live.mark_down(i, "partitioned")
+        for _ in range(3):
+            assert entered.acquire(timeout=30)
+        started = time.monotonic()
+        live.stop()
+        # 0.5 s of grace in all; a loaded machine may add a little, never 1.5 s more.
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()
+        live.stop()
