@@ -91,3 +91,27 @@ def test_stopping_does_not_wait_on_probes_stuck_in_a_partition():
     finally:
         release.set()
         live.stop()
+
+
+def test_a_probe_that_succeeds_resets_the_back_off_of_a_flapping_worker():
+    # Each outage soon after a rejoin doubled the first probe's wait, for good:
+    # after three of them a worker that served again was probed 8x later.
+    base = 0.02
+    waits: list[float] = []
+
+    def probe(index: int) -> WorkerDescription:
+        waits.append(live.health(index).next_probe_in)
+        return _description(index)
+
+    live = Liveness([_description(i) for i in range(2)], probe, probe_interval=base)
+    try:
+        for _ in range(5):
+            live.mark_down(1, "killed")  # right after rejoining: a flap
+            deadline = time.monotonic() + 30
+            while not live.take_rejoining():
+                assert time.monotonic() < deadline, "never answered"
+                live.wait_for_change(0.05)
+            live.mark_up(1)
+        assert len(waits) == 5 and max(waits) <= 2 * base, waits
+    finally:
+        live.stop()

@@ -17,7 +17,7 @@ from deploy import workers as workers_lib
 from shared import worker_dir
 from shared.pause_points import ENV_POINT as PAUSE_ENV
 from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
-from tests.test_worker_failures import _paused, _rows, _wait_view
+from tests.test_worker_failures import _paused, _rows, _wait_admissible
 
 
 def _worker_binary_on(run_proc, address: str) -> psutil.Process:
@@ -56,7 +56,7 @@ def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
         look.unlink()
 
         _paused(back, proc)
-        _wait_view(run_dir, index, "rejoining", "up")  # "up": it rejoined before round 12
+        _wait_admissible(run_dir, index)  # "up": it rejoined before round 12
         back.unlink()
 
         _paused(again, proc)

@@ -93,6 +93,21 @@ def _wait_view(run_dir: Path, index: int, *states: str, timeout: float = 120) ->
         time.sleep(0.1)
 
 
+def _wait_admissible(run_dir: Path, index: int, timeout: float = 120) -> None:
+    """Waits until the coordinator's view shows worker `index` up, or rejoining and
+    warmed up: it takes part in the next round."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            view = json.loads((run_dir / "workers.json").read_text())["workers"][index]
+            if view["state"] == "up" or "warmed up" in view["reason"]:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        assert time.monotonic() < deadline, f"worker {index} was never warmed up to rejoin"
+        time.sleep(0.1)
+
+
 def _label(workers, address: str) -> str:
     return f"worker{next(w.index for w in workers if w.address == address)}"
 
@@ -152,7 +167,7 @@ def test_stopped_worker_is_dropped_at_the_round_deadline_and_rejoins(workers3, t
         _paused(back, proc, timeout=120)
         stopped.resume()
         stopped = None
-        _wait_view(run_dir, victim.index, "rejoining")
+        _wait_admissible(run_dir, victim.index)
         back.unlink()
         _, stderr = proc.communicate(timeout=300)
     finally:
@@ -367,3 +382,37 @@ def test_a_stopped_finisher_costs_only_its_own_partial(workers3, tmp_path):
     assert list(evaluation["workers_lost"]) == ["worker0"], evaluation
     assert evaluation["examples"] == 240 and evaluation["clients"] == 40, evaluation
     assert 0 not in rows[3]["live_workers"] and {1, 2} <= set(rows[3]["live_workers"])
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_is_warmed_up_before_its_first_round(workers3, tmp_path):
+    # Its first round back built its executors while the others waited (2-3 s
+    # under load), and a fault in that window cost the round. Every client in
+    # every round: each worker runs its 20 at one count whatever the draw.
+    run_dir, kill, back = tmp_path / "run", tmp_path / "kill", tmp_path / "back"
+    args = ("--rounds", "10", "--clients-per-round", "60", "--eval-every", "0")
+    proc = _train(workers3, run_dir, *args, pauses={"dispatch:3": kill, "dispatch:5": back})
+    victim = workers3[1]
+    try:
+        _paused(kill, proc)
+        os.killpg(victim.process.pid, signal.SIGKILL)
+        kill.unlink()
+        _paused(back, proc)
+        _restart(victim)
+        # Warmed up while the round loop is held: off the round path.
+        _wait_admissible(run_dir, victim.index)
+        back.unlink()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == list(range(1, 11))
+    label = f"worker{victim.index}"
+    assert label in rows[2]["workers_lost"] and victim.index not in rows[4]["live_workers"]
+    first = rows[5]  # round 6: admitted at its start
+    assert first["live_workers"] == [0, 1, 2], first["live_workers"]
+    assert first["workers"][label]["new_executor"] is False, first["workers"][label]
+    assert first["timing"]["warm_up"] == 0
+    served = sum(label in r["workers"] for r in rows)
+    assert served == 10 - 3, served  # all but rounds 3 (lost), 4 and 5 (down)
