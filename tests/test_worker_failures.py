@@ -254,7 +254,7 @@ def test_finisher_killed_while_merging_is_replaced_and_the_mean_is_over_delivere
 @pytest.mark.slow
 def test_every_worker_killed_stops_the_run_with_one_clear_line(workers3, tmp_path):
     run_dir, pause = tmp_path / "run", tmp_path / "pause"
-    args = ("--rounds", "50", "--eval-every", "0", "--round-retries", "2", "--retry-wait", "2")
+    args = ("--rounds", "50", "--eval-every", "0", "--round-retries", "2", "--outage-wait", "4")
     proc = _train(workers3, run_dir, *args, pauses={"dispatch:3": pause})
     try:
         _paused(pause, proc)
@@ -270,11 +270,14 @@ def test_every_worker_killed_stops_the_run_with_one_clear_line(workers3, tmp_pat
         kill_tree(proc)
     assert proc.returncode == 4, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("fedcompose train: error: round 3 could not be completed in 3 attempts")
-    assert "3 of 3 workers are down" in last and "resume after round 2" in last
+    # No retry is spent on no worker: the run waits the outage out, up to --outage-wait.
+    assert last.startswith("fedcompose train: error: round 3 could not be run: it needs 5 clients")
+    assert "the 0 of 3 workers up host 0" in last and "within 4s (--outage-wait)" in last
+    assert "resume after round 2" in last
     assert all(w.address in last for w in workers3)
+    assert "round 3 waiting for workers to return" in stderr
     assert "Traceback" not in stderr
-    assert waited < 60  # two waits of 2 s and failed calls; a generous bound, not a timing
+    assert waited < 60  # 4 s of waiting and failed calls; a generous bound, not a timing
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["completed_rounds"] == 2
 
