@@ -172,23 +172,30 @@ def test_one_workers_slow_restart_does_not_hold_up_anothers(tmp_path):
 
 def test_a_crash_is_reported_with_its_own_reason_not_an_old_log_line(shards2, tmp_path):
     # The executor log is appended to across restarts: a line an earlier
-    # process wrote (here at start-up) was quoted as the reason of every later exit.
+    # process wrote (here at start-up) was quoted as the reason of every later
+    # exit; and a worker killed outright was given its own ready line as reason.
     logs = tmp_path / "logs"
     logs.mkdir()
     old = "E1203 00:00:00.000000 1 old.cc:1] an earlier start: check for SO_REUSEPORT"
     (logs / "worker-0.executor.log").write_text(old + "\n")
-    [worker] = workers_lib.start_workers([shards2[0]], logs, check="quick")
+    workers = workers_lib.start_workers(shards2, logs, check="quick")
     try:
         binary = next(
             c
-            for c in psutil.Process(worker.process.pid).children()
+            for c in psutil.Process(workers[0].process.pid).children()
             if "worker_binary" in " ".join(c.cmdline())
         )
-        binary.kill()
-        worker.process.wait(timeout=60)
-        worker.output.join()
-        reason = worker.last_error()
+        binary.kill()  # the executor alone: the worker says why and exits
+        workers[1].process.kill()  # the worker itself: nothing said
+        reasons = []
+        for w in workers:
+            w.process.wait(timeout=60)
+            w.output.join()
+            reasons.append(w.output.exit_reason(w.process.returncode))
     finally:
-        workers_lib.stop_workers([worker])
-    assert "exited unexpectedly with code -9 (killed by SIGKILL)" in reason, reason
-    assert "SO_REUSEPORT" not in reason and "old.cc" not in reason, reason
+        workers_lib.stop_workers(workers)
+    assert reasons[0] == (
+        "exited with code 1: TFF's executor service exited unexpectedly with code -9 "
+        "(killed by SIGKILL); it wrote nothing since it started serving"
+    ), reasons[0]
+    assert reasons[1] == "exited with code -9 (killed by SIGKILL)", reasons[1]
