@@ -201,6 +201,7 @@ class RoundExecutor:
         phase_timeout: float | None = None,
         pool: futures.ThreadPoolExecutor | None = None,
         max_counts: int | None = None,
+        total: int | None = None,
     ) -> dict[int, str]:
         """Builds, on the given workers at once, the executors for the (padded)
         client counts that sampling `clients_per_round` clients will likely give
@@ -210,7 +211,7 @@ class RoundExecutor:
         in some round later on; a round that still meets a new count builds its
         executor then, as without warm-up.
         """
-        total = self.federation.num_clients
+        total = total or self.federation.num_clients
         progress = {i: time.monotonic() for i in indices}
 
         def warm(index: int) -> None:
@@ -330,11 +331,11 @@ class RoundExecutor:
                 liveness.mark_ready(index)
                 return
             state_proto, clients_per_round, round_timeout = last
-            if self._round_size:
-                # Its clients can be drawn again: the round is as large as that allows.
-                live = set(self.federation.live()) | {index}
-                hosted = sum(len(self.federation.clients_of(i)) for i in live)
-                clients_per_round = min(self._round_size, hosted)
+            # The counts it will likely run at are those of a draw from the
+            # clients of the workers up and its own (alone, it runs them all).
+            live = set(self.federation.live()) | {index}
+            hosted = sum(len(self.federation.clients_of(i)) for i in live)
+            clients_per_round = min(self._round_size or clients_per_round, hosted)
             deadline = None if round_timeout is None else max(round_timeout, WARM_UP_PROGRESS_MIN)
             lost = self.warm_up(
                 state_proto,
@@ -343,6 +344,7 @@ class RoundExecutor:
                 deadline,
                 pool=self._rejoin_pool,
                 max_counts=REJOIN_WARM_UP_COUNTS,
+                total=hosted,
             )
             if self._closed.is_set():
                 return
