@@ -124,8 +124,7 @@ def run(settings: config.RunConfig) -> int:
             code = svc.process.poll()
             if code is not None:
                 raise service.WorkerStartError(
-                    f"TFF's executor service exited unexpectedly with code {code}: "
-                    f"{svc.executor_log_tail() or 'no output'}"
+                    f"TFF's executor service exited unexpectedly with {svc.exit_reason(code)}"
                 )
             time.sleep(0.2)
         log.info("stopping on %s", signal.Signals(stop_requested[0]).name)

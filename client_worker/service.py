@@ -49,6 +49,10 @@ class WorkerService:
     executor_log: Path
     executor_port: int = 0
     proxy: proxy_lib.Proxy | None = None
+    log_offset: int = 0
+    """Bytes of the executor log written before this process was serving: the
+    log is appended to across restarts, so what precedes this offset (earlier
+    processes' lines, this one's start-up) is never the reason it exits later."""
     audit: AuditLog = dataclasses.field(default_factory=lambda: AuditLog(None))
 
     @property
@@ -70,12 +74,32 @@ class WorkerService:
         scratch.release(self.runtime_dir)
         self.audit.close()
 
-    def executor_log_tail(self, lines: int = 5) -> str:
+    def executor_log_tail(self, lines: int = 5, since: int = 0) -> str:
+        """The last `lines` lines of the executor log after byte `since`."""
         try:
-            text = self.executor_log.read_text(errors="replace").strip().splitlines()
+            with open(self.executor_log, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace").strip().splitlines()
         except OSError:
             return ""
         return " | ".join(text[-lines:])
+
+    def mark_serving(self) -> None:
+        """From now on, only lines the executor writes count as its exit's reason."""
+        try:
+            self.log_offset = self.executor_log.stat().st_size
+        except OSError:
+            self.log_offset = 0
+
+    def exit_reason(self, code: int) -> str:
+        """Why the executor exited with `code` after serving: its signal, and the
+        lines it wrote since it served (none: nothing is quoted)."""
+        what = f"code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                what += f" (killed by {signal.Signals(-code).name})"
+        tail = self.executor_log_tail(since=self.log_offset)
+        return f"{what}: {tail}" if tail else f"{what}; it wrote nothing since it started serving"
 
 
 def check_port_free(port: int) -> None:
@@ -158,19 +182,29 @@ def start(
     executor_log = executor_log or runtime_dir / "executor.log"
     executor_log.parent.mkdir(parents=True, exist_ok=True)
     with open(executor_log, "ab") as log_file:
+        # Appended to across restarts: earlier processes' lines are not this one's.
+        log_start = log_file.tell()
         try:
             process = executor_binary.start(executor_port, runtime_dir, log_file, max_message_mb)
         except BaseException:
             scratch.release(runtime_dir)
             raise
     service = WorkerService(
-        shard_dir, port, manifest, runtime_dir, process, executor_log, executor_port
+        shard_dir,
+        port,
+        manifest,
+        runtime_dir,
+        process,
+        executor_log,
+        executor_port,
+        None,
+        log_start,
     )
     if audit is not None:
         service.audit = audit
     if not _wait_until_serving(executor_port, process, ready_timeout):
         code = process.poll()
-        tail = service.executor_log_tail()
+        tail = service.executor_log_tail(since=log_start)
         service.stop()
         if "Address already in use" in tail or (code is None and not _port_free(executor_port)):
             raise WorkerStartError(
@@ -186,6 +220,7 @@ def start(
             f"TFF's executor service exited with code {code} at start"
             + (f": {tail}" if tail else "")
         )
+    service.mark_serving()
     try:
         loopback.check_confined(process.pid, f"TFF's executor service (pid {process.pid})")
         if public:

@@ -6,7 +6,9 @@ A worker is in one of four states:
     down       lost in a round (killed, unreachable, past a deadline, an error);
                probed in the background, with back-off
     rejoining  answered a probe serving the same shard as before (same manifest,
-               hence the same build and clients); joins at the start of the next round
+               hence the same build and clients); its executors are built in the
+               background (`on_answer`), off the round path, and once that is done
+               (`mark_ready`) it joins at the start of the next round
     refused    answered a probe serving another shard; not taken back, and probed
                on at the longest back-off in case the right worker returns
 
@@ -14,7 +16,9 @@ Probes run in a thread per down worker, each on a channel of its own (the
 worker's own channel may hold calls abandoned mid-round), so a stopped worker
 delays only its own probe. Only the round loop moves a worker from rejoining to
 up (`take_rejoining`, then `mark_up`), between rounds, after resetting what the
-coordinator knew about the worker.
+coordinator knew about the worker and warming it up. A probe that succeeds
+resets the back-off: a worker that flapped is probed from `--probe-interval`
+again next time (a growing back-off kept a rejoining worker out for good).
 
 The coordinator's view is also written to a file (`workers.json` in the run
 directory) on every change, for `fedcompose status --run-dir`.
@@ -46,6 +50,9 @@ WORKERS_VIEW = "workers.json"
 FLAPPING_STREAK = 10
 """Rounds a worker must deliver in a row after coming back before a new outage
 starts its probe back-off from the beginning again."""
+
+STOP_GRACE = 0.5
+"""Seconds `Liveness.stop` waits, for all probe threads together."""
 
 
 class WorkerState(enum.StrEnum):
@@ -89,6 +96,8 @@ class WorkerHealth:
     probes: int = 0
     """Probes of the current outage so far."""
     next_probe_in: float = 0.0
+    ready: bool = False
+    """Rejoining, and warmed up: joins at the next round."""
 
     def as_dict(self) -> dict:
         return {
@@ -133,6 +142,10 @@ class Liveness:
         self._threads: dict[int, threading.Thread] = {}
         self._view_lock = threading.Lock()
         """The view's temporary file is per process: one writer at a time."""
+        self.on_answer: Callable[[int], None] | None = None
+        """Called (on the probe's thread) when worker i answers serving its shard:
+        it warms the worker up, then calls `mark_ready` or `rejoin_failed`. None:
+        the worker is ready at once."""
         self._write_view()
 
     # --- the round loop's side ------------------------------------------------
@@ -173,15 +186,47 @@ class Liveness:
             self._workers[index].streak += 1
 
     def take_rejoining(self) -> list[int]:
-        """Workers ready to join now; the caller resets them, then calls `mark_up`."""
+        """Workers ready to join now (warmed up); the caller calls `mark_up`."""
         with self._lock:
-            return [w.index for w in self._workers if w.state is WorkerState.REJOINING]
+            return [w.index for w in self._workers if w.state is WorkerState.REJOINING and w.ready]
+
+    def rejoining(self) -> list[int]:
+        """Workers that answered and are not ready yet (being warmed up)."""
+        with self._lock:
+            return [
+                w.index for w in self._workers if w.state is WorkerState.REJOINING and not w.ready
+            ]
+
+    def mark_ready(self, index: int, detail: str = "") -> None:
+        """A rejoining worker was warmed up: it joins at the next round."""
+        with self._changed:
+            w = self._workers[index]
+            if w.state is not WorkerState.REJOINING:
+                return
+            w.ready = True
+            w.reason = f"warmed up{f' ({detail})' if detail else ''}; joins at the next round"
+            self._changed.notify_all()
+        self._write_view()
+
+    def rejoin_failed(self, index: int, reason: str) -> None:
+        """A rejoining worker failed while being warmed up: down again, probed from
+        the shortest wait (it did answer)."""
+        with self._changed:
+            w = self._workers[index]
+            if w.state is not WorkerState.REJOINING:
+                return
+            w.state, w.reason, w.ready = WorkerState.DOWN, f"failed warming up: {reason}", False
+            w.probes = 0
+            self._start_probing(w)
+            self._changed.notify_all()
+        log.warning("worker %s failed while warming up to rejoin: %s", w.address, reason)
+        self._write_view()
 
     def mark_up(self, index: int) -> None:
         with self._lock:
             w = self._workers[index]
             down_for = time.time() - w.since
-            w.state, w.since, w.reason = WorkerState.UP, time.time(), ""
+            w.state, w.since, w.reason, w.ready = WorkerState.UP, time.time(), "", False
             w.rejoins += 1
         log.info(
             "worker %s rejoined after %.1fs down; its clients are sampled again",
@@ -200,11 +245,16 @@ class Liveness:
             return [w.as_dict() for w in self._workers]
 
     def stop(self) -> None:
+        """Ends the probing. A probe in flight is not waited for (past a short
+        grace for all together): across a partition it can take its whole
+        deadline, and waiting 2 s for each in turn held a run that gave up for
+        6 s before it said so. Its thread sees the stop when the probe ends."""
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
+        deadline = time.monotonic() + STOP_GRACE
         for thread in list(self._threads.values()):
-            thread.join(timeout=2.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # --- probing ----------------------------------------------------------------
 
@@ -225,6 +275,8 @@ class Liveness:
             with self._lock:
                 w = self._workers[index]
                 if w.state in (WorkerState.UP, WorkerState.REJOINING):
+                    # Under the lock: a new outage from now on starts a new thread.
+                    self._threads.pop(index, None)
                     return
                 wait = backoff(self.probe_interval, self.probe_interval_max, w.probes + w.flaps)
                 if w.state is WorkerState.REFUSED:
@@ -246,6 +298,7 @@ class Liveness:
             expected = self._expected[index].manifest
             with self._lock:
                 if self._stop.is_set() or w.state not in (WorkerState.DOWN, WorkerState.REFUSED):
+                    self._threads.pop(index, None)
                     return
                 if same_shard(expected, found.manifest):
                     before = self._expected[index].info
@@ -254,20 +307,32 @@ class Liveness:
                         before.started_at,
                     )
                     self._expected[index] = found
-                    w.state, w.reason = WorkerState.REJOINING, "answered; joins at the next round"
+                    w.state, w.ready = WorkerState.REJOINING, self.on_answer is None
+                    w.reason = (
+                        "answered; joins at the next round"
+                        if w.ready
+                        else "answered; building its executors before it joins a round"
+                    )
                     w.next_probe_in = 0.0
+                    # It answered: the next outage's probes start from the shortest wait.
+                    w.flaps = 0
                     self._changed.notify_all()
                 else:
                     w.state = WorkerState.REFUSED
                     w.reason = f"serves another shard ({describe_shard(found.manifest)})"
             if w.state is WorkerState.REJOINING:
                 log.info(
-                    "worker %s answers again (%s), serving its shard; it rejoins at the next round",
+                    "worker %s answers again (%s), serving its shard; it rejoins at the next "
+                    "round%s",
                     w.address,
                     f"restarted, pid {found.info.pid}" if restarted else "the same process",
+                    "" if w.ready else " after its executors are built",
                 )
                 self._write_view()
-                return
+                on_answer = self.on_answer
+                if on_answer is not None:
+                    on_answer(index)
+                continue  # ends the loop, unless warming up failed meanwhile
             identity = describe_shard(found.manifest)
             if identity not in refused_logged:
                 refused_logged.add(identity)

@@ -78,14 +78,14 @@ def _round_line(row: dict) -> str:
         if missing:
             parts.append(f"on {row['eval']['examples']} examples, without {missing}")
     if row.get("degraded"):
-        lost = ", ".join(row["workers_lost"])
-        # Only earlier attempts fell short: this one lost nobody.
         parts.append(
             f"| degraded: {row['clients_lost']} of {row['clients_sampled']} clients "
-            f"lost with {lost}, attempt {row['attempts']}"
-            if lost
-            else f"| retried: attempt {row['attempts']}, the earlier ones fell short"
+            f"lost with {', '.join(row['workers_lost'])}, attempt {row['attempts']}"
         )
+    elif row.get("retried"):
+        parts.append(f"| retried: attempt {row['attempts']}, the earlier ones fell short")
+    if row.get("waited_for_workers"):
+        parts.append(f"| waited {row['waited_for_workers']:.0f}s for workers to return")
     if row.get("live_workers") and len(row["live_workers"]) < row.get("workers_total", 0):
         parts.append(f"| {len(row['live_workers'])} of {row['workers_total']} workers up")
     return "  ".join(parts)
@@ -302,7 +302,13 @@ def _loop(
             pause_points.reached("round", round_num)
             shuffle_seed = federation_lib.shuffle_seed(t.seed, round_num)
             result = resilience.run_round(
-                executor, federation, plan, round_num, state, shuffle_seed
+                executor,
+                federation,
+                plan,
+                round_num,
+                state,
+                shuffle_seed,
+                report=lambda waiting: run.write_status(waiting=waiting),
             )
             checks.after_train(round_num, state, result.delivered, shuffle_seed, result)
             state = result.state

@@ -185,7 +185,21 @@ def _run_summary(run_dir: str, status: dict) -> dict:
             if "coordinator_running" in status
             else {}
         ),
+        **({"waiting": waiting} if (waiting := _waiting(status)) else {}),
     }
+
+
+def _waiting(status: dict) -> dict | None:
+    """What the running coordinator waits for (an outage), if it says so whole."""
+    waiting = status.get("waiting")
+    if (
+        status.get("state") != "running"
+        or status.get("coordinator_running") is False
+        or not isinstance(waiting, dict)
+        or not isinstance(waiting.get("what"), str)
+    ):
+        return None
+    return waiting
 
 
 def _run_line(run_dir: str, status: dict) -> str:
@@ -199,6 +213,13 @@ def _run_line(run_dir: str, status: dict) -> str:
     line = f"run {run_dir}: {state}"
     if s["completed_rounds"] is not None:
         line += f", {s['completed_rounds']} of {s['target_rounds']} rounds done"
+    waiting = s.get("waiting")
+    if waiting:
+        line += f"; waiting {_age(waiting.get('since'))} for workers to return ({waiting['what']}"
+        gives_up = waiting.get("gives_up_at")
+        if isinstance(gives_up, int | float) and not isinstance(gives_up, bool):
+            line += f"; gives up in {_span(gives_up - time.time())}"
+        line += ")"
     if s["view_updated_at"]:
         line += f"; its view of the workers is {_age(s['view_updated_at'])} old"
         if s.get("coordinator_running") is False:
@@ -209,7 +230,11 @@ def _run_line(run_dir: str, status: dict) -> str:
 def _age(at: object) -> str:
     if not isinstance(at, int | float) or isinstance(at, bool):
         return "?"
-    seconds = max(0, round(time.time() - at))
+    return _span(time.time() - at)
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0, round(seconds))
     return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m"
 
 

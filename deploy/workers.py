@@ -41,6 +41,8 @@ class _OutputTail:
 
     def __init__(self, stream, keep: int = 40):
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.since_ready: collections.deque[str] = collections.deque(maxlen=keep)
+        """Lines after the ready line: only these can say why a serving worker exited."""
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
         self._thread.start()
@@ -50,7 +52,9 @@ class _OutputTail:
             for raw in stream:
                 line = raw.decode(errors="replace").rstrip()
                 self.lines.append(line)
-                if worker_dir.READY_MARK in line:
+                if self.ready.is_set():
+                    self.since_ready.append(line)
+                elif worker_dir.READY_MARK in line:
                     self.ready.set()
 
     def last_error(self) -> str:
@@ -58,6 +62,19 @@ class _OutputTail:
             if "error:" in line or " ERROR " in line:
                 return line.split("error:", 1)[-1].split(" ERROR ", 1)[-1].strip()
         return self.lines[-1] if self.lines else "no output"
+
+    def exit_reason(self, returncode: int | None) -> str:
+        """Why the process exited with `returncode`: its signal, and the error it
+        wrote after it served (before: at start), never an older line."""
+        what = f"exited with code {returncode}"
+        if returncode is not None and returncode < 0:
+            with contextlib.suppress(ValueError):
+                what += f" (killed by {signal.Signals(-returncode).name})"
+        lines = self.since_ready if self.ready.is_set() else self.lines
+        for line in reversed(lines):
+            if "error:" in line or " ERROR " in line:
+                return f"{what}: {line.split('error:', 1)[-1].split(' ERROR ', 1)[-1].strip()}"
+        return what
 
     def join(self, timeout: float = 2.0) -> None:
         self._thread.join(timeout)
@@ -321,7 +338,7 @@ class Supervisor:
     def _restart(self, worker: LocalWorker) -> bool:
         """Restarts the worker after its back-off; False once its restarts are used up."""
         worker.output.join(timeout=0.5)
-        why = f"exited with code {worker.process.returncode}: {worker.last_error()}"
+        why = worker.output.exit_reason(worker.process.returncode)
         if worker.restarts >= self.max_restarts:
             log.error(
                 "worker %d (%s) %s; it was restarted %d times already (--worker-restarts); "

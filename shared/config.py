@@ -181,6 +181,14 @@ class ResilienceConfig:
         minimum=0,
         maximum=MAX_SECONDS,
     )
+    outage_wait: float = setting(
+        900.0,
+        "seconds a run waits for workers to return when too few are up to run a round (say, "
+        "every one is cut off), probing them, before it stops; --round-timeout only cuts "
+        "stragglers short",
+        minimum=0,
+        maximum=MAX_SECONDS,
+    )
     probe_interval: float = setting(
         1.0,
         "seconds before the first probe of a worker that went down; doubles per probe",

@@ -50,6 +50,15 @@ class Host:
             [*self.prefix(), *args], capture_output=True, text=True, timeout=timeout
         )
 
+    def cut_off(self, cut: bool = True) -> None:
+        """Drops every packet between this host and any other, silently, as a
+        failed switch does (loopback inside it still works); `cut=False` mends it."""
+        for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            for iptables in ("iptables", "ip6tables"):
+                rule = [chain, "!", direction, "lo", "-j", "DROP"]
+                result = self.run([iptables, "-I" if cut else "-D", *rule], timeout=30)
+                assert result.returncode == 0, result.stderr
+
     def listening_ports(self) -> list[tuple[str, int]]:
         """(address, port) of every TCP listener inside this host."""
         out = self.run(["ss", "-ltnH"]).stdout

@@ -37,3 +37,14 @@ def test_short_chaos_soak_finishes_and_loses_nothing(tmp_path):
     for key in ("rounds_degraded", "clients_lost", "rounds_with_a_worker_down"):
         assert report[key] >= 0
     assert "chaos soak: 40 rounds" in result.stdout and "time to recover" in result.stdout
+    # The share of rounds each worker served, as the rounds recorded say.
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    served = report["workers_served"]
+    assert sorted(served) == ["worker0", "worker1", "worker2"]
+    for label, figures in served.items():
+        expected = sum(label in r["workers"] and label not in r["workers_lost"] for r in rows)
+        assert figures["rounds_served"] == expected and figures["share_served"] == round(
+            expected / 40, 3
+        )
+        assert f"{label} {expected}/40 (" in result.stdout
+    assert "rounds each worker served (up in): worker0 " in result.stdout

@@ -134,7 +134,7 @@ def test_round_line_says_what_a_degraded_round_and_a_partial_evaluation_missed()
 
     row = {
         "round": 5, "clients": 10, "examples": 400, "train": {"loss": 0.5, "accuracy": 0.8},
-        "round_seconds": 1.0, "degraded": 1, "workers_lost": {}, "clients_lost": 0,
+        "round_seconds": 1.0, "degraded": 0, "retried": 1, "workers_lost": {}, "clients_lost": 0,
         "clients_sampled": 10, "attempts": 2, "live_workers": [0, 1], "workers_total": 3,
         "eval": {"loss": 0.4, "accuracy": 0.9, "examples": 240, "workers_down": ["worker2"]},
     }  # fmt: skip
@@ -143,7 +143,9 @@ def test_round_line_says_what_a_degraded_round_and_a_partial_evaluation_missed()
     assert "| retried: attempt 2, the earlier ones fell short" in line and "lost with" not in line
     assert "on 240 examples, without worker2 (down)" in line
     assert "| 2 of 3 workers up" in line
-    row.update(workers_lost={"worker1": "killed"}, clients_lost=3, attempts=1)
+    row.update(
+        workers_lost={"worker1": "killed"}, clients_lost=3, attempts=1, degraded=1, retried=0
+    )
     assert "| degraded: 3 of 10 clients lost with worker1, attempt 1" in _round_line(row)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ from deploy import workers as workers_lib
 from shared import worker_dir
 from shared.pause_points import ENV_POINT as PAUSE_ENV
 from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
-from tests.test_worker_failures import _paused, _rows, _wait_view
+from tests.test_worker_failures import _paused, _rows, _wait_admissible
 
 
 def _worker_binary_on(run_proc, address: str) -> psutil.Process:
@@ -56,7 +57,7 @@ def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
         look.unlink()
 
         _paused(back, proc)
-        _wait_view(run_dir, index, "rejoining", "up")  # "up": it rejoined before round 12
+        _wait_admissible(run_dir, index)  # "up": it rejoined before round 12
         back.unlink()
 
         _paused(again, proc)
@@ -168,3 +169,41 @@ def test_one_workers_slow_restart_does_not_hold_up_anothers(tmp_path):
         for w in workers:
             w.process.kill()
             w.process.wait(timeout=30)
+
+
+def test_a_crash_is_reported_with_its_own_reason_not_an_old_log_line(shards2, tmp_path, caplog):
+    # The executor log is appended to across restarts: a line an earlier
+    # process wrote (here at start-up) was quoted as the reason of every later
+    # exit; and a worker killed outright was given its own ready line as reason.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old = "E1203 00:00:00.000000 1 old.cc:1] an earlier start: check for SO_REUSEPORT"
+    (logs / "worker-0.executor.log").write_text(old + "\n")
+    workers = workers_lib.start_workers(shards2, logs, check="quick")
+    # No restart: the supervisor only says why each exited.
+    supervisor = workers_lib.Supervisor(workers, max_restarts=0, backoff=0.0, ready_timeout=30.0)
+    try:
+        with caplog.at_level(logging.ERROR, logger="fedcompose.launcher"):
+            supervisor.start()
+            binary = next(
+                c
+                for c in psutil.Process(workers[0].process.pid).children()
+                if "worker_binary" in " ".join(c.cmdline())
+            )
+            binary.kill()  # the executor alone: the worker says why and exits
+            workers[1].process.kill()  # the worker itself: nothing said
+            deadline = time.monotonic() + 60
+            while len([r for r in caplog.records if "not restarting it" in r.getMessage()]) < 2:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.1)
+    finally:
+        supervisor.stop()
+        workers_lib.stop_workers(workers)
+    said = {r.getMessage().split(")", 1)[0]: r.getMessage() for r in caplog.records}
+    first = said[f"worker 0 ({workers[0].address}"]
+    assert (
+        "exited with code 1: TFF's executor service exited unexpectedly with code -9 "
+        "(killed by SIGKILL); it wrote nothing since it started serving; it was restarted"
+    ) in first, first
+    second = said[f"worker 1 ({workers[1].address}"]
+    assert "exited with code -9 (killed by SIGKILL); it was restarted 0 times" in second, second

@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 from pathlib import Path
 
 import grpc
@@ -130,6 +131,19 @@ def canonical_address(address: str) -> str:
     return address if ip.ipv4_mapped is not None else f"[{ip}]:{port}"
 
 
+_plaintext_warned: set[str] = set()
+_plaintext_lock = threading.Lock()
+
+
+def _first_plaintext_dial(address: str) -> bool:
+    """Whether this process dials `address` in plaintext for the first time: the
+    warning is said once per worker, not on every probe and reconnection."""
+    with _plaintext_lock:
+        first = address not in _plaintext_warned
+        _plaintext_warned.add(address)
+        return first
+
+
 def open_channel(address: str, tls: ClientTLS | None, options: list) -> grpc.Channel:
     """A channel to `address`: mutual TLS with `tls`, plaintext without."""
     if tls is not None:
@@ -137,7 +151,7 @@ def open_channel(address: str, tls: ClientTLS | None, options: list) -> grpc.Cha
             canonical_address(address), tls.channel_credentials(), options=options
         )
     host, _ = split_address(address)
-    if not is_loopback_host(host):
+    if not is_loopback_host(host) and _first_plaintext_dial(address):
         log.warning(
             "dialling %s in plaintext: anyone on the network path can read and alter what "
             "is sent; give the coordinator's TLS kit (--tls-dir) for workers on other machines",

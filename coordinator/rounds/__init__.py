@@ -8,4 +8,5 @@ resilience.py      a round that survives lost workers: live sampling, coverage, 
 diagnosis.py       which clients were not finite, recomputed where they live
 prepared.py        the algorithm's computations, compiled once and cached across processes
 outputs.py         a round's and an evaluation's figures, from the algorithm's metrics
+outage.py          waiting out an outage of (nearly) every worker, up to --outage-wait
 """

@@ -9,7 +9,9 @@ loses workers still counts if the clients whose updates made it are at least
 example-weighted mean over those clients only. Otherwise the round is tried
 again (at most `--round-retries` times, waiting up to `--retry-wait` seconds
 for down workers to return), and then the run stops with one line saying what
-happened and how to resume.
+happened and how to resume. While the workers up host too few clients for a
+round at all, no attempt is made: the run waits the outage out
+(`coordinator.rounds.outage`), up to `--outage-wait`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import time
 
 from coordinator.federation import Federation
+from coordinator.rounds import outage
 from coordinator.rounds.round_executor import RoundExecutor, RoundIncomplete, required_clients
 from coordinator.rounds.timing import RoundResult
 from shared import interrupts
@@ -48,23 +51,40 @@ def run_round(
     round_num: int,
     state: object,
     shuffle_seed: int,
+    report: outage.Report | None = None,
 ) -> RoundResult:
-    """Runs round `round_num` to a result, retrying it on the live workers."""
+    """Runs round `round_num` to a result, retrying it on the live workers.
+
+    An attempt is made only when the workers up host enough clients for it;
+    until then the run waits the outage out (`outage.wait_out`, at most
+    `--outage-wait`), which spends none of the `--round-retries`."""
     rules = plan.rules
     needed = required_clients(plan.clients_per_round, rules.min_coverage)
     failures: list[str] = []
     started = time.monotonic()
-    for attempt in range(rules.round_retries + 1):
+    waited = 0.0
+    while True:
         interrupts.raise_if_requested()
-        if attempt:
+        if len(failures) > rules.round_retries:
+            raise FederationError(
+                _gave_up(federation, round_num, failures, time.monotonic() - started)
+            )
+        executor.admit_rejoining(plan.clients_per_round)
+        if failures and outage.clients_on(federation, federation.live()) >= needed:
             _wait_for_workers(federation, rules.retry_wait)
             interrupts.raise_if_requested()
-        executor.admit_rejoining()
+            executor.admit_rejoining(plan.clients_per_round)
+        if outage.clients_on(federation, federation.live()) < needed:
+            waited += outage.wait_out(
+                executor,
+                federation,
+                round_num=round_num,
+                needed=needed,
+                limit=rules.outage_wait,
+                clients_per_round=plan.clients_per_round,
+                report=report,
+            )
         live = federation.live()
-        if not live:
-            failures.append("no worker is up")
-            log.warning("round %d, attempt %d: no worker is up", round_num, attempt + 1)
-            continue
         sampled = federation.sample(round_num, plan.clients_per_round, plan.seed, live)
         try:
             result = executor.train_round(
@@ -77,7 +97,7 @@ def run_round(
             )
         except RoundIncomplete as e:
             failures.append(str(e))
-            log.warning("round %d, attempt %d fell short: %s", round_num, attempt + 1, e)
+            log.warning("round %d, attempt %d fell short: %s", round_num, len(failures), e)
             continue
         result.live = live
         lost = set(result.lost_clients)
@@ -85,10 +105,10 @@ def run_round(
             w: [c for c in ids if c not in lost] for w, ids in sampled.items() if ids
         }
         result.workers_total = len(federation.workers)
-        result.attempts = attempt + 1
+        result.attempts = len(failures) + 1
         result.failed_attempts = failures
+        result.waited = waited
         return result
-    raise FederationError(_gave_up(federation, round_num, failures, time.monotonic() - started))
 
 
 def _wait_for_workers(federation: Federation, seconds: float) -> None:

@@ -86,6 +86,8 @@ class RoundResult:
     attempts: int = 1
     failed_attempts: list[str] = dataclasses.field(default_factory=list)
     """Why each earlier attempt of this round fell short."""
+    waited: float = 0.0
+    """Seconds the round waited for workers to return (an outage) before it ran."""
 
     def record(self) -> dict:
         """The round as plain data: what the run directory's metrics and the
@@ -122,9 +124,13 @@ class RoundResult:
             "workers_lost": self.lost,
             "live_workers": self.live,
             "workers_total": self.workers_total,
-            "degraded": int(bool(self.lost_clients or self.lost or self.failed_attempts)),
+            # Degraded: partials were lost. Retried: earlier attempts fell short,
+            # which by itself loses nothing.
+            "degraded": int(bool(self.lost_clients or self.lost)),
+            "retried": int(bool(self.failed_attempts)),
             "attempts": self.attempts,
             "failed_attempts": self.failed_attempts,
+            "waited_for_workers": round(self.waited, 1),
             "finisher": self.finisher,
             "refinished": int(self.refinished),
             "dropped_clients": self.metrics.get("dropped_clients", 0),

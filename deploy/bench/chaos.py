@@ -14,8 +14,10 @@ and runs the same command again, which must resume after its last checkpoint.
 The last fifth of the rounds has no fault, for the federation to heal.
 At the end it checks that every round is recorded once, that the checkpoints
 are all there, and that no process outlived the soak, and reports the rounds
-degraded, clients lost and the time each fault took to recover from: from the
-fault until a round included the worker's clients again.
+degraded, clients lost, the time each fault took to recover from (from the
+fault until a round included the worker's clients again) and the share of
+rounds each worker served (its partial made it into the round): a worker
+that rejoins must stay in.
 """
 
 from __future__ import annotations
@@ -105,6 +107,26 @@ def _serving(run_proc: subprocess.Popen) -> dict[int, tuple[psutil.Process, psut
         except (psutil.Error, ValueError, IndexError):
             continue
     return found
+
+
+def served(rows: list[dict], workers: int) -> dict[str, dict]:
+    """Per worker: rounds it served (its partial made it into the round) and
+    rounds it was up in (its clients could be drawn), of all rounds recorded."""
+    figures = {}
+    for i in range(workers):
+        label = f"worker{i}"
+        n = sum(
+            1
+            for r in rows
+            if label in r.get("workers", {}) and label not in r.get("workers_lost", {})
+        )
+        up = sum(1 for r in rows if i in r.get("live_workers", []))
+        figures[label] = {
+            "rounds_served": n,
+            "rounds_up": up,
+            "share_served": round(n / len(rows), 3) if rows else 0.0,
+        }
+    return figures
 
 
 def _tagged(tag: str) -> list[psutil.Process]:
@@ -308,6 +330,7 @@ class Soak:
             "rounds_retried": sum(1 for r in rows if r.get("attempts", 1) > 1),
             "rounds_refinished": sum(1 for r in rows if r.get("refinished")),
             "clients_lost": sum(r.get("clients_lost", 0) for r in rows),
+            "workers_served": served(rows, self.plan.workers),
             "clients_sampled": sum(r.get("clients_sampled", 0) for r in rows),
             "recover_seconds": {
                 "faults_recovered": len(recover),
@@ -356,6 +379,12 @@ def render(report: dict) -> str:
         f"{r['rounds_with_a_worker_down']}; retried: {r['rounds_retried']}; finisher replaced: "
         f"{r['rounds_refinished']}",
         f"clients lost: {r['clients_lost']} of {r['clients_sampled']} sampled",
+        "rounds each worker served (up in): "
+        + ", ".join(
+            f"{label} {w['rounds_served']}/{r['rounds']} ({100 * w['share_served']:.0f} %, up in "
+            f"{w['rounds_up']})"
+            for label, w in r["workers_served"].items()
+        ),
         f"time to recover (fault -> worker's clients in a round again): median {rec['median']}s, "
         f"p90 {rec['p90']}s, max {rec['max']}s over {rec['faults_recovered']} of "
         f"{rec['faults']} faults; {rec['faults_recovered_across_the_coordinator_kill']} more "
