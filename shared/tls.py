@@ -207,8 +207,8 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     cert_pem = _read(path / CERT_FILE, "certificate", flag)
     key_path = path / KEY_FILE
     key_pem = _read(key_path, "private key", flag)
-    for name, what in ((CA_FILE, "CA certificate"), (CERT_FILE, "certificate")):
-        _check_owned(path / name, what, flag)
+    for file_name, what in ((CA_FILE, "CA certificate"), (CERT_FILE, "certificate")):
+        _check_owned(path / file_name, what, flag)
     _check_owned(key_path, "private key", flag)
     mode = stat.S_IMODE(os.stat(key_path).st_mode)
     if mode & 0o077:

@@ -740,7 +740,9 @@ def test_a_ca_pem_of_several_cas_is_refused_and_refusals_are_told_truly(tmp_path
         )
         assert two.final and "worker's log" not in two.message
         assert f"issued by {_cert(a_ca).subject.rfc4514_string()}" in two.message
-        assert f"the worker's by {_cert(b_ca).subject.rfc4514_string()}" in two.message
+        # The worker's TLS gate refuses during the handshake, before its own
+        # certificate can be read: it is not named, but what is said is true.
+        assert "the worker does not trust this coordinator's CA" in two.message
         # A CA of the federation's name with another key, against a valid worker.
         remade = probe(
             f"127.0.0.1:{a_port}",

@@ -592,14 +592,16 @@ def own_certificate_problem(tls: ClientTLS, peer=None) -> str | None:
             f"this coordinator's certificate (issuer: {cert.issuer.rfc4514_string()}) is not "
             "signed by any CA in its own kit's ca.pem; copy the coordinator's whole kit again"
         )
-    if peer is not None and not _signed_by(peer, ours):
+    if (peer is not None and not _signed_by(peer, ours)) or (peer is None and len(cas) > 1):
         # Our bundle trusts the worker's CA as well as our own (a ca.pem holding
-        # two CAs), but the worker trusts only its own.
+        # two CAs), but the worker trusts only its own. (A worker's TLS gate
+        # refuses during the handshake, before its certificate can be read.)
+        theirs = f" and the worker's by {peer.issuer.rfc4514_string()}" if peer else ""
         return (
-            f"this coordinator's certificate is issued by {ours.subject.rfc4514_string()} and "
-            f"the worker's by {peer.issuer.rfc4514_string()}: the coordinator's ca.pem holds "
-            f"{len(cas)} CA certificates and trusts the worker, but the worker does not trust "
-            "this coordinator's CA; use the coordinator kit of the worker's federation"
+            f"this coordinator's certificate is issued by {ours.subject.rfc4514_string()}"
+            f"{theirs}: the coordinator's ca.pem holds {len(cas)} CA certificates and trusts "
+            "the worker, but the worker does not trust this coordinator's CA; use the "
+            "coordinator kit of the worker's federation"
         )
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
