@@ -53,6 +53,7 @@ import shutil
 import socket
 import time
 import tomllib
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -613,10 +614,7 @@ class RunDirectory:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 staging.mkdir()
                 arrays = {f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}
-                with open(staging / CHECKPOINT_FILE, "wb") as f:
-                    np.savez(f, format=np.array(CHECKPOINT_FORMAT), **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_npz(staging / CHECKPOINT_FILE, arrays)
                 files.sync_dir(staging)
                 pause_points.reached("checkpoint", round_num)
                 if target.exists():  # a leftover of an abandoned run past this round
@@ -1045,6 +1043,19 @@ def state_leaves(state: Any) -> list[np.ndarray]:
     import tensorflow as tf
 
     return [np.array(leaf, copy=True) for leaf in tf.nest.flatten(state)]
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """What `np.savez` writes (uncompressed), flushed to disk. Written here
+    because `np.savez` leaves its zip file open when a write fails (a full
+    disk), and its clean-up later printed a traceback."""
+    with open(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, array in {"format": np.array(CHECKPOINT_FORMAT), **arrays}.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _like(loaded: np.ndarray, wanted: Any) -> Any:
