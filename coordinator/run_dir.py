@@ -795,7 +795,20 @@ class RunDirectory:
         self._csv_fields = fields
 
     def _tensorboard_event(self, round_num: int, scalars: dict[str, float]) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import (
+            event_pb2,
+            summary_pb2,
+            tensor_pb2,
+            tensor_shape_pb2,
+            types_pb2,
+        )
+
+        global _SCALAR_METADATA
+        if _SCALAR_METADATA is None:
+            _SCALAR_METADATA = summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+                data_class=summary_pb2.DATA_CLASS_SCALAR,
+            )
 
         if self._tensorboard is None:
             from tensorboard.summary.writer.record_writer import RecordWriter
@@ -808,7 +821,20 @@ class RunDirectory:
             self._tensorboard = RecordWriter(open(self.tensorboard_dir / name, "ab"))  # noqa: SIM115
             first = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
             self._tensorboard.write(first.SerializeToString())
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        # As tf.summary.scalar writes them (a float32 tensor, the scalars plugin), so
+        # that tools reading TFF's events (`Tensors`, not legacy `Scalars`) read these.
+        values = [
+            summary_pb2.Summary.Value(
+                tag=k,
+                tensor=tensor_pb2.TensorProto(
+                    dtype=types_pb2.DT_FLOAT,
+                    tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                    float_val=[v],
+                ),
+                metadata=_SCALAR_METADATA,
+            )
+            for k, v in scalars.items()
+        ]
         event = event_pb2.Event(
             wall_time=time.time(), step=round_num, summary=summary_pb2.Summary(value=values)
         )
@@ -1069,6 +1095,9 @@ def _like(loaded: np.ndarray, wanted: Any) -> Any:
     if isinstance(wanted, bool | int | float):
         return type(wanted)(loaded.item())
     return loaded
+
+
+_SCALAR_METADATA: Any = None
 
 
 def _append(path: Path, data: bytes) -> None:

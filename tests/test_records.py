@@ -177,11 +177,14 @@ def test_metrics_are_appended_not_rewritten(tmp_path):
     events = list((tmp_path / "tensorboard").iterdir())
     assert len(events) == 1 and events[0].name.startswith("events.out.tfevents.")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
-    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    # Read as TFF's events were (tf.summary.scalar: tensors of the scalars plugin).
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     accumulator.Reload()
-    loss = accumulator.Scalars("train/loss")
-    assert [(e.step, round(e.value, 6)) for e in loss] == [
+    loss = accumulator.Tensors("train/loss")
+    value = tensor_util.make_ndarray
+    assert [(e.step, round(float(value(e.tensor_proto)), 6)) for e in loss] == [
         (1, 1.0),
         (2, 0.5),
         (3, 0.333333),
