@@ -359,3 +359,18 @@ def test_a_csv_row_cut_short_or_past_the_checkpoint_is_rebuilt_from_the_jsonl(tm
     run.record_round(_row(4))  # appends after the rebuilt rows
     with open(run.metrics_csv, newline="") as f:
         assert [r["round"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]
+
+
+def test_status_is_current_within_its_interval_without_more_rounds(tmp_path):
+    """Batched, but not held back: the last round reaches status.json within
+    `status_every` even when no round follows (a long next round)."""
+    run = run_dir_lib.RunDirectory(tmp_path)
+    run.write_status(state="running", completed_rounds=0, checkpoint_round=0)
+    writer = RecordWriter(run, checkpoint_round=0, status_every=0.2)
+    try:
+        writer.round_done(_row(1), run_dir_lib.state_leaves(_state(1)))
+        _until(lambda: run.status().get("completed_rounds") == 1, "status says round 1")
+        assert run.status()["checkpoint_round"] == 1 and run.status()["state"] == "running"
+        assert writer._thread.is_alive()  # not closed: written on its own
+    finally:
+        writer.close()
