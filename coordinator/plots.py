@@ -3,12 +3,17 @@ cost curves on log-log axes."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+# Files are drawn without a display; a notebook keeps its own (inline) backend.
+if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from shared import files
 
@@ -24,7 +29,13 @@ def _series(rows: list[dict], section: str, key: str) -> tuple[list[int], list[f
 
 
 def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    _save(metrics_figure(rows, title), path)
+
+
+def metrics_figure(rows: list[dict], title: str = "") -> Figure:
+    """Loss and accuracy against round, train and held-out."""
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for section, style, label in (
         ("train", "-", "train (sampled clients)"),
         ("eval", "o-", "held-out (all writers)"),
@@ -39,10 +50,12 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> None:
     ax_acc.set(xlabel="round", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def plot_loglog(

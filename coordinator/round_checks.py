@@ -94,7 +94,7 @@ class RoundChecks:
             self._fail_or_warn(
                 f"round {round_num}: the aggregated update was not finite, so the server "
                 "left the model unchanged (check the aggregator's noise and norms and the "
-                "learning rates)"
+                f"learning rates){self._user_clients(state_before, sampled, shuffle_seed)}"
             )
         if not diagnosis.finite_tree(result.state):
             raise TrainingError(
@@ -102,6 +102,24 @@ class RoundChecks:
                 "(NaN/inf); lower --server-learning-rate or choose another --server-optimizer; "
                 "the last checkpoint is from the round before"
             )
+
+    def _user_clients(
+        self, state_before: object, sampled: dict[int, list[str]], shuffle_seed: int
+    ) -> str:
+        """For a user's process, whose client work reports no dropped clients:
+        the clients whose training loss at the round's starting model is not
+        finite, if the user gave a model to compute it with."""
+        algorithm = self.executor.algorithm
+        if not algorithm.user_defined or "train_outcome" not in algorithm.computations:
+            return ""
+        weights = self.executor.model_weights(state_before)
+        findings = self._diagnose().train(weights, sampled, shuffle_seed)
+        if not findings:
+            return "; no client's training loss is non-finite at the round's starting model"
+        return (
+            f"; the training loss at the round's starting model is not finite for "
+            f"{diagnosis.describe(findings)}; {_HINT_TRAIN}"
+        )
 
     def _evaluate(self, state: object) -> dict | None:
         return self.executor.evaluate(state, self.round_timeout, leave_out=self.left_out_of_eval)
@@ -113,7 +131,8 @@ class RoundChecks:
         evaluation = self._evaluate(state)
         if evaluation is None:
             return None
-        if math.isfinite(evaluation["loss"]) and math.isfinite(evaluation["accuracy"]):
+        accuracy = evaluation.get("accuracy")
+        if math.isfinite(evaluation["loss"]) and (accuracy is None or math.isfinite(accuracy)):
             if self.left_out_of_eval:
                 evaluation["left_out_clients"] = len(self.left_out_of_eval)
             return evaluation

@@ -36,7 +36,6 @@ Rules that keep the directory whole, whatever happens to the process:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import dataclasses
@@ -60,9 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import files, pause_points, settings, shard_format
+from shared import event_loops, files, pause_points, settings, shard_format
 from shared.config import COMMANDS, SECTIONS, RunConfig, resume_conflicts
-from shared.errors import RunDirError, UsageError
+from shared.errors import RunDirError, UsageError, one_line
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -690,7 +689,7 @@ class RunDirectory:
         except FileNotFoundError:
             return None, f"no {CHECKPOINT_FILE}"
         except Exception as e:  # zip, CRC and format errors of a damaged file
-            return None, _one_line(e)
+            return None, one_line(e)
         wanted = tf.nest.flatten(structure)
         self._check_fit(path, loaded, wanted)
         leaves = [_like(a, b) for a, b in zip(loaded, wanted, strict=True)]
@@ -707,17 +706,17 @@ class RunDirectory:
             str(self.checkpoint_dir), prefix=CHECKPOINT_PREFIX, keep_total=0
         )
         try:
-            state = asyncio.run(manager.load(version, structure))
+            state = event_loops.run(manager.load(version, structure))
         except Exception as e:  # TF raises many kinds; sorted out below
             try:
-                asyncio.run(file_utils.read_saved_model(str(path)))
+                event_loops.run(file_utils.read_saved_model(str(path)))
             except Exception as unreadable:
-                return None, _one_line(unreadable)
-            raise self._misfit(path, _one_line(e)) from None
+                return None, one_line(unreadable)
+            raise self._misfit(path, one_line(e)) from None
         try:
             loaded, wanted = tf.nest.flatten(state), tf.nest.flatten(structure)
         except (TypeError, ValueError) as e:
-            raise self._misfit(path, _one_line(e)) from None
+            raise self._misfit(path, one_line(e)) from None
         self._check_fit(path, loaded, wanted)
         return state, None
 
@@ -899,7 +898,7 @@ class RunDirectory:
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError, csv.Error) as e:
-            problem = _one_line(e)
+            problem = one_line(e)
         except OSError as e:
             raise RunDirError(f"cannot read {files.failure(e, self.metrics_csv)}") from None
         aside = _aside_name(self.path / f"{UNREADABLE_PREFIX}{self.metrics_csv.name}")
@@ -1042,10 +1041,11 @@ class RunDirectory:
     # --- artefacts -------------------------------------------------------------------
 
     def write_model(self, weights: Any) -> None:
-        arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(weights.trainable)}
-        arrays.update(
-            {f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(weights.non_trainable)}
-        )
+        from coordinator.rounds.outputs import weight_lists
+
+        trainable, non_trainable = weight_lists(weights)
+        arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(trainable)}
+        arrays.update({f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(non_trainable)})
         with (
             _writing("the final model", self.model_path),
             files.atomic_target(self.model_path, ".npz") as tmp,
@@ -1193,8 +1193,3 @@ def _aside_name(path: Path) -> Path:
 
 def _rounds(rounds: list[int]) -> str:
     return ", ".join(map(str, rounds[:10])) + (", ..." if len(rounds) > 10 else "")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

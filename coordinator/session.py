@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coordinator import algorithm as algorithm_lib
 from coordinator import federation as federation_lib
@@ -22,7 +23,10 @@ from coordinator.executor_client.server import ServerExecutor
 from coordinator.rounds import prepared
 from coordinator.rounds.executor_reuse import MemoryPlan
 from coordinator.rounds.round_executor import RoundExecutor
-from shared.errors import UsageError
+from shared.errors import UsageError, one_line
+
+if TYPE_CHECKING:
+    from coordinator.algorithm.user_process import UserAlgorithm
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -91,7 +95,7 @@ class FederationSession:
             raise UsageError(
                 f"the algorithm ({spec.describe()}) cannot run across workers: TFF cannot "
                 "split its round into the mergeable form "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); "
+                f"({one_line(e, 300)}); "
                 "choose other blocks (`fedcompose blocks`)"
             ) from e
         executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)
@@ -104,6 +108,25 @@ class FederationSession:
             ""
             if algorithm.empty_clients_harmless
             else " (rounds not padded: aggregator counts clients)",
+        )
+        return executor
+
+    def user_round_executor(self, user: UserAlgorithm, worker_memory_mb: int = 0) -> RoundExecutor:
+        """A learning process the user composed in Python, ready to drive rounds
+        on this federation (refused in one line if it cannot run here)."""
+        assert self.federation is not None and self.server is not None
+        from coordinator.algorithm import user_process
+
+        started = time.perf_counter()
+        algorithm = user_process.prepare(user)
+        assert algorithm.model_mb is not None
+        memory = MemoryPlan.for_model_size(worker_memory_mb, algorithm.model_mb)
+        executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)
+        self._executors.append(executor)
+        log.info(
+            "prepared %s in %.1fs (rounds not padded: its aggregator is not known)",
+            algorithm.describe(),
+            time.perf_counter() - started,
         )
         return executor
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import tensorflow_federated as tff
 from tqdm import tqdm
 
+from coordinator import algorithm_record
 from coordinator import federation as federation_lib
 from coordinator import run_dir as run_dir_lib
 from coordinator.algorithm import AlgorithmSpec, privacy
@@ -18,12 +23,16 @@ from coordinator.liveness import WORKERS_VIEW
 from coordinator.record_writer import RecordWriter
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
+from coordinator.rounds.outputs import weight_lists
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
 from shared import interrupts, pause_points
 from shared.config import RunConfig
-from shared.errors import RunDirError, UsageError
+from shared.errors import RunDirError, UsageError, one_line
+
+if TYPE_CHECKING:
+    from coordinator.algorithm.user_process import UserAlgorithm
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -37,6 +46,13 @@ class TrainSummary:
     already_finished: bool = False
     privacy: dict | None = None
     """(epsilon, delta) spent, with a DP aggregator."""
+    model_weights: object | None = None
+    """The final model's weights (TFF's ModelWeights of numpy arrays); None for a
+    run that was finished already (its run directory's model.npz holds them)."""
+
+
+def _eval_figures(evaluation: dict, digits: int = 4) -> str:
+    return f"loss {evaluation['loss']:.{digits}f} acc {_figure(evaluation.get('accuracy'), digits)}"
 
 
 def _figure(value: float | None, digits: int = 4) -> str:
@@ -48,7 +64,7 @@ def _round_line(row: dict) -> str:
     parts = [
         f"round {row['round']:>4}",
         f"clients {row['clients']:>4}",
-        f"examples {row['examples']:>6}",
+        f"examples {row['examples'] if row['examples'] is not None else 'n/a':>6}",
         f"loss {_figure(row['train']['loss'])}",
         f"acc {_figure(row['train']['accuracy'])}",
         f"{row['round_seconds']:.2f}s",
@@ -58,7 +74,7 @@ def _round_line(row: dict) -> str:
     if "privacy" in row:
         parts.append(f"| {privacy.describe(row['privacy'])}")
     if "eval" in row:
-        parts.append(f"| held-out loss {row['eval']['loss']:.4f} acc {row['eval']['accuracy']:.4f}")
+        parts.append(f"| held-out {_eval_figures(row['eval'])}")
         missing = _missing_from(row["eval"])
         if missing:
             parts.append(f"on {row['eval']['examples']} examples, without {missing}")
@@ -94,9 +110,15 @@ def _final_eval(status: dict) -> dict | None:
     """The final held-out figures status.json recorded, if it holds them whole
     (an edited or damaged file made the summary line a traceback)."""
     final = status.get("final_eval")
-    if isinstance(final, dict) and all(
-        isinstance(final.get(k), int | float) and not isinstance(final.get(k), bool)
-        for k in ("accuracy", "loss", "examples")
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    # A user's model may have no accuracy metric.
+    if (
+        isinstance(final, dict)
+        and all(number(final.get(k)) for k in ("loss", "examples"))
+        and (final.get("accuracy") is None or number(final.get("accuracy")))
     ):
         return final
     return None
@@ -120,14 +142,22 @@ def train(
     run_dir: Path,
     show_progress: bool | None = None,
     command: str = "train",
+    *,
+    session: FederationSession | None = None,
+    algorithm: UserAlgorithm | None = None,
+    progress: Callable[..., Any] | None = None,
 ) -> TrainSummary:
-    """Trains over the workers at `addresses`, writing everything to `run_dir`.
+    """Trains over the workers at `addresses` (or over an open `session`, which
+    stays open), writing everything to `run_dir`.
 
-    The caller holds the run directory's lock (`run_dir.locked`). Nothing in
-    the directory changes until the resume is known to be sound: settings
-    (`plan_resume`), data (`check_trained_on`) and checkpoint all fit. A run
-    that fails or is interrupted after that leaves `status.json` saying so,
-    with the progress its files hold.
+    The algorithm is fedcompose's own, composed from `config`'s blocks, or a
+    learning process the user composed in Python (`algorithm`). The caller
+    holds the run directory's lock (`run_dir.locked`). Nothing in the
+    directory changes until the resume is known to be sound: settings
+    (`plan_resume`), data (`check_trained_on`), algorithm and checkpoint all
+    fit. A run that fails or is interrupted after that leaves `status.json`
+    saying so, with the progress its files hold. `progress` makes the
+    progress bar (tqdm's signature; default: tqdm on a terminal).
     """
     t = config.training
     run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
@@ -149,14 +179,19 @@ def train(
         )
     pause_points.reached("startup")
     started = False
-    try:
-        with FederationSession(
+    opened = (
+        contextlib.nullcontext(session)
+        if session is not None
+        else FederationSession(
             addresses,
             rpc_timeout=config.federation.rpc_timeout,
             connect_timeout=config.federation.connect_timeout,
             log_dir=run.logs_dir,
             tls=load_client_tls(config.tls.tls_dir),
-        ) as session:
+        )
+    )
+    try:
+        with opened as session:
             federation = session.federation
             assert federation is not None
             if t.clients_per_round > federation.num_clients:
@@ -167,9 +202,17 @@ def train(
             record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
             if plan.resuming:
                 run.check_trained_on(record)
-            spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
-            log.info("algorithm: %s", spec.describe())
-            executor = session.round_executor(spec, config.federation.worker_memory_mb)
+            if algorithm is None:
+                spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
+                log.info("algorithm: %s", spec.describe())
+                executor = session.round_executor(spec, config.federation.worker_memory_mb)
+            else:
+                executor = session.user_round_executor(
+                    algorithm, config.federation.worker_memory_mb
+                )
+                log.info("algorithm: %s", executor.algorithm.describe())
+            user_record = algorithm_record.record(executor.algorithm)
+            algorithm_record.check(run.path, user_record, resuming=plan.resuming)
             log.info("%s", executor.memory.describe())
             state = executor.initialize()
             restored = run.restore(state) if plan.resuming else None
@@ -177,6 +220,7 @@ def train(
             started = True
             run.write_config(run_dir_lib.config_to_record(run.saved_config(), config, command))
             run.write_trained_on(record)
+            algorithm_record.write(run.path, user_record)
             federation.watch(
                 config.resilience.probe_interval,
                 config.resilience.probe_interval_max,
@@ -196,8 +240,15 @@ def train(
             )
             checks = RoundChecks(config, executor, federation)
             checks.restore_privacy(run, start_round - 1)
-            final_eval = _loop(
-                config, run, executor, federation, state, start_round, show_progress, checks
+            final_eval, weights = _loop(
+                config,
+                run,
+                executor,
+                federation,
+                state,
+                start_round,
+                checks,
+                _progress_bar(progress, show_progress, t.rounds, start_round),
             )
         return TrainSummary(
             run_dir,
@@ -205,6 +256,7 @@ def train(
             final_eval,
             start_round - 1 or None,
             privacy=checks.privacy(),
+            model_weights=tff.learning.models.ModelWeights(*weight_lists(weights)),
         )
     except KeyboardInterrupt:
         if started:
@@ -216,24 +268,29 @@ def train(
                 run.note_stopped("interrupted")
             raise KeyboardInterrupt(str(exc)) from exc
         if started:
-            run.note_stopped(
-                "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            )
+            # The whole line the user sees, not only its first line.
+            run.note_stopped("failed", error=one_line(exc, limit=None))
         raise
 
 
-def _loop(
-    config, run, executor, federation, state, start_round, show_progress, checks: RoundChecks
-) -> dict | None:
-    t, e = config.training, config.evaluation
-    bar = tqdm(
-        total=t.rounds,
+def _progress_bar(
+    progress: Callable[..., Any] | None, show: bool | None, rounds: int, start_round: int
+) -> Any:
+    make = progress or tqdm
+    return make(
+        total=rounds,
         initial=start_round - 1,
         unit="round",
         dynamic_ncols=True,
-        disable=(not sys.stderr.isatty()) if show_progress is None else not show_progress,
+        disable=(not sys.stderr.isatty()) if show is None else not show,
         file=sys.stderr,
     )
+
+
+def _loop(
+    config, run, executor, federation, state, start_round, checks: RoundChecks, bar
+) -> tuple[dict | None, object]:
+    t, e = config.training, config.evaluation
     plan = resilience.RoundPlan.of(t, config.resilience)
     # A crash after the last checkpoint but before the end leaves no rounds to run.
     evaluation = checks.evaluate(t.rounds, state) if start_round > t.rounds else None
@@ -269,7 +326,7 @@ def _loop(
                 "loss": _figure(row["train"]["loss"], 3),
                 "acc": _figure(row["train"]["accuracy"], 3),
             }
-            if evaluation:
+            if evaluation and evaluation.get("accuracy") is not None:
                 postfix["held-out acc"] = f"{evaluation['accuracy']:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
@@ -280,8 +337,9 @@ def _loop(
     finally:
         bar.close()
     pause_points.reached("finish")
-    run.write_model(executor.model_weights(state))
-    plot = run.write_plot(f"{config.model.model} model, {len(federation.workers)} workers")
+    weights = executor.model_weights(state)
+    run.write_model(weights)
+    plot = run.write_plot(f"{_model_name(config, executor)}, {len(federation.workers)} workers")
     spent = checks.privacy()
     run.write_status(
         state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
@@ -291,14 +349,13 @@ def _loop(
         missing = _missing_from(evaluation)
         held_out = sum(d.manifest.test_examples for d in federation.descriptions)
         log.info(
-            "final model on %s held-out examples%s%s: loss %.4f, accuracy %.4f",
+            "final model on %s held-out examples%s%s: %s",
             f"{evaluation['examples']} of the {held_out}"
             if left_out or missing
             else f"all {evaluation['examples']}",
             f" ({left_out} client(s) left out: not finite)" if left_out else "",
             f", without the writers of {missing}" if missing else "",
-            evaluation["loss"],
-            evaluation["accuracy"],
+            _eval_figures(evaluation).replace("acc ", "accuracy "),
         )
     if spent is not None:
         log.info("privacy spent after %d rounds: %s", t.rounds, privacy.describe(spent))
@@ -307,7 +364,13 @@ def _loop(
         run.path,
         "" if plot else " missing",
     )
-    return evaluation
+    return evaluation, weights
+
+
+def _model_name(config: RunConfig, executor) -> str:
+    if executor.algorithm.user_defined:
+        return executor.algorithm.describe()
+    return f"{config.model.model} model"
 
 
 __all__ = ["RunDirError", "TrainSummary", "train"]

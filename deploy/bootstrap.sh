@@ -115,7 +115,7 @@ if [[ -x "$VENV/bin/python" ]] && ! is_311 "$VENV/bin/python"; then
 fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 # --no-deps: the lock is complete, and TFF's own jaxlib==0.4.14 pin cannot be
-# resolved from PyPI (see README, "Install").
+# resolved from PyPI (docs/install.md).
 pip_install() {
   # Some machines configure extra package locations that do not exist; pip's
   # warning about each is noise, real errors still show.

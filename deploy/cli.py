@@ -7,7 +7,7 @@ when their subcommand runs, so `fedcompose worker` never pays for importing
 TensorFlow. This is also the one
 place where errors become what the user sees: a `FedcomposeError` (or an
 `OSError` that escaped) is one line on stderr and its exit code
-(`shared.errors`), an interrupt is exit 130.
+(`shared.errors.EXIT_CODES`), an interrupt is `INTERRUPTED`.
 """
 
 from __future__ import annotations
@@ -39,35 +39,53 @@ def main(argv: list[str] | None = None) -> int:
     from shared.quiet import quiet_tensorflow
 
     quiet_tensorflow(verbose="--verbose" in argv)
-    parser = argparse.ArgumentParser(
-        prog="fedcompose",
-        description="A multi-process federated-learning simulator on TFF's remote executors.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage, 3 data, 4 federation (workers), "
-        "5 run directory, 6 training (non-finite values), 130 interrupted. "
-        "`fedcompose COMMAND --help` for each command.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    from shared.errors import UsageError
+
+    parser = top_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
-        return 0 if argv else 2
+        return 0 if argv else UsageError.exit_code
     name = argv[0]
     if name not in SUBCOMMANDS:
         parser.error(f"unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
     from shared import config
 
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    sub_parser = argparse.ArgumentParser(prog=f"fedcompose {name}", description=module.DESCRIPTION)
-    config.add_arguments(sub_parser, name)
-    args = sub_parser.parse_args(argv[1:])
+    args = command_parser(name, module.DESCRIPTION).parse_args(argv[1:])
     return run_reporting(name, lambda: module.run(config.resolve(args, name)))
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """`fedcompose`'s own parser: the subcommands and the exit codes."""
+    from shared.errors import EXIT_CODES
+
+    parser = argparse.ArgumentParser(
+        prog="fedcompose",
+        description="A multi-process federated-learning simulator on TFF's remote executors.",
+        epilog="Exit codes: "
+        + ", ".join(f"{c.code} {c.kind}" for c in EXIT_CODES)
+        + ". `fedcompose COMMAND --help` for each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def command_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `fedcompose NAME`: a flag per setting the command takes
+    (`shared.config`); the documentation's CLI reference is made from it too."""
+    from shared import config
+
+    parser = argparse.ArgumentParser(prog=f"fedcompose {name}", description=description)
+    config.add_arguments(parser, name)
+    return parser
 
 
 def run_reporting(name: str, body) -> int:
     """Runs a command's body; every error it raises becomes one line and an exit code."""
     from shared import interrupts, logs
-    from shared.errors import INTERRUPTED, FedcomposeError, describe_os_error
+    from shared.errors import FAILURE, INTERRUPTED, FedcomposeError, describe_os_error
 
     try:
         return int(body() or 0)
@@ -80,13 +98,15 @@ def run_reporting(name: str, body) -> int:
         if isinstance(e, FedcomposeError):
             return _report(name, f"error: {e}", e.exit_code, logs)
         if isinstance(e, OSError):
-            return _report(name, f"error: {describe_os_error(e)}", 1, logs)
+            return _report(name, f"error: {describe_os_error(e)}", FAILURE, logs)
         raise
 
 
 def _report(name: str, message: str, code: int, logs) -> int:
+    from shared.errors import INTERRUPTED
+
     line = " ".join(message.split())  # one line, whatever the message held
-    logs.to_files_only(logging.ERROR if code != 130 else logging.WARNING, line)
+    logs.to_files_only(logging.ERROR if code != INTERRUPTED else logging.WARNING, line)
     try:
         print(f"fedcompose {name}: {line}", file=sys.stderr, flush=True)
     except OSError:

@@ -138,7 +138,7 @@ def _preload_coordinator(verbose: bool) -> None:
 def run(config: config_lib.RunConfig) -> int:
     from coordinator import run_dir as run_dir_lib
     from coordinator.cli import log_removed_temporaries, resolve_run_dir, run_training
-    from deploy import workers as workers_lib
+    from deploy.local_federation import LocalWorkers
     from shared import interrupts, loopback
 
     # Every executor this starts is confined to loopback; without the shim, nothing starts.
@@ -151,33 +151,9 @@ def run(config: config_lib.RunConfig) -> int:
         interrupts.install()
         if _check_before_changes(config, run_dir):
             return run_training(config, [], command="run")  # says so, starts nothing
-        started: list = []
-        supervisor = None
         _preload_coordinator(config.output.verbose)
-        try:
-            shard_dirs = _shard_dirs(config, run_dir, "workers" in config.given)
-            _check_built_shards(config, run_dir, shard_dirs)
-            started = workers_lib.start_workers(
-                shard_dirs,
-                run_dir / "logs",
-                base_port=config.federation.base_port,
-                check=config.worker.shard_check,
-                ready_timeout=config.worker.ready_timeout,
-                max_message_mb=config.worker.max_message_mb,
-                verbose=config.output.verbose,
-            )
-            r = config.resilience
-            if r.worker_restarts:
-                supervisor = workers_lib.Supervisor(
-                    started,
-                    max_restarts=r.worker_restarts,
-                    backoff=r.restart_backoff,
-                    ready_timeout=config.worker.ready_timeout,
-                ).start()
-            return run_training(config, [w.address for w in started], command="run")
-        finally:
-            if supervisor is not None:
-                supervisor.stop()
-            if started:
-                log.info("stopping %d workers", len(started))
-            workers_lib.stop_workers(started)
+        shard_dirs = _shard_dirs(config, run_dir, "workers" in config.given)
+        _check_built_shards(config, run_dir, shard_dirs)
+        # The workers' lifecycle is the Python API's LocalFederation's.
+        with LocalWorkers(shard_dirs, run_dir / "logs", config) as workers:
+            return run_training(config, workers.addresses, command="run")

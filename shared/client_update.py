@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from shared import models
+
 ClientOutput = collections.namedtuple("ClientOutput", ["result", "metrics"])
 
 OptimizerFn = Callable[[], tff.learning.optimizers.Optimizer]
@@ -58,7 +60,7 @@ def _train(model, dataset, server_weights, optimizer, clip_norm, proximal_mu):
     correct = tf.constant(0.0)
     # A loop over an iterator, not `dataset.reduce`: the loop body is then
     # instantiated once per worker session instead of once per client, which
-    # is most of a client's cost for small models (see README, Benchmark).
+    # is most of a client's cost for small models (docs/benchmark.md).
     for batch in iter(dataset):
         with tf.GradientTape() as tape:
             outputs = model.forward_pass(batch, training=True)
@@ -173,7 +175,7 @@ def client_outcome(
     not finite).
     """
     _check(clip_norm, proximal_mu)
-    weights_type = _weights_type(model_fn)
+    weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation(weights_type, np.str_)
     def outcome(weights, token):
@@ -182,12 +184,6 @@ def client_outcome(
         return _outcome(model, dataset_fn(token), weights, optimizer_fn(), clip_norm, proximal_mu)
 
     return outcome
-
-
-def _weights_type(model_fn: Callable[[], tff.learning.models.VariableModel]):
-    """The TFF type of the model's weights, from a model built in a throwaway graph."""
-    with tf.Graph().as_default():
-        return tff.learning.models.weights_type_from_model(model_fn())
 
 
 def _update_from(model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset):
@@ -209,7 +205,7 @@ def client_update_from_token(
     computation returns for `dataset_fn(token)`, with the dataset built in the
     same graph (see coordinator/algorithm/dataset_fusion.py for why)."""
     _check(clip_norm, proximal_mu)
-    weights_type = _weights_type(model_fn)
+    weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation(weights_type, np.str_)
     def client_update_from_token_computation(weights, token):

@@ -152,7 +152,7 @@ class FederationConfig:
 
 @dataclasses.dataclass
 class ResilienceConfig:
-    """What a run does when workers fail, stall or come back (README: *Failures*)."""
+    """What a run does when workers fail, stall or come back (docs/failures.md)."""
 
     round_timeout: float = setting(
         300.0,

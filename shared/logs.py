@@ -67,29 +67,38 @@ def setup(verbose: bool = False, log_file: Path | None = None, name: str = "fedc
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.addHandler(console)
     if log_file is not None:
-        try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            handler = _ResilientFileHandler(log_file)
-        except FileExistsError:  # mkdir met a file where the directory belongs
-            raise UsageError(
-                f"log file {log_file}: {log_file.parent} exists and is not a directory"
-            ) from None
-        except OSError as e:
-            if e.filename is None:  # Python's append mode seeks after opening, unnamed
-                e.filename = str(log_file)
-            raise UsageError(f"log file: {describe_os_error(e)}") from None
+        handler = resilient_file_handler(log_file)
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
         )
-        handler.setLevel(logging.DEBUG)
         root.addHandler(handler)
     for noisy in ("tensorflow", "absl", "jax", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
+def resilient_file_handler(log_file: Path) -> logging.FileHandler:
+    """A DEBUG-level handler appending to `log_file` (its directory made); a
+    file that cannot be opened is one line naming it (`UsageError`), one that
+    fails later is one warning, then nothing."""
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = _ResilientFileHandler(log_file)
+    except FileExistsError:  # mkdir met a file where the directory belongs
+        raise UsageError(
+            f"log file {log_file}: {log_file.parent} exists and is not a directory"
+        ) from None
+    except OSError as e:
+        if e.filename is None:  # Python's append mode seeks after opening, unnamed
+            e.filename = str(log_file)
+        raise UsageError(f"log file: {describe_os_error(e)}") from None
+    handler.setLevel(logging.DEBUG)
+    return handler
+
+
 def to_files_only(level: int, message: str) -> None:
     """Writes `message` to the log files, not the terminal (which has it already)."""
     record = logging.LogRecord("fedcompose", level, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("fedcompose").handlers]
+    for handler in handlers:
         if isinstance(handler, logging.FileHandler) and level >= handler.level:
             handler.handle(record)

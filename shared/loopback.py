@@ -1,9 +1,11 @@
 """Keeping TFF's executor service on loopback, with a port of its own.
 
 `worker_binary` listens on `[::]:PORT` (every interface, no TLS, no
-authentication) and sets SO_REUSEPORT; it has no option to change either
-(DESIGN.md, section 7). Every `worker_binary` fedcompose starts, the workers'
-and the coordinator's own server executor, therefore runs with a small
+authentication) and sets SO_REUSEPORT; it has no option to change either:
+`worker_binary --helpfull` lists only its port, message size and
+concurrency, and TFF's source (`cc/simulation/worker_main.cc`) hard-codes
+insecure credentials and `[::]`. Every `worker_binary` fedcompose starts,
+the workers' and the coordinator's own server executor, therefore runs with a small
 `LD_PRELOAD` shim (`loopback_shim.c`) that turns its wildcard bind into a
 loopback bind and ignores SO_REUSEPORT. The shim is compiled from source on
 install (`deploy/bootstrap.sh` runs `python -m shared.loopback --build`) into

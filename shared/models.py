@@ -51,6 +51,15 @@ def keras_model(name: str, num_classes: int) -> tf.keras.Model:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
+def weights_type_of(
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+) -> tff.StructType:
+    """The TFF type of the model's weights, from a model built in a throwaway
+    graph (so that no variable of it lands in the caller's graph)."""
+    with tf.Graph().as_default():
+        return tff.learning.models.weights_type_from_model(model_fn())
+
+
 def model_fn_for(name: str, num_classes: int) -> Callable[[], tff.learning.models.VariableModel]:
     """A no-arg factory of TFF models, as TFF's builders expect."""
     if name not in MODELS:

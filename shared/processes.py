@@ -14,8 +14,7 @@ import ctypes.util
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -103,12 +102,3 @@ def stop(proc: subprocess.Popen, grace: float = 5.0, sig: int = signal.SIGTERM) 
     except (ProcessLookupError, PermissionError):
         proc.kill()
     return proc.wait()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

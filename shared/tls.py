@@ -53,10 +53,6 @@ class Kit:
     info: dict = dataclasses.field(default_factory=dict)
 
     @property
-    def ca_path(self) -> Path:
-        return self.directory / CA_FILE
-
-    @property
     def cert_path(self) -> Path:
         return self.directory / CERT_FILE
 

@@ -38,6 +38,19 @@ QUANTIZED = {
     "quantization_rounding": "deterministic",
     "quantization_bits": 4,
 }
+QUANTIZED_ROUNDS = 1
+"""Quantized runs are compared after their first round only. Both sides start
+it from the same bits (the same initial model, the same client data and
+graphs), so every client's update, and every value it rounds, is the same
+bit for bit. From round 2 on, the models differ in their last bits (the
+workers' partial sums and TFF's one sum add in other orders), and rounding
+hundreds of thousands of values to 4 bits turns any of them that lies within
+those bits of a rounding boundary into a whole quantization step: 8.2e-05 on
+one machine, nothing on another. The comparison of later rounds is then not
+a property of the code but of the float noise of the machine it runs on.
+Aggregators that decide per client (zeroing or clipping a client's norm at a
+threshold) keep their 3 rounds: 24 decisions a round, each as likely to fall
+within 1e-8 of its threshold as a norm is to, about one in a million."""
 
 
 def _run(name: str, blocks: dict | None = None, stock: dict | None = None, **spec) -> dict:
@@ -49,6 +62,10 @@ def _run(name: str, blocks: dict | None = None, stock: dict | None = None, **spe
         "seed": SEED,
         "stock": stock,
     }
+
+
+def _quantized(run: dict) -> dict:
+    return {**run, "rounds": QUANTIZED_ROUNDS}
 
 
 def _start(script: str, *args: str) -> subprocess.Popen:
@@ -225,12 +242,16 @@ def test_aggregators_equal_tff_presets_or_the_same_composition_locally(workers2,
         # of round 3's, so zeroing is tested here (against the run without it).
         _run("robust_fixed_norms", ROBUST_FIXED_NORMS),
         _run("robust_no_zeroing", {**ROBUST_FIXED_NORMS, "zeroing": False}),
-        _run("compression", {"aggregator": "compression", **QUANTIZED}),
-        # The same as robust_fixed_norms but for the quantized sum.
-        _run(
-            "compression_fixed_norms",
-            {**ROBUST_FIXED_NORMS, "aggregator": "compression", **QUANTIZED},
+        _quantized(_run("compression", {"aggregator": "compression", **QUANTIZED})),
+        # The same as robust_fixed_norms but for the quantized sum, and the
+        # same without quantizing (both one round).
+        _quantized(
+            _run(
+                "compression_fixed_norms",
+                {**ROBUST_FIXED_NORMS, "aggregator": "compression", **QUANTIZED},
+            )
         ),
+        _quantized(_run("robust_fixed_norms_1_round", ROBUST_FIXED_NORMS)),
         _run(
             "dp_fixed_no_noise",
             {"aggregator": "dp_fixed", "noise_multiplier": 0.0, "dp_clip_norm": 0.5},
@@ -240,8 +261,9 @@ def test_aggregators_equal_tff_presets_or_the_same_composition_locally(workers2,
     assert_match(runs, dist, ref)
     # Quantizing to 4 bits changed the result (all else equal), so the
     # compression runs test it; so did zeroing, so the fixed-norm run tests that.
+    unquantized = dist["robust_fixed_norms_1_round__trainable_0"]
+    assert np.abs(dist["compression_fixed_norms__trainable_0"] - unquantized).max() > 1e-4
     plain = dist["robust_fixed_norms__trainable_0"]
-    assert np.abs(dist["compression_fixed_norms__trainable_0"] - plain).max() > 1e-6
     assert np.abs(dist["robust_no_zeroing__trainable_0"] - plain).max() > 1e-6
 
 

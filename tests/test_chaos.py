@@ -3,7 +3,7 @@
 A smoke test of the command, not a timed test: the soak's own checks (every
 round recorded once, checkpoints complete, no temporary file, no process
 left, none outliving the SIGKILLed coordinator) must hold, and its report
-must hold the figures the README quotes.
+must hold the figures docs/failures.md quotes.
 """
 
 from __future__ import annotations

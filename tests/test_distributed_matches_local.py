@@ -70,7 +70,7 @@ def test_three_rounds_over_two_workers_match_tff_local_context(workers2, shards2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     assert all(len(r["workers"]) == 2 for r in rows)
-    # Some worker ran its clients padded with empty ones (see coordinator/rounds.py),
+    # Some worker ran its clients padded with empty ones (see coordinator/rounds/executor_reuse.py),
     # so the match covers padding too.
     padded = [w for r in rows for w in r["workers"].values() if w["padded_to"] > w["clients"]]
     assert padded, rows

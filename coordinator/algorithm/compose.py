@@ -78,15 +78,10 @@ def test_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
     return make_dataset
 
 
-def _weights_type(model_fn) -> tff.StructType:
-    with tf.Graph().as_default():
-        return tff.learning.models.weights_type_from_model(model_fn())
-
-
 def build_learning_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess:
     """The four building blocks, composed; `next` still takes datasets."""
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
-    weights_type = _weights_type(model_fn)
+    weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation
     def initial_model_weights_fn():
@@ -101,7 +96,7 @@ def build_learning_process(spec: AlgorithmSpec) -> tff.learning.templates.Learni
     )
 
 
-def _per_client(weights_type: tff.StructType, outcome: tff.Computation) -> tff.Computation:
+def per_client(weights_type: tff.StructType, outcome: tff.Computation) -> tff.Computation:
     """Maps a `(weights, token) -> value` computation over a round's clients."""
 
     @tff.federated_computation(
@@ -114,7 +109,7 @@ def _per_client(weights_type: tff.StructType, outcome: tff.Computation) -> tff.C
 
 
 @tf.function
-def _held_out_loss(model, weights, dataset):
+def held_out_loss(model, weights, dataset):
     model_weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, w: v.assign(w), model_weights, weights)
     loss_sum, examples = tf.constant(0.0), tf.constant(0.0)
@@ -133,7 +128,7 @@ def _held_out_loss(model, weights, dataset):
 def _eval_outcome(spec: AlgorithmSpec, model_fn, weights_type) -> tff.Computation:
     @tff.tensorflow.computation(weights_type, np.str_)
     def outcome(weights, token):
-        return _held_out_loss(model_fn(), weights, _test_dataset(spec, token))
+        return held_out_loss(model_fn(), weights, _test_dataset(spec, token))
 
     return outcome
 
@@ -154,7 +149,7 @@ def build_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess
 
 def build(spec: AlgorithmSpec) -> Algorithm:
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
-    weights_type = _weights_type(model_fn)
+    weights_type = models.weights_type_of(model_fn)
     process = build_process(spec)
     evaluation = tff.simulation.compose_dataset_computation_with_learning_process(
         test_dataset_computation(spec),
@@ -171,8 +166,8 @@ def build(spec: AlgorithmSpec) -> Algorithm:
         model_fn=model_fn,
         process=process,
         evaluation=evaluation,
-        train_outcome=_per_client(weights_type, train_outcome),
-        eval_outcome=_per_client(weights_type, _eval_outcome(spec, model_fn, weights_type)),
+        train_outcome=per_client(weights_type, train_outcome),
+        eval_outcome=per_client(weights_type, _eval_outcome(spec, model_fn, weights_type)),
     )
 
 

@@ -42,7 +42,7 @@ class AlgorithmSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AlgorithmSpec:
-        """A spec from plain data (tests and benchmark children pass JSON);
+        """A spec from plain data (the tests pass JSON);
         `blocks` may hold any subset of `[algorithm]`'s settings."""
         values = dict(values)
         blocks = AlgorithmConfig(**values.pop("blocks", {}))

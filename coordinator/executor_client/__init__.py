@@ -5,6 +5,7 @@ client per worker with byte counting, and the coordinator's own server executor.
     wire.py           the gRPC stub, counting bytes on the wire
     worker_client.py  `RemoteWorker`: every call with a deadline, errors naming the worker
     server.py         the coordinator's own executor, also TFF's default context here
+    connection.py     channels (TLS) to workers, and the probe that says why one fails
 """
 
 from coordinator.executor_client.computations import PreparedComputation

@@ -31,7 +31,7 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 from coordinator.executor_client import connection
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.wire import CountingStub, WireStats
-from shared.errors import FederationError
+from shared.errors import FederationError, one_line
 
 _MAX_MESSAGE_BYTES = 2000 * 1000 * 1000
 _CHANNEL_OPTIONS = [
@@ -380,7 +380,7 @@ class RemoteWorker:
 def _describe_rpc_error(e: grpc.RpcError, method: str, deadline: float) -> str:
     code = e.code() if isinstance(e, grpc.Call) else None
     details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
-    details = details.splitlines()[0][:300] if details else ""
+    details = one_line(details, 300)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return (
             f"no answer to {method} within the {deadline:g}s deadline; the worker may be "

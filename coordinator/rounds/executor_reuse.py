@@ -46,6 +46,9 @@ peak 308 MB; in calls of 80, 296 MB), so it is bounded like a linear client."""
 MODEL_MB = {"linear": 0.03, "cnn": 4.8}
 """The model's weights; optimizers with slots (Adam, Yogi, Adagrad) hold more per client."""
 OPTIMIZER_SLOTS = {"adam": 2, "yogi": 2, "adagrad": 1, "sgdm": 1}
+USER_CLIENT_FACTOR = CLIENT_MB["cnn"] / MODEL_MB["cnn"] + 2
+"""Memory per client of a user's model, in multiples of its weights (the CNN's
+measured ratio, plus an optimizer with two slots: the user's is unknown)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +75,24 @@ class MemoryPlan:
         client_mb = CLIENT_MB.get(model, CLIENT_MB["cnn"]) + OPTIMIZER_SLOTS.get(
             client_optimizer, 0
         ) * MODEL_MB.get(model, MODEL_MB["cnn"])
+        return cls._fitting(budget_mb, client_mb, f"{model} client ({client_optimizer} optimizer)")
+
+    @classmethod
+    def for_model_size(cls, budget_mb: int, model_mb: float) -> MemoryPlan:
+        """A plan for a user's model, known only by the size of its weights:
+        the built-in CNN holds about 3.4 times its weights per client, and an
+        optimizer with two slots two times more."""
+        client_mb = max(CLIENT_MB["linear"], USER_CLIENT_FACTOR * model_mb)
+        return cls._fitting(budget_mb, client_mb, f"client of this {model_mb:.2f} MB model")
+
+    @classmethod
+    def _fitting(cls, budget_mb: int, client_mb: float, what: str) -> MemoryPlan:
         if budget_mb <= 0:
             return cls(budget_mb, client_mb, None)
         if budget_mb < BASE_MB + client_mb:
             raise UsageError(
-                f"--worker-memory-mb {budget_mb} is less than a worker running one {model} "
-                f"client ({client_optimizer} optimizer) needs: about {BASE_MB + client_mb:.0f} "
+                f"--worker-memory-mb {budget_mb} is less than a worker running one {what} "
+                f"needs: about {BASE_MB + client_mb:.0f} "
                 f"MB; use at least {math.ceil(BASE_MB + client_mb)} (or 0: no budget)"
             )
         fitting = int((budget_mb - BASE_MB) // client_mb)

@@ -59,16 +59,37 @@ NAMES = (*(f"{m}.{p}" for m in MERGEABLE for p in PARTS), *SINGLE)
 
 @dataclasses.dataclass
 class PreparedAlgorithm:
-    """What a `RoundExecutor` runs: every computation of one algorithm, prepared."""
+    """What a `RoundExecutor` runs: every computation of one algorithm, prepared.
 
-    spec: algorithm_lib.AlgorithmSpec
+    Built from fedcompose's own blocks (`spec`), or from a learning process a
+    user composed in Python (`spec` None: `coordinator.algorithm.user_process`),
+    whose metrics are read by name where they exist and whose evaluation
+    exists only if the user gave a model to evaluate."""
+
+    spec: algorithm_lib.AlgorithmSpec | None
     computations: dict[str, PreparedComputation]
     cached: bool = False
     """Whether the computations came from the cache."""
+    description: str = ""
+    """One line naming the algorithm (the spec's blocks, or the user's process)."""
+    model_mb: float | None = None
+    """A user model's weights in MB (what its memory plan is sized by)."""
 
     @property
     def empty_clients_harmless(self) -> bool:
-        return aggregator.empty_clients_harmless(self.spec)
+        # A user's aggregator is unknown: never padded, whatever it counts.
+        return self.spec is not None and aggregator.empty_clients_harmless(self.spec)
+
+    @property
+    def user_defined(self) -> bool:
+        return self.spec is None
+
+    @property
+    def evaluates(self) -> bool:
+        return "eval.up_to_merge" in self.computations
+
+    def describe(self) -> str:
+        return self.spec.describe() if self.spec is not None else self.description
 
     def parts(self, mergeable: str) -> dict[str, PreparedComputation]:
         return {p: self.computations[f"{mergeable}.{p}"] for p in PARTS}
@@ -101,7 +122,7 @@ def build(spec: algorithm_lib.AlgorithmSpec) -> PreparedAlgorithm:
     }
     for name, comp in singles.items():
         comps[name] = PreparedComputation(comp, name)
-    return PreparedAlgorithm(spec, comps)
+    return PreparedAlgorithm(spec, comps, description=spec.describe())
 
 
 def cache_dir() -> Path | None:
@@ -153,7 +174,7 @@ def _load(path: Path, spec: algorithm_lib.AlgorithmSpec) -> PreparedAlgorithm | 
     except Exception as e:  # a damaged entry of any kind is rebuilt
         log.warning("compile cache entry %s cannot be read (%s); building it again", path, e)
         return None
-    return PreparedAlgorithm(spec, comps, cached=True)
+    return PreparedAlgorithm(spec, comps, cached=True, description=spec.describe())
 
 
 def _save(path: Path, prepared: PreparedAlgorithm) -> None:

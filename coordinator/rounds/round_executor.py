@@ -23,7 +23,6 @@ import math
 import time
 from concurrent import futures
 
-import numpy as np
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from coordinator.executor_client import (
@@ -33,6 +32,7 @@ from coordinator.executor_client import (
 )
 from coordinator.executor_client.server import ServerExecutor
 from coordinator.federation import Federation
+from coordinator.rounds import outputs
 from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse, MemoryPlan
 from coordinator.rounds.mergeable import MergeableRunner, MergeOutcome, NotEnough
 from coordinator.rounds.prepared import PreparedAlgorithm
@@ -85,7 +85,7 @@ class RoundExecutor:
         memory: MemoryPlan | None = None,
     ):
         self.algorithm = algorithm
-        self.memory = memory or MemoryPlan.of(0, algorithm.spec.model)
+        self.memory = memory or MemoryPlan(0, 0.0, None)
         """How many clients a worker runs in one call (its memory budget)."""
         # Empty clients change no example-weighted sum but do change anything
         # that counts clients (an unweighted mean, DP, adaptive clipping or
@@ -96,11 +96,14 @@ class RoundExecutor:
         self.server = server
         comps = algorithm.computations
         self._train = MergeableRunner(algorithm.parts("train"), "train")
-        self._eval = MergeableRunner(algorithm.parts("eval"), "eval")
+        # A user's process without a model to evaluate has no evaluation.
+        self._eval = (
+            MergeableRunner(algorithm.parts("eval"), "eval") if algorithm.evaluates else None
+        )
         self._initialize = comps["initialize"]
-        self._eval_initialize = comps["eval.initialize"]
+        self._eval_initialize = comps.get("eval.initialize")
         self._get_weights = comps["get_model_weights"]
-        self._eval_set_weights = comps["eval.set_model_weights"]
+        self._eval_set_weights = comps.get("eval.set_model_weights")
         # Twice the workers: calls abandoned in one round (ending once their
         # channel is closed) never hold up the next round's.
         self._pool = futures.ThreadPoolExecutor(
@@ -360,7 +363,6 @@ class RoundExecutor:
             else None
         )
         timing.total = time.perf_counter() - started
-        metrics = output.metrics["client_work"]["train"]
         wire_after = self._wire()
         by_peer = {label: wire_after[label].since(wire_before[label]) for label in wire_after}
         delivered = set(outcome.delivered)
@@ -368,15 +370,8 @@ class RoundExecutor:
         return RoundResult(
             state=output.state,
             metrics={
-                # Over the clients whose update was finite; none (all dropped): no figure.
-                "loss": float(metrics["loss"]) if metrics["num_examples"] else None,
-                "accuracy": float(metrics["accuracy"]) if metrics["num_examples"] else None,
-                "examples": int(metrics["num_examples"]),
+                **outputs.train_metrics(output.metrics, self.algorithm.user_defined),
                 "clients": clients_per_round - len(dropped),
-                "update_non_finite": int(output.metrics["finalizer"]["update_non_finite"]),
-                "dropped_clients": int(metrics["dropped_clients"]),
-                "dropped_examples": int(metrics["dropped_examples"]),
-                "aggregator": _scalars(output.metrics["aggregator"]),
             },
             timing=timing,
             wire=WireStats.total(by_peer.values()),
@@ -404,6 +399,8 @@ class RoundExecutor:
         `workers_down` who was down already, so that a partial figure is never
         taken for the whole federation's).
         """
+        if self._eval is None or self._eval_initialize is None or self._eval_set_weights is None:
+            return None
         weights = self.model_weights(state)
         eval_state = self.server.worker.call(self._eval_initialize, None)
         eval_state = self.server.worker.call(self._eval_set_weights, (eval_state, weights))
@@ -444,11 +441,8 @@ class RoundExecutor:
             log.warning("no worker could evaluate the model: %s", "; ".join(lost.values()))
             return None
         output = self._eval.after_merge.deserialize_result(outcome.result)
-        metrics = output.metrics["client_work"]["eval"]["current_round_metrics"]
         evaluation = {
-            "loss": float(metrics["loss"]),
-            "accuracy": float(metrics["sparse_categorical_accuracy"]),
-            "examples": int(metrics["num_examples"]),
+            **outputs.eval_metrics(output.metrics),
             "clients": sum(len(tokens[i]) for i in outcome.delivered),
             "seconds": time.perf_counter() - started,
             "calls_per_worker": max(len(p) for p in pieces.values()),
@@ -459,16 +453,3 @@ class RoundExecutor:
         if down:
             evaluation["workers_down"] = down
         return evaluation
-
-
-def _scalars(measurements: object, prefix: str = "") -> dict[str, float]:
-    """A block's measurements as flat `name/sub: number` pairs, for the metrics."""
-    out: dict[str, float] = {}
-    items = measurements.items() if hasattr(measurements, "items") else ()
-    for key, value in items:
-        name = f"{prefix}{key}"
-        if hasattr(value, "items"):
-            out.update(_scalars(value, name + "/"))
-        elif np.ndim(value) == 0:
-            out[name] = float(value)
-    return out

@@ -9,4 +9,10 @@ tff_local.py         child: TFF's single-process local context (also the tests' 
 fedcompose_child.py  child: the coordinator, against worker processes
 memory.py            peak memory of every process
 report.py            medians, ratios, targets, the table
+curves.py            cost curves: memory against clients per round, scale against hosted clients
+scale_child.py       child: the coordinator at scale, timing what grows with hosted clients
+pinning.py           pinned mode: each measured process on cores of its own
+chaos.py             `--chaos`: a soak of a run that loses workers
+sweep.py             a sweep in one federation against separate runs (python -m ...sweep)
+checkpoint_cost.py   one checkpoint's cost, TFF's state manager against the npz (python -m ...)
 """

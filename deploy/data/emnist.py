@@ -45,6 +45,7 @@ from deploy.data.sources import (
     no_progress,
 )
 from shared import shard_format
+from shared.errors import one_line
 
 log = logging.getLogger("fedcompose.data")
 
@@ -177,7 +178,10 @@ def _download_with_tff(path: Path, only_digits: bool) -> None:
         )
         downloaded = True
     except Exception as e:  # any failure here means the same to the user: no file
-        raise DataSourceError(_missing_message(path, _one_line(e))) from None
+        # urllib's errors keep the cause (name resolution, refused) in `reason`.
+        raise DataSourceError(
+            _missing_message(path, one_line(getattr(e, "reason", None) or e))
+        ) from None
     finally:
         if not downloaded:
             # TFF decompresses straight into the final name; an interrupted
@@ -194,12 +198,6 @@ def _missing_message(path: Path, reason: str) -> str:
         f"with internet access download {DOWNLOAD_URL}, decompress it (unlzma) and put "
         f"{FILE_NAME} at {path}"
     )
-
-
-def _one_line(error: BaseException) -> str:
-    reason = getattr(error, "reason", None) or error
-    text = " ".join(str(reason).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # --- checking the file before trusting it ---------------------------------------------
@@ -354,7 +352,7 @@ def _example_parser(path: Path) -> Parser:
         except tf.errors.OpError as e:
             raise DataSourceError(
                 f"{path}: holds records that are not EMNIST examples "
-                f"(pixels float32 [28, 28], label int64): {_one_line(e.message)}"
+                f"(pixels float32 [28, 28], label int64): {one_line(e.message)}"
             ) from None
         return pixels.numpy(), labels.numpy()
 
