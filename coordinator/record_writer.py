@@ -15,14 +15,17 @@ writes them in order, one round after another.
 * status.json is written at most once per `status_every` seconds while rounds
   come quickly (and within that time after the last one), and always at
   `close`; a run that stops sets it from the files (`note_stopped`).
-* `abandon` (an interrupt, a failure elsewhere) lets the write in progress
-  finish and drops the rest: rounds after the newest checkpoint are run
-  again on resume, so nothing is lost and nothing recorded twice.
+* `abandon` (an interrupt, a failure elsewhere) still writes what was
+  handed over (at most `depth` rounds and the one being written), so a run
+  that stops keeps every round it finished; it waits at most
+  `ABANDON_WAIT`. A writer held at a test's pause point is stopped by the
+  signal instead (`pause_points`), and what waits is dropped: rounds after
+  the newest checkpoint are run again on resume, so none is lost and none
+  recorded twice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -61,7 +64,6 @@ class RecordWriter:
         self.status_every = status_every
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._failure: BaseException | None = None
-        self._abandoned = threading.Event()
         self._status: dict[str, Any] = {}
         self._status_at = time.monotonic()
         self._checkpoint_round = checkpoint_round
@@ -99,11 +101,16 @@ class RecordWriter:
         self.raise_if_failed()
 
     def abandon(self) -> None:
-        """Stops after the write in progress; what waits is dropped."""
-        self._abandoned.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_CLOSE)
-        self._thread.join(ABANDON_WAIT)
+        """Writes what was handed over, waiting at most `ABANDON_WAIT`, and
+        never raises: the run is stopping for another reason."""
+        deadline = time.monotonic() + ABANDON_WAIT
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(_CLOSE, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             log.warning("the record writer is still writing; stopping without it")
 
@@ -111,18 +118,17 @@ class RecordWriter:
 
     def _serve(self) -> None:
         try:
-            while not self._abandoned.is_set():
+            while True:
                 try:
                     job = self._queue.get(timeout=self._until_status())
                 except queue.Empty:
                     self._write_status(due_only=True)
                     continue
-                if job is _CLOSE or self._abandoned.is_set():
+                if job is _CLOSE:
                     break
                 self._write_round(*job)
                 self._write_status(due_only=True)
-            if not self._abandoned.is_set():
-                self._write_status(due_only=False)
+            self._write_status(due_only=False)
         except BaseException as e:  # raised in the trainer's thread
             self._failure = e
         finally:

@@ -266,21 +266,51 @@ def test_a_failing_writer_stops_the_trainer_with_its_one_line_error(tmp_path):
         writer.close()
 
 
-def test_an_abandoned_writer_drops_what_waits(tmp_path, monkeypatch):
+def test_an_abandoned_writer_still_writes_what_was_handed_over(tmp_path, monkeypatch):
+    """A run stopped by a failure elsewhere keeps every round it finished."""
     marker = tmp_path / "pause"
     monkeypatch.setenv(PAUSE_AT, "record:2")
     monkeypatch.setenv(PAUSE_FILE, str(marker))
     (tmp_path / "run").mkdir()
     run = run_dir_lib.RunDirectory(tmp_path / "run")
-    writer = RecordWriter(run, checkpoint_round=0)
+    run.write_status(state="running", completed_rounds=0, checkpoint_round=0)
+    writer = RecordWriter(run, checkpoint_round=0, status_every=3600)
     writer.round_done(_row(1))
     writer.round_done(_row(2))
-    writer.round_done(_row(3))
+    writer.round_done(_row(3), run_dir_lib.state_leaves(_state(3)))
     _until(marker.exists, "the writer holds round 2")
-    marker.unlink()  # round 2 goes on; round 3 waits
+    marker.unlink()
     writer.abandon()
-    assert [r["round"] for r in run.metrics()] in ([1, 2], [1, 2, 3])
+    assert [r["round"] for r in run.metrics()] == [1, 2, 3]
+    assert run.latest_checkpoint() == 3
+    assert (run.status()["completed_rounds"], run.status()["checkpoint_round"]) == (3, 3)
     assert not writer._thread.is_alive()
+
+
+def test_an_interrupt_stops_a_writer_held_at_a_pause_point(tmp_path, monkeypatch):
+    """What the signal tests rely on: the held writer lets go at the signal,
+    leaving no half-written checkpoint, and what waits is dropped."""
+    from shared import interrupts
+
+    marker = tmp_path / "pause"
+    monkeypatch.setenv(PAUSE_AT, "checkpoint:2")
+    monkeypatch.setenv(PAUSE_FILE, str(marker))
+    (tmp_path / "run").mkdir()
+    run = run_dir_lib.RunDirectory(tmp_path / "run")
+    writer = RecordWriter(run, checkpoint_round=0)
+    writer.round_done(_row(1), run_dir_lib.state_leaves(_state(1)))
+    writer.round_done(_row(2), run_dir_lib.state_leaves(_state(2)))
+    writer.round_done(_row(3), run_dir_lib.state_leaves(_state(3)))
+    _until(marker.exists, "the writer holds round 2's checkpoint")
+    monkeypatch.setattr(interrupts, "_requested", threading.Event())
+    interrupts._requested.set()
+    writer.abandon()
+    assert not writer._thread.is_alive()
+    with pytest.raises(KeyboardInterrupt):
+        writer.raise_if_failed()
+    assert run.checkpoint_versions() == [1]
+    assert [r["round"] for r in run.metrics()] == [1, 2]  # round 2's row went first
+    assert [p.name for p in run.path.rglob("*") if ".tmp-" in p.name] == []
 
 
 # --- damaged metrics.jsonl lines (issue 23, item 9) -----------------------------------
