@@ -27,7 +27,8 @@ def run(settings: config.RunConfig) -> int:
     w = settings.worker
     log_file = Path(w.log_file).expanduser() if w.log_file else None
     logs.setup(verbose=settings.output.verbose, log_file=log_file, name=f"worker:{w.port}")
-    # A worker started by a launcher must not outlive it.
+    # A worker that `fedcompose run` supervises must not outlive it; one a user
+    # started outlives the shell that started it.
     processes.die_with_parent(signal.SIGTERM)
 
     from client_worker import service, shard_check
@@ -63,6 +64,9 @@ def run(settings: config.RunConfig) -> int:
         stop_requested.append(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # `nohup` ignores SIGHUP so that the worker outlives the terminal: keep it so.
+        if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+            continue
         signal.signal(sig, on_signal)
 
     executor_log = log_file.with_suffix(".executor.log") if log_file else None

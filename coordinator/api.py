@@ -23,7 +23,6 @@ config file (`config="sweep.toml"`), and checked by the same rules.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import logging
@@ -139,7 +138,15 @@ class TrainingResult:
         """Loss and accuracy against round (a matplotlib Figure)."""
         from coordinator import plots
 
-        return plots.metrics_figure(self.records, title or str(self.run_dir))
+        figure = plots.metrics_figure(self.records, title or str(self.run_dir))
+        if _in_notebook():
+            # A figure made without pyplot has no inline display until the
+            # inline backend is loaded: tell IPython to show figures as PNG.
+            from IPython import get_ipython
+            from IPython.core.pylabtools import select_figure_formats
+
+            select_figure_formats(get_ipython(), {"png"})
+        return figure
 
     def __repr__(self) -> str:
         held_out = ""
@@ -227,17 +234,16 @@ class Federation:
         except BaseException:
             self.close()
             raise
+        # Runs at interpreter exit if close() has not (a finalizer holding the
+        # bound `_stop` keeps the object alive until then).
         self._closer.detach()
         self._closer = weakref.finalize(self, _close_quietly, self._session, self._stop)
-        atexit.register(self.close)
         return self
 
     def close(self) -> None:
         """Stops every process this federation started; safe to call again."""
         session, self._session = self._session, None
         self._closer.detach()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
         _close_quietly(session, self._stop)
 
     def __enter__(self) -> Federation:

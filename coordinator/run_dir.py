@@ -121,8 +121,9 @@ def locked(directory: Path, command: str) -> Iterator[list[Path]]:
     logging is set up). Raises `RunDirError` if the path is not a usable
     directory or another process holds the lock.
     """
-    _make_directory(directory)
     key = os.path.realpath(directory)
+    fresh = key not in _held and _is_new(directory)
+    _make_directory(directory)
     removed: list[Path] = []
     if key in _held:
         _held[key].count += 1
@@ -130,14 +131,46 @@ def locked(directory: Path, command: str) -> Iterator[list[Path]]:
         _refuse_foreign(directory)
         _held[key] = _Held(_lock(directory, command), 1)
         removed = RunDirectory(directory).remove_temporaries()
+    failed = True
     try:
         yield removed
+        failed = False
     finally:
         held = _held[key]
         held.count -= 1
         if held.count == 0:
             del _held[key]
+            if failed and fresh:
+                _remove_if_unused(directory)
             os.close(held.fd)  # releases the lock
+
+
+def _is_new(directory: Path) -> bool:
+    """Whether `directory` does not exist yet or is empty (as `runs/<time>` is)."""
+    try:
+        return not any(directory.iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+_BEFORE_USE = frozenset({LOCK_NAME, "logs"})
+"""What a run directory holds before the command that made it used it."""
+
+
+def _remove_if_unused(directory: Path) -> None:
+    """Removes a run directory that this command made and then refused or
+    stopped before recording anything in it: a new directory left holding only
+    `.lock` and `logs/` looked like a run (`train --clients-per-round 1e9`
+    refused after connecting left them). Under the lock, before it is dropped."""
+    try:
+        others = [directory / name for name in os.listdir(directory) if name not in _BEFORE_USE]
+        # An empty directory (`shards/` after a failed build removed its shards) holds nothing.
+        if all(p.is_dir() and not p.is_symlink() and not any(p.iterdir()) for p in others):
+            shutil.rmtree(directory)
+    except OSError:
+        pass  # left as it is: it holds nothing a later start trips on
 
 
 def setup_logs(directory: Path, name: str, verbose: bool, command: str) -> None:
@@ -361,6 +394,21 @@ def plan_resume(run: RunDirectory, config: RunConfig, command: str) -> ResumePla
         and latest >= config.training.rounds
         and status.get("state") == "finished"
     )
+    if latest is not None and not finished and not run.trained_on_path.exists():
+        # Without the record, a resume on another build of the data went on
+        # without a word, and then recorded that build as the run's.
+        if not config.output.accept_unrecorded_data:
+            raise RunDirError(
+                f"{run.path} has checkpoints (up to round {latest}) but no trained_on.json, the "
+                "record of the data it was trained on, so the data cannot be checked: restore "
+                "the file, or resume with --accept-unrecorded-data to take the data the workers "
+                "serve now as the run's"
+            )
+        log.warning(
+            "%s has no trained_on.json: resuming on the data the workers serve now "
+            "(--accept-unrecorded-data), which is recorded as the run's",
+            run.path,
+        )
     return ResumePlan(status, latest, finished)
 
 
@@ -607,8 +655,10 @@ class RunDirectory:
         which cost tens of milliseconds of TensorFlow graph building per
         round for the same arrays."""
         target = self.checkpoint_path(round_num)
-        staging = files.temporary_path(target)
-        with _writing(f"checkpoint {target}", target):
+        staging = files.temporary_path(self.checkpoint_dir / "staging")
+        # Named by its round, and a failure by the path that failed (the
+        # directory written aside), not the target that was never written to.
+        with _writing(f"round {round_num}'s checkpoint", staging):
             try:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 staging.mkdir()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared import processes
 from shared.errors import UsageError
 
 CHILD_TIMEOUT = 3600.0
@@ -91,6 +93,8 @@ def run(
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            # It follows this process if this process dies (processes.die_with_parent).
+            env={**os.environ, processes.PARENT_ENV: str(os.getpid())},
         )
         try:
             _, stderr = child.communicate(timeout=timeout)

@@ -35,6 +35,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from shared import scratch
+
+    # Before anything imports TensorFlow, which writes a module per converted
+    # function to the temporary directory and leaves them there when killed.
+    scratch.private_tempdir()
     # Before anything imports TensorFlow: its C++ log level is read once, at load.
     from shared.quiet import quiet_tensorflow
 

@@ -107,9 +107,17 @@ def _check_built_shards(config: config_lib.RunConfig, run_dir: Path, found: list
     from coordinator import run_dir as run_dir_lib
 
     run = run_dir_lib.RunDirectory(run_dir)
+    manifests = _manifests(found)
     if run.latest_checkpoint() is not None:
         run.check_trained_on(
-            run_dir_lib.data_record(_manifests(found)), where=f"the shards in {found[0].parent} are"
+            run_dir_lib.data_record(manifests), where=f"the shards in {found[0].parent} are"
+        )
+    # Known from the manifests: no need to start the workers to find it out.
+    hosted = sum(len(m.clients) for m in manifests)
+    if config.training.clients_per_round > hosted:
+        raise UsageError(
+            f"--clients-per-round {config.training.clients_per_round} is more than the "
+            f"{hosted} clients the shards in {found[0].parent} hold; lower it"
         )
 
 

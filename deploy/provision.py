@@ -63,6 +63,26 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+PUBLIC_MODE = 0o644
+"""Certificates, kit descriptions and instructions: readable, writable by the
+owner only, whatever the umask (under `umask 000` they were world-writable, and
+whoever can write a kit's ca.pem decides whom that site trusts)."""
+
+
+def _write_public(path: Path, data: bytes | str) -> None:
+    """A new file at mode 0644 or tighter (the umask can only take bits away)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PUBLIC_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def _replace_public(path: Path, data: str) -> None:
+    """`_write_public`, replacing `path` atomically."""
+    with files.atomic_target(path) as tmp:
+        tmp.unlink(missing_ok=True)
+        _write_public(tmp, data)
+
+
 def _key_pem(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -203,12 +223,12 @@ def write_kit(
     tmp = directory.with_name(f".{directory.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir(mode=0o700)
     try:
-        (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
-        (tmp / tls.CERT_FILE).write_bytes(_cert_pem(cert))
+        _write_public(tmp / tls.CA_FILE, _cert_pem(ca_cert))
+        _write_public(tmp / tls.CERT_FILE, _cert_pem(cert))
         _write_private(tmp / tls.KEY_FILE, _key_pem(key))
-        (tmp / tls.KIT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        _write_public(tmp / tls.KIT_FILE, json.dumps(info, indent=1) + "\n")
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+            _write_public(tmp / name, text)
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -433,7 +453,7 @@ def provision(
         raise UsageError(f"--sites: {clash!r} is reserved (the coordinator's or the CA's kit)")
     if kits_dir.exists() and not kits_dir.is_dir():  # was only "File exists", exit 1
         raise UsageError(f"--kits-dir {kits_dir} exists and is not a directory; give a directory")
-    kits_dir.mkdir(parents=True, exist_ok=True)
+    kits_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     # Two provisions at once would each make a CA (one losing the rename and
     # leaving its key behind) or each rewrite the coordinator's list: one at a time.
     lock = os.open(kits_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -470,7 +490,7 @@ def _provision_locked(
         tmp.mkdir(mode=0o700)
         try:
             _write_private(tmp / CA_KEY, _key_pem(ca_key))
-            (tmp / tls.CA_FILE).write_bytes(_cert_pem(ca_cert))
+            _write_public(tmp / tls.CA_FILE, _cert_pem(ca_cert))
             os.rename(tmp, ca_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never a stray CA key
@@ -553,8 +573,8 @@ def _provision_locked(
         if old.get("role") != tls.COORDINATOR:
             raise UsageError(f"--coordinator-name {coordinator_name!r} names a worker's kit")
         if old.get("workers") != workers:
-            files.write_atomic(info_path, json.dumps(coordinator_info, indent=1) + "\n")
-            files.write_atomic(
+            _replace_public(info_path, json.dumps(coordinator_info, indent=1) + "\n")
+            _replace_public(
                 coordinator_dir / "commands.txt",
                 _coordinator_commands(workers, coordinator_kit_dir),
             )

@@ -494,6 +494,12 @@ class OutputConfig:
     keep_checkpoints: int = setting(
         3, "how many recent checkpoints to keep (the first is kept too)", minimum=1
     )
+    accept_unrecorded_data: bool = setting(
+        False,
+        "resume a run directory that has checkpoints but no trained_on.json (the record of "
+        "the data it was trained on, which every resume is checked against) on whatever data "
+        "the workers serve now, and record that",
+    )
     json: bool = setting(False, "print one JSON object per line instead of a table")
     verbose: bool = setting(False, "show debug logs and TensorFlow's own output")
 
@@ -662,6 +668,13 @@ _COORDINATOR_RESILIENCE = tuple(
     if f.name not in ("worker_restarts", "restart_backoff")
 )
 _PER_PROCESS = ("shard", "port", "log_file")
+_RUN_OUTPUT = (
+    "run_dir",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "accept_unrecorded_data",
+    "verbose",
+)
 COMMANDS: dict[str, settings.Command] = {
     "run": settings.Command(
         "run",
@@ -679,7 +692,7 @@ COMMANDS: dict[str, settings.Command] = {
                 f.name for f in dataclasses.fields(WorkerConfig) if f.name not in _PER_PROCESS
             ),
             **{s: "*" for s in _TRAINING},
-            "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
+            "output": _RUN_OUTPUT,
         },
     ),
     "train": settings.Command(
@@ -689,7 +702,7 @@ COMMANDS: dict[str, settings.Command] = {
             "resilience": _COORDINATOR_RESILIENCE,
             "tls": ("tls_dir",),
             **{s: "*" for s in _TRAINING},
-            "output": ("run_dir", "checkpoint_every", "keep_checkpoints", "verbose"),
+            "output": _RUN_OUTPUT,
         },
         required=frozenset({"addresses"}),
     ),

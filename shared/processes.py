@@ -34,12 +34,24 @@ parent it must die with, so that a parent that died before the child asked
 is noticed too."""
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Asks the kernel to send `sig` to this process when its parent dies."""
-    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Asks the kernel to send `sig` to this process when its parent dies, if
+    a fedcompose process started it to supervise it (`spawn` said so in the
+    environment). Returns whether it did.
+
+    A process a user started (`fedcompose worker ... &` in a script, over
+    `ssh`, under `nohup`) must outlive the shell that started it: that shell
+    exits at once, and the death signal used to stop the worker 0.6 s after
+    it was ready. The marker is taken out of the environment, so that nothing
+    this process starts mistakes itself for a supervised child.
+    """
+    marked = os.environ.pop(PARENT_ENV, "")
+    if not marked.isdigit():
+        return False
     _prctl_pdeathsig(sig)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() != int(marked):  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
+    return True
 
 
 def spawn(

@@ -232,11 +232,22 @@ def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, A
         raise UsageError(f"{where} is not valid TOML: {e}") from None
     except OSError as e:
         raise UsageError(f"{where} cannot be read ({e.strerror or e})") from None
+    owners = {f.name: name for name, cls in sections.items() for f in dataclasses.fields(cls)}
     for section, values in raw.items():
+        if not isinstance(values, dict):
+            # `rounds = 5` above every table is a key, not a table named [rounds].
+            if section in owners:
+                raise UsageError(
+                    f"{where}: {section} is set outside any table; put it under [{owners[section]}]"
+                )
+            if section in sections:
+                raise UsageError(f"{where}: [{section}] must be a table")
+            raise UsageError(
+                f"{where}: unknown setting {section} outside any table; settings go in "
+                f"tables: {', '.join(f'[{s}]' for s in sections)}"
+            )
         if section not in sections:
             raise UsageError(f"{where}: unknown table [{section}]; use {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise UsageError(f"{where}: [{section}] must be a table")
         known = {f.name for f in dataclasses.fields(sections[section])}
         for key in values:
             if key not in known:
@@ -269,8 +280,13 @@ def _check_text(name: str, value: Any) -> None:
             ) from None
 
 
-def coerce(name: str, value: Any, kind: type) -> Any:
-    """A flag's text or a TOML value as the setting's type."""
+def coerce(name: str, value: Any, kind: type, *, text: bool = True) -> Any:
+    """A flag's text or a TOML value as the setting's type.
+
+    `text`: the value is a flag's text, which is how numbers come from the
+    command line; in a TOML file a number is written as one (`rounds = "10"`
+    is text, and was silently taken as 10).
+    """
     for item in value if isinstance(value, list) else [value]:
         _check_text(name, item)
     if kind is bool:
@@ -284,6 +300,11 @@ def coerce(name: str, value: Any, kind: type) -> Any:
             raise UsageError(f"{flag(name)} must be a list, got {value!r}")
         return [str(v) for v in value]
     if isinstance(value, str) and kind in (int, float):
+        if not text:
+            raise UsageError(
+                f"{flag(name)} must be {'an integer' if kind is int else 'a number'}, got "
+                f"the text {value!r}; write numbers without quotes (several: [1, 2])"
+            )
         return _number(value, kind, name)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -297,9 +318,9 @@ def coerce(name: str, value: Any, kind: type) -> Any:
     return value
 
 
-def check(f: dataclasses.Field, value: Any) -> None:
-    """The declared rules of one setting."""
-    name = flag(f.name)
+def check(f: dataclasses.Field, value: Any, name: str | None = None) -> None:
+    """The declared rules of one setting (`name`: what to call it; its flag by default)."""
+    name = name or flag(f.name)
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         raise UsageError(
@@ -351,19 +372,43 @@ def resolve(
             section, name = dest.split(".", 1)
             flags.setdefault(section, {})[name] = value
     layers.append(flags)
+    taken = {f.name for _, f in command.fields(sections)}
     for layer in layers:
+        from_file = layer is not flags
         for section, values in layer.items():
             target = getattr(config, section)
             declared = {f.name: f for f in dataclasses.fields(sections[section])}
             for name, value in values.items():
                 f = declared[name]
                 if f.name in command.sweep:
-                    items = value if isinstance(value, list) else comma_list(value)
+                    if from_file and isinstance(value, str) and kind_of(f) is not str:
+                        items = [value]  # refused below as text, not split as a flag's list
+                    else:
+                        items = value if isinstance(value, list) else comma_list(value)
                     if not items:
                         raise UsageError(f"{flag(name)} needs at least one value")
-                    converted = [coerce(name, item, kind_of(f)) for item in items]
+                    converted = [
+                        coerce(name, item, kind_of(f), text=not from_file) for item in items
+                    ]
+                elif (
+                    from_file
+                    and name not in taken
+                    and isinstance(value, list)
+                    and kind_of(f) is not list
+                ):
+                    # Another command's sweep (bench's clients_per_round = [10, 100]).
+                    converted = [coerce(name, item, kind_of(f), text=False) for item in value]
                 else:
-                    converted = coerce(name, value, kind_of(f))
+                    converted = coerce(name, value, kind_of(f), text=not from_file)
+                if from_file and name not in taken:
+                    # Every table of the file is checked, whatever the command uses
+                    # of it: the same file serves every command, and a bad value
+                    # found only by the next command to use it (nan, a negative
+                    # rate, an unknown model) is found late.
+                    label = f"config file {config_path}: {section}.{name}"
+                    for item in converted if isinstance(converted, list) else [converted]:
+                        if not isinstance(item, list):
+                            check(f, item, label)
                 setattr(target, name, converted)
                 given.add(name)
     for section, f in command.fields(sections):

@@ -10,9 +10,10 @@ A kit is a directory::
 A worker serves mutual TLS with its kit and lets only the coordinator's
 identity call (`client_worker.proxy`); the coordinator dials workers with its
 kit (`coordinator.executor_client`). Loading checks everything a user can get
-wrong (missing or unreadable files, a key readable by others, a key that does
-not match its certificate, an expired certificate, the wrong role's kit) and
-says so in one line before anything starts.
+wrong (missing or unreadable files, a key readable by others, files or a
+directory others can write, a key that does not match its certificate, an
+expired certificate, the wrong role's kit) and says so in one line before
+anything starts.
 """
 
 from __future__ import annotations
@@ -79,6 +80,27 @@ def _read(path: Path, what: str, flag: str) -> bytes:
         raise UsageError(f"{flag}: {what} {path} cannot be read ({e.strerror or e})") from None
 
 
+def _check_owned(path: Path, what: str, flag: str) -> None:
+    """Refuses a trust anchor that another user can change: whoever can write a
+    kit's ca.pem, certificate, description or directory decides whom this site
+    trusts or who it is (a kit in a 0777 directory was used as it was)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{flag}: {what} {path} cannot be read ({e.strerror or e})") from None
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UsageError(
+            f"{flag}: {what} {path} belongs to another user (uid {st.st_uid}), who could "
+            "change whom this site trusts; `chown` it to the user that runs fedcompose"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise UsageError(
+            f"{flag}: {what} {path} is writable by others (mode {mode:04o}), who could change "
+            f"whom this site trusts; `chmod go-w {path}`"
+        )
+
+
 def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     """The kit in `directory` for a site of `role`, checked; one-line errors."""
     from cryptography import x509
@@ -90,7 +112,9 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise UsageError(f"{flag} {path}: {what}; give the kit `fedcompose provision` made")
+    _check_owned(path, "kit directory", flag)
     raw_info = _read(path / KIT_FILE, "kit description", flag)
+    _check_owned(path / KIT_FILE, "kit description", flag)
     try:
         info = json.loads(raw_info)
         kit_role, name, coordinator = info["role"], info["name"], info["coordinator"]
@@ -105,6 +129,9 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     cert_pem = _read(path / CERT_FILE, "certificate", flag)
     key_path = path / KEY_FILE
     key_pem = _read(key_path, "private key", flag)
+    for name, what in ((CA_FILE, "CA certificate"), (CERT_FILE, "certificate")):
+        _check_owned(path / name, what, flag)
+    _check_owned(key_path, "private key", flag)
     mode = stat.S_IMODE(os.stat(key_path).st_mode)
     if mode & 0o077:
         raise UsageError(
@@ -112,10 +139,19 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
             f"`chmod 600 {key_path}`"
         )
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        cas = x509.load_pem_x509_certificates(ca_pem)
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         raise UsageError(f"{flag}: {path} holds a certificate that is not valid PEM") from None
+    if len(cas) != 1:
+        # Every certificate in it is trusted: a second CA (another federation's,
+        # or a forged one placed first) widens whom this site trusts, and made
+        # the diagnosis of a refused handshake blame what was not at fault.
+        raise UsageError(
+            f"{flag}: {path / CA_FILE} holds {len(cas)} certificates; a kit's ca.pem holds its "
+            "federation's CA alone: copy it again from the federation's ca/ca.pem"
+        )
+    ca = cas[0]
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
@@ -131,8 +167,15 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
+        why = ""
+        if ca.subject == cert.issuer:
+            why = (
+                f": {CA_FILE} has the name of its issuer ({ca.subject.rfc4514_string()}) but "
+                "another key (a CA re-made or forged under that name); copy this site's whole "
+                "kit again"
+            )
         raise UsageError(
-            f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}"
+            f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}{why}"
         ) from None
     # A certificate copied in from another kit: a worker's may only serve, the
     # coordinator's only be a client (`provision.issue`), so it would fail at

@@ -189,3 +189,34 @@ def test_pinned_grid_runs_each_worker_on_its_own_core(tmp_path):
     assert "pinned: W=2 at least 1.8x as fast as W=1" in found
     assert "pinned: W=1 within 5% of TFF on one core" in found
     assert "PINNED" in result.stdout
+
+
+def _bench_config(*argv: str):
+    import argparse
+
+    from shared import config as config_lib
+
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, "bench")
+    return config_lib.resolve(parser.parse_args(list(argv)), "bench")
+
+
+def test_the_bench_builds_only_the_shards_it_reads(tmp_path):
+    """`bench --curves scale` built shards of --hosted-clients writers for every
+    grid worker count (912 MB at the defaults) that the scale curve, which
+    builds shards of its own sizes, never read."""
+    from deploy.bench import cli as bench_cli
+
+    cache = tmp_path / "cache"
+    scale = _bench_config("--curves", "scale", "--hosted-clients", "30", "--data-cache", str(cache))
+    assert bench_cli._build_data(scale) == {}
+    assert not cache.exists() or not any(cache.rglob("manifest*")), sorted(cache.rglob("*"))[:5]
+
+    memory = _bench_config("--curves", "memory", "--workers", "2", "--hosted-clients", "30")
+    assert bench_cli.shard_counts(memory) == [2]
+    assert bench_cli.shard_counts(_bench_config("--systems", "keras,tff_local")) == [1]
+    assert bench_cli.shard_counts(_bench_config("--systems", "fedcompose", "--workers", "2,4")) == [
+        2,
+        4,
+    ]
+    assert bench_cli.shard_counts(_bench_config()) == [1, 2, 4]

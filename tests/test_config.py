@@ -112,7 +112,13 @@ def test_invalid_values_are_rejected(argv, message):
             '[model]\nmodel = "resnet"\n',
             "--model: unknown value 'resnet'; choose one of linear, cnn",
         ),
-        ("[training]\nrounds = 'ten'\n", "--rounds takes an integer, got 'ten'"),
+        ("[training]\nrounds = 'ten'\n", "--rounds must be an integer, got the text 'ten'"),
+        # A number written as text was taken as the number.
+        ('[training]\nrounds = "10"\n', "--rounds must be an integer, got the text '10'"),
+        ('[training]\nclip_norm = "2.5"\n', "--clip-norm must be a number, got the text '2.5'"),
+        # A key above every table was reported as a table.
+        ("rounds = 5\n", "rounds is set outside any table; put it under [training]"),
+        ("roundz = 5\n", "unknown setting roundz outside any table"),
         ("[training]\nround = 3\n", "unknown setting training.round"),
         ("[trainer]\nrounds = 3\n", "unknown table [trainer]"),
         ("[training\nrounds = 3\n", "is not valid TOML"),
@@ -183,3 +189,68 @@ def test_every_command_has_help():
     assert top.returncode == 0 and "run" in top.stdout and "bench" in top.stdout
     run_help = fedcompose("run", "--help", timeout=60).stdout
     assert "(default: 30)" in run_help and "(default: 0.3)" in run_help
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[training]\nclient_learning_rate = nan\n",
+            "training.client_learning_rate must be a finite",
+        ),
+        ("[training]\nserver_learning_rate = -1.0\n", "training.server_learning_rate must be > 0"),
+        ('[model]\nmodel = "resnet"\n', "model.model: unknown value 'resnet'"),
+        ("[training]\nclients_per_round = 0\n", "training.clients_per_round must be >= 1"),
+        ("[federation]\nrpc_timeout = inf\n", "federation.rpc_timeout must be a finite"),
+        ('[bench]\nsystems = ["keras"]\nhosted_clients = 0\n', "bench.hosted_clients must be >= 1"),
+    ],
+)
+def test_every_table_of_a_config_file_is_checked_whatever_the_command(tmp_path, text, message):
+    """`data --config` took nan and negative rates, an unknown model and
+    clients_per_round = 0 in tables it does not use: the next command to use
+    the same file found them (or not: the README says every non-finite number
+    is refused)."""
+    path = tmp_path / "shared.toml"
+    path.write_text(text)
+    for command in ("data", "worker", "status", "provision", "compare"):
+        parser = argparse.ArgumentParser()
+        config_lib.add_arguments(parser, command)
+        required = {
+            "data": ["--shards-dir", "x"],
+            "worker": ["--shard", "x"],
+            "provision": ["--kits-dir", "x"],
+            "compare": ["a"],
+        }.get(command, [])
+        args = parser.parse_args(["--config", str(path), *required])
+        with pytest.raises(UsageError, match=re.escape(message)):
+            config_lib.resolve(args, command)
+
+
+def test_a_sweep_of_another_command_in_a_config_file_is_checked_item_by_item(tmp_path):
+    path = tmp_path / "shared.toml"
+    path.write_text("[training]\nclients_per_round = [10, 100]\n")
+    parser = argparse.ArgumentParser()
+    config_lib.add_arguments(parser, "data")
+    config_lib.resolve(parser.parse_args(["--config", str(path), "--shards-dir", "x"]), "data")
+    # A list setting stays a list (the addresses of `train`, in a file `data` reads).
+    path.write_text('[federation]\naddresses = ["127.0.0.1:1", "127.0.0.1:2"]\n')
+    config = config_lib.resolve(
+        parser.parse_args(["--config", str(path), "--shards-dir", "x"]), "data"
+    )
+    assert config.federation.addresses == ["127.0.0.1:1", "127.0.0.1:2"]
+    path.write_text("[training]\nclients_per_round = [10, 0]\n")
+    with pytest.raises(UsageError, match=re.escape("training.clients_per_round must be >= 1")):
+        config_lib.resolve(parser.parse_args(["--config", str(path), "--shards-dir", "x"]), "data")
+
+
+def test_data_with_a_bad_table_it_does_not_use_stops_before_building(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[training]\nclient_learning_rate = nan\n")
+    shards = tmp_path / "shards"
+    result = fedcompose("data", "--config", str(path), "--shards-dir", str(shards), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"fedcompose data: error: config file {path}: training.client_learning_rate must be a "
+        "finite number, got nan"
+    )
+    assert not shards.exists()

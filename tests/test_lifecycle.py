@@ -187,3 +187,62 @@ def test_a_port_taken_before_the_worker_binds_it_is_replaced(shards2, tmp_path, 
             )
     finally:
         blocker.close()
+
+
+_BACKGROUND_WORKER = """
+{prefix} "$PYTHON" -m deploy.cli worker --shard "$SHARD" --port "$PORT" --shard-check quick \\
+    --log-file "$LOG" >"$LOG.out" 2>&1 &
+echo $! >"$PIDFILE"
+tries=0
+until grep -q "$READY" "$LOG" 2>/dev/null; do
+    tries=$((tries + 1))
+    [ "$tries" -gt 1800 ] && exit 3
+    sleep 0.1
+done
+exit 0
+"""
+
+
+@pytest.mark.parametrize("prefix", ["", "nohup"])
+def test_a_worker_a_user_started_outlives_the_shell_that_started_it(shards2, tmp_path, prefix):
+    """`fedcompose worker ... &` in a script that then exits (as `ssh host
+    'fedcompose worker ... &'` does), and the same under nohup: the worker
+    asked the kernel for SIGTERM on its parent's death, so it logged `stopping
+    on SIGTERM` as the shell exited; and it caught the SIGHUP nohup ignores.
+    The shell waits until the worker serves, then exits; the worker must then
+    stop on the signal this test sends (SIGINT), and on nothing before it."""
+    (port,) = free_ports(1)
+    log, pidfile = tmp_path / "worker.log", tmp_path / "worker.pid"
+    script = tmp_path / "start-worker.sh"
+    script.write_text(_BACKGROUND_WORKER.format(prefix=prefix))
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "SHARD": str(shards2[0]),
+        "PORT": str(port),
+        "LOG": str(log),
+        "PIDFILE": str(pidfile),
+        "READY": "ready: serving",
+    }
+    shell = subprocess.run(["sh", str(script)], cwd=ROOT, env=env, timeout=300)
+    pid = int(pidfile.read_text())
+    try:
+        assert shell.returncode == 0, log.read_text() if log.exists() else "no log"
+        worker = psutil.Process(pid)
+        if prefix == "nohup":
+            worker.send_signal(signal.SIGHUP)  # the terminal that nohup protects from
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+    finally:
+        with_children = [pid]
+        try:
+            with_children += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+        for p in with_children:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    stops = [line for line in log.read_text().splitlines() if "stopping on" in line]
+    assert len(stops) == 1 and stops[0].endswith("stopping on SIGINT"), log.read_text()[-2000:]

@@ -159,6 +159,7 @@ def test_what_cannot_run_is_refused_in_one_line_before_round_1(tmp_path):
                 assert word in message, (name, word)
             assert not (run_dir / "metrics.jsonl").exists(), name
             assert not (run_dir / "config.toml").exists(), name
+
         # A process whose update is not finite stops the run in one line
         # naming the clients, found with the user's model at the round's start.
         def poisoned(dataset):
@@ -408,3 +409,54 @@ def test_a_user_process_rides_out_a_lost_worker_which_rejoins(tmp_path, monkeypa
     assert rows[2]["clients_lost"] > 0
     assert any(label in r["workers"] for r in rows[3:]), "the worker never served again"
     assert result.final_eval is not None and result.final_eval["examples"] == 360
+
+
+@pytest.mark.slow
+def test_a_remote_federation_trains_a_user_process_over_mutual_tls(shards2, tmp_path):
+    """Workers on two other network hosts, serving mutual TLS with kits from
+    `fedcompose provision`; the API dials them with the coordinator's kit."""
+    import fedcompose
+    from deploy import provision
+    from deploy import workers as workers_lib
+    from tests import netns
+    from tests.user_algorithms import tutorial
+
+    spec = tutorial.preprocess(fedcompose.empty_client_dataset()).element_spec
+    model_fn = tutorial.model_fn_for(spec)
+    with netns.linked_hosts(2, block=5) as hosts:
+        kits = tmp_path / "kits"
+        provision.provision(
+            kits, provision.parse_sites([f"w{i}={h.address}" for i, h in enumerate(hosts)])
+        )
+        started = workers_lib.start_workers(
+            shards2,
+            tmp_path / "logs",
+            check="quick",
+            prefix=lambda i: hosts[i].prefix(),
+            extra_args=lambda i: ["--tls-dir", str(kits / f"w{i}")],
+        )
+        try:
+            addresses = [f"{h.address}:{w.port}" for h, w in zip(hosts, started, strict=True)]
+            with fedcompose.RemoteFederation(
+                addresses, tls_dir=kits / "coordinator", progress=False
+            ) as federation:
+                assert federation.num_clients == 60
+                result = federation.train(
+                    tutorial.compose(model_fn),
+                    preprocess=tutorial.preprocess,
+                    model_fn=model_fn,
+                    rounds=2,
+                    clients_per_round=10,
+                    run_dir=tmp_path / "run",
+                )
+            # Without the kit, the same workers are not reachable.
+            with (
+                pytest.raises(fedcompose.FedcomposeError),
+                fedcompose.RemoteFederation(addresses, connect_timeout=5.0, progress=False),
+            ):
+                pass
+        finally:
+            workers_lib.stop_workers(started)
+    assert result.rounds_completed == 2
+    assert result.final_eval is not None and result.final_eval["examples"] == 360
+    assert len(result.records[-1]["workers"]) == 2

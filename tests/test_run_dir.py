@@ -231,6 +231,61 @@ def test_corrupt_run_dir_files_are_refused_in_one_line(tmp_path):
         assert "ready on" not in result.stderr  # refused before any worker started
 
 
+def test_a_run_with_checkpoints_and_no_data_record_is_refused(tmp_path):
+    """Deleting trained_on.json turned the data-identity check off: the run
+    resumed on another build of the data without a word and recorded that
+    build as its own. Refused before anything starts; a flag accepts it."""
+    from shared.ports import free_ports
+
+    (port,) = free_ports(1)  # nobody listens: a command that gets that far fails to connect
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "round_2").mkdir(parents=True)
+    train = ("train", "--addresses", f"127.0.0.1:{port}", "--run-dir", str(run_dir))
+    result = fedcompose(*train, "--connect-timeout", "2", timeout=120)
+    assert_one_line_error(
+        result, "train", 5, "no trained_on.json", "--accept-unrecorded-data", "up to round 2"
+    )
+    result = fedcompose("run", "--workers", "1", "--run-dir", str(run_dir), timeout=120)
+    assert_one_line_error(result, "run", 5, "no trained_on.json")
+    assert not (run_dir / "shards").exists(), "refused before shards were built"
+    accepted = fedcompose(*train, "--connect-timeout", "2", "--accept-unrecorded-data", timeout=120)
+    # Past the check: it went on to dial the workers.
+    assert_one_line_error(accepted, "train", 4, f"127.0.0.1:{port}")
+
+
+def test_a_new_run_dir_refused_early_is_not_left_behind(tmp_path, shards2, workers2):
+    """`train --clients-per-round 1e9` was refused only after connecting, and left
+    `.lock` and `logs/` in the new run directory (which then looked like a run).
+    `run` knows its shards' clients from their manifests: it refuses before any
+    worker starts."""
+    from shared.ports import free_ports
+
+    (port,) = free_ports(1)
+    new = tmp_path / "new"
+    result = fedcompose(
+        "train", "--addresses", f"127.0.0.1:{port}", "--run-dir", str(new),
+        "--connect-timeout", "2", timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(result, "train", 4)
+    assert not new.exists(), sorted(p.name for p in new.iterdir())
+    addresses = ",".join(w.address for w in workers2)
+    result = fedcompose(
+        "train", "--addresses", addresses, "--clients-per-round", "1000000000",
+        "--run-dir", str(new), timeout=300,
+    )  # fmt: skip
+    assert_one_line_error(result, "train", 2, "more than the 60 clients the workers host")
+    assert not new.exists(), sorted(p.name for p in new.iterdir())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = fedcompose(
+        "run", "--shards-dir", str(shards2[0].parent), "--clients-per-round", "1000000000",
+        "--run-dir", str(empty), timeout=120,
+    )  # fmt: skip
+    assert_one_line_error(result, "run", 2, "--clients-per-round 1000000000 is more than the 60")
+    assert not empty.exists()
+    assert "ready on" not in result.stderr and "starting" not in result.stderr
+
+
 # --- status, atomic files, failures named ---------------------------------------------
 
 
@@ -277,6 +332,39 @@ def test_failures_of_tensorflow_file_writes_name_the_path():
         "/x/y: No space left on device (free some space or choose another directory)"
     )
     assert not files.is_file_error(ValueError("No space left on device"))
+
+
+SAVE_CHECKPOINT = """
+import sys
+import numpy as np
+from pathlib import Path
+from coordinator.run_dir import RunDirectory
+from shared.errors import RunDirError
+try:
+    RunDirectory(Path(sys.argv[1])).save_checkpoint(3, [np.zeros(3, np.float32)])
+except RunDirError as e:
+    print(e)
+"""
+
+
+def test_a_checkpoint_write_refused_by_permissions_names_the_directory_that_failed(tmp_path):
+    """It named the checkpoint's path twice, and not the staging directory
+    TensorFlow could not make. Run in a user namespace of its own, where this
+    test's root is no more than the owner of the files (0555: no writing)."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    checkpoints.chmod(0o555)
+    result = subprocess.run(
+        ["unshare", "--user", sys.executable, "-c", SAVE_CHECKPOINT, str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = result.stdout.strip()
+    assert line.startswith(f"cannot write round 3's checkpoint: {checkpoints}/.staging.tmp-"), (
+        result.stdout + result.stderr[-2000:]
+    )
+    assert line.endswith("Permission denied (check its permissions)")
+    assert "round_3" not in line
+    assert os.listdir(checkpoints) == []
 
 
 # --- private directories of killed owners --------------------------------------------

@@ -620,3 +620,123 @@ def test_an_ipv6_worker_dialled_in_another_spelling_connects(tmp_path):
                 channel.close()
     finally:
         served.stop()
+
+
+def test_kits_are_written_0644_or_tighter_whatever_the_umask(tmp_path):
+    """Under `umask 000` provision wrote ca.pem, cert.pem and kit.json
+    world-writable, and the kits directory 0777."""
+    kits = tmp_path / "kits"
+
+    def provision_with_umask_000(*sites: str) -> None:
+        result = subprocess.run(
+            ["sh", "-c", 'umask 000 && exec "$0" -m deploy.cli "$@"', sys.executable,
+             "provision", "--kits-dir", str(kits), "--sites", ",".join(sites)],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+    provision_with_umask_000("w0=127.0.0.1")
+    provision_with_umask_000("w1=127.0.0.2")  # rewrites the coordinator's kit.json
+    modes = {
+        str(p.relative_to(kits)): stat.S_IMODE(os.stat(p).st_mode) for p in [kits, *kits.rglob("*")]
+    }
+    assert not {name: f"{m:04o}" for name, m in modes.items() if m & 0o022}, modes
+    for key in ("ca/ca.key", "w0/key.pem", "w1/key.pem", "coordinator/key.pem"):
+        assert modes[key] == 0o600
+    tls.load_kit(kits / "w1", tls.WORKER)
+    tls.load_kit(kits / "coordinator", tls.COORDINATOR)
+
+
+@pytest.mark.parametrize("target", [".", "ca.pem", "cert.pem", "kit.json", "key.pem"])
+def test_a_kit_others_can_write_is_refused_on_both_sides(kits, tmp_path, target):
+    """A kit whose trust anchor others can write (its directory, ca.pem, its
+    certificate, its description) was used as it was; refused in one line
+    saying how to fix it, by a worker and by the coordinator, before anything
+    starts."""
+    (port,) = free_ports(1)
+    for site, role in (("w0", tls.WORKER), ("coordinator", tls.COORDINATOR)):
+        kit = tmp_path / f"{site}-loose"
+        shutil.copytree(kits / site, kit)
+        path = kit if target == "." else kit / target
+        mode = 0o777 if target == "." else 0o666 if target != "key.pem" else 0o622
+        os.chmod(path, mode)
+        with pytest.raises(UsageError, match=rf"is writable by others \(mode {mode:04o}\)"):
+            tls.load_kit(kit, role)
+        if role == tls.WORKER:
+            result = fedcompose(
+                "worker", "--shard", "x", "--port", str(port), "--tls-dir", str(kit)
+            )
+            line = _one_error_line(result.stderr, "worker")
+        else:
+            run_dir = tmp_path / "run"
+            result = fedcompose(
+                "train", "--addresses", f"127.0.0.1:{port}", "--tls-dir", str(kit),
+                "--run-dir", str(run_dir), timeout=120,
+            )  # fmt: skip
+            line = _one_error_line(result.stderr, "train")
+            assert not run_dir.exists()
+        assert result.returncode == 2
+        assert line.endswith(f"`chmod go-w {path}`"), line
+
+
+def test_a_ca_pem_of_several_cas_is_refused_and_refusals_are_told_truly(tmp_path):
+    """A ca.pem holding two CAs made a refused handshake say "see the worker's
+    log" (a log with nothing in it); a forged CA of the federation's name made
+    the message blame the worker's valid certificate ("certificate signature
+    failure"). A kit's ca.pem now holds one CA (refused in one line on both
+    sides), and the diagnosis says what it can tell from both certificates."""
+    from cryptography.x509.oid import NameOID
+
+    from client_worker import proxy
+    from coordinator.executor_client.connection import ClientTLS, probe
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for kits in (a, b):
+        provision.provision(kits, provision.parse_sites(["w0=127.0.0.1"]))
+    a_ca, b_ca = (k / "ca" / "ca.pem" for k in (a, b))
+    name = _cert(a_ca).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    _, forged = provision.make_ca(name)
+    forged_pem = forged.public_bytes(serialization.Encoding.PEM)
+
+    def kit_with_ca(site: Path, ca_pem: bytes) -> Path:
+        kit = tmp_path / f"{site.parent.name}-{site.name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(site, kit)
+        (kit / "ca.pem").write_bytes(ca_pem)
+        return kit
+
+    both = a_ca.read_bytes() + b_ca.read_bytes()
+    for site, role in ((a / "coordinator", tls.COORDINATOR), (a / "w0", tls.WORKER)):
+        for bundle in (both, forged_pem + a_ca.read_bytes()):
+            with pytest.raises(UsageError, match=r"ca\.pem holds 2 certificates; a kit's ca\.pem"):
+                tls.load_kit(kit_with_ca(site, bundle), role)
+    with pytest.raises(UsageError, match=r"has the name of its issuer \(CN=.*\) but another key"):
+        tls.load_kit(kit_with_ca(a / "coordinator", forged_pem), tls.COORDINATOR)
+
+    a_port, b_port, backend = free_ports(3)
+    served = [
+        proxy.start(
+            port, f"127.0.0.1:{backend}", tls.load_kit(k / "w0", tls.WORKER), host="127.0.0.1"
+        )
+        for port, k in ((a_port, a), (b_port, b))
+    ]
+    coordinator = a / "coordinator"
+    try:
+        # The coordinator trusts both CAs; federation b's worker trusts only b's.
+        two = probe(
+            f"127.0.0.1:{b_port}",
+            ClientTLS(both, coordinator / "cert.pem", coordinator / "key.pem"),
+        )
+        assert two.final and "worker's log" not in two.message
+        assert f"issued by {_cert(a_ca).subject.rfc4514_string()}" in two.message
+        assert f"the worker's by {_cert(b_ca).subject.rfc4514_string()}" in two.message
+        # A CA of the federation's name with another key, against a valid worker.
+        remade = probe(
+            f"127.0.0.1:{a_port}",
+            ClientTLS(forged_pem, coordinator / "cert.pem", coordinator / "key.pem"),
+        )
+        assert remade.final
+        assert "was not signed with that CA's key" in remade.message
+        assert "another federation" not in remade.message
+    finally:
+        for p in served:
+            p.stop()

@@ -277,7 +277,36 @@ def _when(moment: datetime.datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
-def _describe_verify_error(e: ssl.SSLCertVerificationError, host: str, port: int, timeout: float):
+def _ca_certificates(ca_pem: bytes) -> list:
+    """Every certificate in a PEM bundle ([] if it cannot be read)."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        return []
+
+
+def _signed_by(cert, ca) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _same_name_other_key(cert, ca_pem: bytes) -> bool:
+    """Whether `ca_pem` holds a CA with the name of `cert`'s issuer, and none of
+    that name signed it."""
+    named = [ca for ca in _ca_certificates(ca_pem) if ca.subject == cert.issuer]
+    return bool(named) and not any(_signed_by(cert, ca) for ca in named)
+
+
+def _describe_verify_error(
+    e: ssl.SSLCertVerificationError, host: str, port: int, timeout: float, ca_pem: bytes
+):
     code = e.verify_code
     cert = _peer_certificate(host, port, timeout)
     if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
@@ -292,7 +321,21 @@ def _describe_verify_error(e: ssl.SSLCertVerificationError, host: str, port: int
             f"its certificate names {names}, not {host}, the address dialled: dial "
             "it at an address its kit names, or provision its kit with this address"
         )
-    if code in (2, 18, 19, 20, 21, 27, 30):  # issuer unknown / self-signed / untrusted
+    if code in (2, 7, 18, 19, 20, 21, 27, 30):  # issuer unknown / bad signature / untrusted
+        if cert is not None and _same_name_other_key(cert, ca_pem):
+            # Not "another federation": a CA of the very name this kit trusts
+            # signed it, with another key (OpenSSL: certificate signature failure).
+            return (
+                f"its certificate names the issuer {cert.issuer.rfc4514_string()}, as the CA "
+                "of the coordinator's kit does, but was not signed with that CA's key: one "
+                "of the two kits comes from a CA re-made (or forged) under the same name; "
+                "compare both kits' ca.pem with the federation's ca/ca.pem"
+            )
+        if code == 7:
+            return (
+                "its certificate's signature does not verify with the CA that issued it: "
+                "the certificate was altered or forged; issue the worker a new kit"
+            )
         issuer = ""
         if cert is not None:
             issuer = f" (issuer: {cert.issuer.rfc4514_string()})"
@@ -361,11 +404,15 @@ def _probe_tls(sock: socket.socket, host: str, port: int, tls: ClientTLS, timeou
         context = tls.ssl_context()
     except (OSError, ssl.SSLError) as e:
         return Diagnosis(OUR_CERTIFICATE, f"the coordinator's kit cannot be used: {e}", True)
+    peer_der = None
     try:
         with context.wrap_socket(sock, server_hostname=host) as s:
+            peer_der = s.getpeercert(binary_form=True)
             answer = _http2_answer(s, timeout)
     except ssl.SSLCertVerificationError as e:
-        return Diagnosis(PEER_CERTIFICATE, _describe_verify_error(e, host, port, timeout), True)
+        return Diagnosis(
+            PEER_CERTIFICATE, _describe_verify_error(e, host, port, timeout, tls.ca_pem), True
+        )
     except ssl.SSLError as e:
         return _describe_ssl_error(e, where)
     except TimeoutError:
@@ -390,10 +437,17 @@ def _probe_tls(sock: socket.socket, host: str, port: int, tls: ClientTLS, timeou
         )
     if not answer:
         # gRPC's TLS server hangs up without an alert when it rejects a client
-        # certificate. Its certificate verified with our CA, so it trusts that CA
-        # too: what is wrong with ours can be told from here.
-        why = own_certificate_problem(tls) or (
-            "it did not accept this coordinator's certificate (see the worker's log)"
+        # certificate, and the worker may log nothing about it (it said "see the
+        # worker's log" of an empty log). Its certificate verified with our CA
+        # bundle: what is wrong with ours is told from here, from both
+        # certificates, or not claimed.
+        peer = _load_der(peer_der)
+        why = own_certificate_problem(tls, peer) or (
+            "it closed the connection after the TLS handshake without giving a reason; this "
+            "coordinator's certificate is valid and issued by "
+            + ("the CA that issued the worker's" if peer is not None else "its kit's CA")
+            + ", so the cause is on the worker's side (its ca.pem, a revoked certificate, or "
+            "a limit on connections)"
         )
         return Diagnosis(OUR_CERTIFICATE, f"it refused the TLS connection: {why}", True)
     if len(answer) >= 9 and answer[3] == _SETTINGS_FRAME:
@@ -405,18 +459,30 @@ def _probe_tls(sock: socket.socket, host: str, port: int, tls: ClientTLS, timeou
     )
 
 
-def own_certificate_problem(tls: ClientTLS) -> str | None:
-    """Why a worker that trusts `tls.ca_pem` would refuse our certificate, if we can tell."""
+def _load_der(der: bytes | None):
     from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
+
+    try:
+        return x509.load_der_x509_certificate(der) if der else None
+    except ValueError:
+        return None
+
+
+def own_certificate_problem(tls: ClientTLS, peer=None) -> str | None:
+    """Why a worker would refuse our certificate, if we can tell: from our
+    certificate, our CA bundle and (`peer`) the worker's certificate, which
+    verified with that bundle."""
+    from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     if tls.cert_path is None:
         return "this coordinator presented no certificate; give the coordinator's kit"
     try:
         cert = x509.load_pem_x509_certificate(tls.cert_path.read_bytes())
-        ca = x509.load_pem_x509_certificate(tls.ca_pem)
     except (OSError, ValueError):
+        return None
+    cas = _ca_certificates(tls.ca_pem)
+    if not cas:
         return None
     now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc < now:
@@ -426,12 +492,20 @@ def own_certificate_problem(tls: ClientTLS) -> str | None:
         )
     if cert.not_valid_before_utc > now:
         return "this coordinator's certificate is not valid yet; check the clocks"
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    ours = next((ca for ca in cas if _signed_by(cert, ca)), None)
+    if ours is None:
         return (
             f"this coordinator's certificate (issuer: {cert.issuer.rfc4514_string()}) is not "
-            "signed by the federation's CA that the worker trusts; a kit from another federation?"
+            "signed by any CA in its own kit's ca.pem; copy the coordinator's whole kit again"
+        )
+    if peer is not None and not _signed_by(peer, ours):
+        # Our bundle trusts the worker's CA as well as our own (a ca.pem holding
+        # two CAs), but the worker trusts only its own.
+        return (
+            f"this coordinator's certificate is issued by {ours.subject.rfc4514_string()} and "
+            f"the worker's by {peer.issuer.rfc4514_string()}: the coordinator's ca.pem holds "
+            f"{len(cas)} CA certificates and trusts the worker, but the worker does not trust "
+            "this coordinator's CA; use the coordinator kit of the worker's federation"
         )
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

@@ -130,4 +130,6 @@ class RoundResult:
             "dropped_clients": self.metrics.get("dropped_clients", 0),
             "dropped_examples": self.metrics.get("dropped_examples", 0),
             **({"aggregator": a} if (a := self.metrics.get("aggregator")) else {}),
+            # What a user's process measured (its own blocks' metrics, flattened).
+            **({"measurements": m} if (m := self.metrics.get("measurements")) else {}),
         }

@@ -108,6 +108,23 @@ def with_quick_defaults(config: config_lib.RunConfig) -> config_lib.RunConfig:
     return config
 
 
+def shard_counts(config: config_lib.RunConfig) -> list[int]:
+    """Worker counts whose shards of --hosted-clients writers the bench reads.
+
+    Built only those: `--curves scale` (which builds shards of its own sizes)
+    built 912 MB of shards for a grid it never ran.
+    """
+    b, workers = config.bench, config.federation.workers
+    if b.curves:
+        return [workers[0]] if "memory" in b.curves else []
+    counts = set()
+    if {"keras", "tff_local"} & set(b.systems):
+        counts.add(1)  # the single-process baselines read one shard set's files
+    if {"fedcompose", "fedcompose_tls"} & set(b.systems):
+        counts.update(workers)
+    return sorted(counts)
+
+
 def _build_data(config: config_lib.RunConfig) -> dict[int, list[Path]]:
     from tqdm import tqdm
 
@@ -119,7 +136,7 @@ def _build_data(config: config_lib.RunConfig) -> dict[int, list[Path]]:
         seed=config.data.data_seed,
     )
     cache = Path(config.bench.data_cache)
-    counts = sorted({1, *config.federation.workers})
+    counts = shard_counts(config)
     missing = [c for c in counts if not synthetic.is_built(spec, cache, c)]
     with tqdm(
         total=len(missing) * spec.writers,

@@ -120,4 +120,7 @@ def main(config_path: str) -> int:
 
 
 if __name__ == "__main__":
+    from shared import scratch
+
+    scratch.private_tempdir()  # TensorFlow's autograph modules die with this process
     sys.exit(main(sys.argv[1]))

@@ -1,0 +1,1 @@
+"""fedcompose's container image: its Containerfile, build and health check."""
