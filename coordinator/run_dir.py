@@ -3,10 +3,11 @@
 config.toml        the resolved configuration (feed it back with --config)
 status.json        running / finished / failed / interrupted, rounds done and checkpointed
 trained_on.json    what the run was trained on: shard build, dataset, clients
-metrics.csv        one row per round (TFF's CSVFileReleaseManager)
-metrics.jsonl      the same, one JSON object per round, with per-worker times
-tensorboard/       event files (TFF's TensorBoardReleaseManager)
-checkpoints/       server state (TFF's SavedModel format; written aside, synced, renamed)
+metrics.csv        one row per round (appended; rewritten only when a new column appears)
+metrics.jsonl      the same, one JSON object per round, with per-worker times (appended)
+tensorboard/       event files (scalars, written directly as TensorBoard events)
+checkpoints/       server state, one `round_N/state.npz` each (written aside, synced, renamed;
+                   older runs' TFF SavedModel checkpoints are still read)
 metrics.png        loss and accuracy against round
 final_model.npz    the final global model weights
 logs/              coordinator and worker logs
@@ -20,8 +21,10 @@ Rules that keep the directory whole, whatever happens to the process:
   refused before it writes anything.
 * Nothing changes before the resume is known to be sound: `plan_resume`
   (settings) and `check_trained_on` (data) only read.
-* Every file is replaced in one step (temporary + rename); a temporary a
-  killed writer left is removed at the next start, under the lock.
+* Every file is replaced in one step (temporary + rename), or appended to
+  (metrics): an append that fails is cut back to where it began, and a line a
+  crash cut short is repaired at the next start (`prepare_metrics`); a
+  temporary a killed writer left is removed at the next start, under the lock.
 * The newest checkpoint is the truth a resume continues from; metrics after
   it are dropped, and `status.json` is set from what is on disk when a run
   stops, so it agrees with the checkpoints and metrics.
@@ -49,6 +52,7 @@ import shutil
 import socket
 import time
 import tomllib
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,10 @@ log = logging.getLogger("fedcompose.coordinator")
 CHECKPOINT_PREFIX = "round_"
 LOCK_NAME = ".lock"
 UNREADABLE_PREFIX = "unreadable-"
+CHECKPOINT_FILE = "state.npz"
+CHECKPOINT_FORMAT = "fedcompose-state-1"
+"""Named inside every checkpoint: the leaves of the server state, in
+`tf.nest.flatten` order, as `leaf_0` ... `leaf_N`."""
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # What TFF's own writers leave when killed midway: `<target>_temp<4 digits>`.
 _TFF_TEMPORARY = re.compile(rf"^({CHECKPOINT_PREFIX}\d+|metrics\.csv)_temp\d{{4}}$")
@@ -435,8 +443,9 @@ class RunDirectory:
         self.plot_path = path / "metrics.png"
         self.model_path = path / "final_model.npz"
         self.logs_dir = path / "logs"
-        self._csv = None
-        self._tensorboard = None
+        self._csv_fields: list[str] | None = None
+        """metrics.csv's header, once read or written."""
+        self._tensorboard: Any = None
 
     # --- reading ---------------------------------------------------------------------
 
@@ -630,30 +639,36 @@ class RunDirectory:
         return self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{round_num}"
 
     def save_checkpoint(self, round_num: int, state: Any) -> None:
-        """Saves with TFF's program-state manager into a staging directory,
-        flushes it to disk and renames it into place: a crash or a full disk
-        leaves the previous checkpoints and, at worst, a temporary that the
-        next start removes. Then keeps the first and the newest ones."""
-        import tensorflow_federated as tff
+        """Saves `state` as the checkpoint of `round_num` (see `save_leaves`)."""
+        self.save_leaves(round_num, state_leaves(state))
 
+    def save_leaves(self, round_num: int, leaves: list[np.ndarray]) -> None:
+        """Writes a state's leaves (`state_leaves`) into a directory of its
+        own beside the target, flushes it to disk and renames it into place:
+        a crash or a full disk leaves the previous checkpoints and, at worst,
+        a temporary that the next start removes. Then keeps the first and the
+        newest ones.
+
+        One uncompressed `.npz` (zip) holds the leaves bit for bit, and zip's
+        CRC-32 of each makes a damaged one unreadable rather than wrong. It
+        replaced TFF's program-state manager (a SavedModel per checkpoint),
+        which cost tens of milliseconds of TensorFlow graph building per
+        round for the same arrays."""
         target = self.checkpoint_path(round_num)
         staging = files.temporary_path(self.checkpoint_dir / "staging")
-        # Named by its round, and a failure by the path that failed: TensorFlow's
-        # errors carry no path, and what it writes is the staging directory (the
-        # message named the target twice, which was never written to).
+        # Named by its round, and a failure by the path that failed (the
+        # directory written aside), not the target that was never written to.
         with _writing(f"round {round_num}'s checkpoint", staging):
             try:
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                manager = tff.program.FileProgramStateManager(
-                    str(staging), prefix=CHECKPOINT_PREFIX, keep_total=0
-                )
-                event_loops.run(manager.save(state, round_num))
-                written = staging / target.name
-                files.sync_tree(written)
+                staging.mkdir()
+                arrays = {f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}
+                _write_npz(staging / CHECKPOINT_FILE, arrays)
+                files.sync_dir(staging)
                 pause_points.reached("checkpoint", round_num)
                 if target.exists():  # a leftover of an abandoned run past this round
                     files.remove_tree(target)
-                os.rename(written, target)
+                os.rename(staging, target)
                 files.sync_dir(self.checkpoint_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -703,6 +718,35 @@ class RunDirectory:
     def _load(self, version: int, structure: Any) -> tuple[Any, str | None]:
         """(state, None), or (None, why it cannot be read); raises if it reads
         but does not fit `structure`."""
+        path = self.checkpoint_path(version)
+        if not (path / CHECKPOINT_FILE).exists() and (path / "saved_model.pb").exists():
+            return self._load_saved_model(version, structure)
+        import tensorflow as tf
+
+        try:
+            with np.load(path / CHECKPOINT_FILE, allow_pickle=False) as z:
+                kept = str(z["format"]) if "format" in z.files else None
+                if kept != CHECKPOINT_FORMAT:
+                    raise RunDirError(
+                        f"checkpoint {path} is of format {kept!r}, not {CHECKPOINT_FORMAT!r} "
+                        "(written by another version of fedcompose); resume it with that "
+                        "version, or use a new --run-dir"
+                    )
+                count = sum(1 for name in z.files if name.startswith("leaf_"))
+                loaded = [z[f"leaf_{i}"] for i in range(count)]
+        except RunDirError:
+            raise
+        except FileNotFoundError:
+            return None, f"no {CHECKPOINT_FILE}"
+        except Exception as e:  # zip, CRC and format errors of a damaged file
+            return None, one_line(e)
+        wanted = tf.nest.flatten(structure)
+        self._check_fit(path, loaded, wanted)
+        leaves = [_like(a, b) for a, b in zip(loaded, wanted, strict=True)]
+        return tf.nest.pack_sequence_as(structure, leaves), None
+
+    def _load_saved_model(self, version: int, structure: Any) -> tuple[Any, str | None]:
+        """A checkpoint of an older run, in TFF's program-state format."""
         import tensorflow as tf
         import tensorflow_federated as tff
         from tensorflow_federated.python.program import file_utils
@@ -723,6 +767,10 @@ class RunDirectory:
             loaded, wanted = tf.nest.flatten(state), tf.nest.flatten(structure)
         except (TypeError, ValueError) as e:
             raise self._misfit(path, one_line(e)) from None
+        self._check_fit(path, loaded, wanted)
+        return state, None
+
+    def _check_fit(self, path: Path, loaded: list, wanted: list) -> None:
         if len(loaded) != len(wanted):
             raise self._misfit(path, f"{len(loaded)} tensors, the model has {len(wanted)}")
         for i, (a, b) in enumerate(zip(loaded, wanted, strict=True)):
@@ -733,7 +781,6 @@ class RunDirectory:
                     f"tensor {i} is {a.dtype}{list(a.shape)}, "
                     f"the model's is {b.dtype}{list(b.shape)}",
                 )
-        return state, None
 
     def _misfit(self, path: Path, reason: str) -> RunDirError:
         return RunDirError(
@@ -754,38 +801,143 @@ class RunDirectory:
 
     # --- metrics ---------------------------------------------------------------------
 
-    def _release_managers(self):
-        if self._csv is None:
-            import tensorflow_federated as tff
-
-            with _writing("metrics", self.metrics_csv):
-                self._csv = tff.program.CSVFileReleaseManager(
-                    str(self.metrics_csv), key_fieldname="round"
-                )
-            with _writing("TensorBoard events", self.tensorboard_dir):
-                self._tensorboard = tff.program.TensorBoardReleaseManager(str(self.tensorboard_dir))
-        return self._csv, self._tensorboard
-
     def record_round(self, row: dict) -> None:
-        """Appends one round's metrics to the CSV, JSONL and TensorBoard logs."""
+        """Appends one round's metrics to the CSV, the JSONL and TensorBoard.
+
+        metrics.jsonl, written after the CSV, is what says a round is
+        recorded (`progress_on_disk`); TensorBoard's events are buffered and
+        reach the disk at `flush_tensorboard` (the writer calls it about once
+        a second) or `close`."""
         round_num = int(row["round"])
         scalars: dict[str, float] = {}
         _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
-        csv, tensorboard = self._release_managers()
-
         with _writing("metrics", self.metrics_csv):
-            event_loops.run(csv.release(scalars, key=round_num))
+            self._append_csv({"round": round_num, **scalars})
+        with _writing("metrics", self.metrics_jsonl):
+            _append(self.metrics_jsonl, (json.dumps(row) + "\n").encode())
         with _writing("TensorBoard events", self.tensorboard_dir):
-            event_loops.run(tensorboard.release(scalars, key=round_num))
-        with _writing("metrics", self.metrics_jsonl), open(self.metrics_jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            self._tensorboard_event(round_num, scalars)
+
+    def _append_csv(self, flat: dict) -> None:
+        """One row, appended; the file is rewritten only when the row has a
+        column the header lacks (the first evaluation, a worker lost)."""
+        if self._csv_fields is None:
+            self._csv_fields = _csv_header(self.metrics_csv)
+        fields = self._csv_fields
+        new = sorted(k for k in flat if k not in fields)
+        if not fields or new:
+            fields = [*fields] if fields else ["round"]
+            fields += [k for k in new if k not in fields]
+            rows = _csv_rows(self.metrics_csv) if self._csv_fields else []
+            self._write_csv(fields, [*rows, flat])
+            return
+        text = io.StringIO()
+        csv.DictWriter(text, fieldnames=fields).writerow(flat)
+        _append(self.metrics_csv, text.getvalue().encode())
+
+    def _write_csv(self, fields: list[str], rows: list[dict]) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        files.write_atomic(self.metrics_csv, text.getvalue())
+        self._csv_fields = fields
+
+    def _tensorboard_event(self, round_num: int, scalars: dict[str, float]) -> None:
+        from tensorboard.compat.proto import (
+            event_pb2,
+            summary_pb2,
+            tensor_pb2,
+            tensor_shape_pb2,
+            types_pb2,
+        )
+
+        global _SCALAR_METADATA
+        if _SCALAR_METADATA is None:
+            _SCALAR_METADATA = summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+                data_class=summary_pb2.DATA_CLASS_SCALAR,
+            )
+
+        if self._tensorboard is None:
+            from tensorboard.summary.writer.record_writer import RecordWriter
+
+            self.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+            name = (
+                f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.fedcompose"
+            )
+            self._tensorboard = RecordWriter(open(self.tensorboard_dir / name, "ab"))  # noqa: SIM115
+            first = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+            self._tensorboard.write(first.SerializeToString())
+        # As tf.summary.scalar writes them (a float32 tensor, the scalars plugin), so
+        # that tools reading TFF's events (`Tensors`, not legacy `Scalars`) read these.
+        values = [
+            summary_pb2.Summary.Value(
+                tag=k,
+                tensor=tensor_pb2.TensorProto(
+                    dtype=types_pb2.DT_FLOAT,
+                    tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+                    float_val=[v],
+                ),
+                metadata=_SCALAR_METADATA,
+            )
+            for k, v in scalars.items()
+        ]
+        event = event_pb2.Event(
+            wall_time=time.time(), step=round_num, summary=summary_pb2.Summary(value=values)
+        )
+        self._tensorboard.write(event.SerializeToString())
+
+    def flush_tensorboard(self) -> None:
+        if self._tensorboard is not None:
+            with _writing("TensorBoard events", self.tensorboard_dir):
+                self._tensorboard.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard event file."""
+        writer, self._tensorboard = self._tensorboard, None
+        if writer is not None:
+            with _writing("TensorBoard events", self.tensorboard_dir):
+                writer.close()
+
+    def prepare_metrics(self, checkpoint_round: int) -> None:
+        """Brings the metrics files to the rounds a run continuing after
+        `checkpoint_round` builds on: damaged lines of metrics.jsonl repaired
+        (`repair_metrics_jsonl`), rows after the checkpoint dropped (they are
+        run again), and metrics.csv rebuilt from metrics.jsonl when it cannot
+        be read or holds other rounds (a row a crash cut short, rows after
+        the checkpoint)."""
+        self.repair_metrics_jsonl(checkpoint_round)
+        if checkpoint_round or self.metrics_jsonl.exists():
+            self.truncate_metrics_after(checkpoint_round)
+        if self.repair_metrics_csv() is None and self.metrics_csv.exists():
+            rows = self.metrics()
+            try:
+                data = self.metrics_csv.read_bytes()
+            except OSError as e:
+                raise RunDirError(f"cannot read {files.failure(e, self.metrics_csv)}") from None
+            in_csv = [int(r["round"]) for r in _csv_rows(self.metrics_csv)]
+            if in_csv != [r["round"] for r in rows] or not data.endswith(b"\n"):
+                with _writing("metrics", self.metrics_csv):
+                    self._rebuild_csv(rows)
+        self._csv_fields = None
+
+    def _rebuild_csv(self, rows: list[dict]) -> None:
+        flat = []
+        for row in rows:
+            scalars: dict[str, float] = {}
+            _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
+            flat.append({"round": row["round"], **scalars})
+        fields = ["round"]
+        for row in flat:
+            fields += sorted(k for k in row if k not in fields)
+        self._write_csv(fields, flat)
 
     def repair_metrics_csv(self) -> Path | None:
-        """Rebuilds metrics.csv from metrics.jsonl if TFF's CSV manager could
-        not read it (cut short, edited, not text, a row without a round): it
-        read such a file only when the next round was recorded, and failed
-        there with a traceback. The unreadable file is kept aside; returns
-        where, or None if there was nothing to repair."""
+        """Rebuilds metrics.csv from metrics.jsonl if it cannot be read (cut
+        short, edited, not text, a row without a round). The unreadable file
+        is kept aside; returns where, or None if there was nothing to repair."""
         try:
             with open(self.metrics_csv, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
@@ -799,21 +951,11 @@ class RunDirectory:
             problem = one_line(e)
         except OSError as e:
             raise RunDirError(f"cannot read {files.failure(e, self.metrics_csv)}") from None
-        aside = self.path / f"{UNREADABLE_PREFIX}{self.metrics_csv.name}"
+        aside = _aside_name(self.path / f"{UNREADABLE_PREFIX}{self.metrics_csv.name}")
         rows = self.metrics()
-        flat = []
-        for row in rows:
-            scalars: dict[str, float] = {}
-            _flatten("", {k: v for k, v in row.items() if k != "round"}, scalars)
-            flat.append({"round": row["round"], **scalars})
-        fieldnames = list(dict.fromkeys(name for row in flat for name in row))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fieldnames or ["round"])
-        writer.writeheader()
-        writer.writerows(flat)
         with _writing("metrics", self.metrics_csv):
             os.replace(self.metrics_csv, aside)
-            files.write_atomic(self.metrics_csv, text.getvalue())
+            self._rebuild_csv(rows)
         log.warning(
             "%s cannot be read (%s); rebuilt it from %s (%d rounds), the unreadable one is "
             "kept as %s",
@@ -825,26 +967,89 @@ class RunDirectory:
         )
         return aside
 
+    def repair_metrics_jsonl(self, checkpoint_round: int) -> Path | None:
+        """Repairs lines of metrics.jsonl that are not a round's row (cut
+        short by a crash, damaged): they were dropped without a word, and
+        the round went missing from metrics.jsonl and the plot while
+        metrics.csv and status.json had it. The file as it was is kept aside
+        and each such round is rebuilt from its metrics.csv row (the figures
+        only CSV holds: no lists, numbers as floats, marked `rebuilt_from`);
+        a round metrics.csv lacks is dropped with a warning when it comes
+        after the checkpoint (it is run again), and refused otherwise.
+        Returns where the damaged file is kept, or None."""
+        try:
+            data = self.metrics_jsonl.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise RunDirError(f"cannot read {files.failure(e, self.metrics_jsonl)}") from None
+        rows: list[dict] = []
+        damaged: list[tuple[int, int]] = []  # (line number, the round it should hold)
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            row = _jsonl_row(line)
+            if row is None:
+                damaged.append((number, (rows[-1]["round"] if rows else 0) + 1 + len(damaged)))
+            else:
+                rows.append(row)
+        if not damaged:
+            return None
+        recorded = {r["round"] for r in rows}
+        from_csv = {int(r["round"]): r for r in _csv_rows(self.metrics_csv, tolerant=True)}
+        rebuilt, dropped = [], []
+        for number, round_num in damaged:
+            if round_num in recorded:
+                continue  # a stray line: the round is there
+            if round_num in from_csv:
+                rows.append(_unflatten(from_csv[round_num]))
+                rebuilt.append(round_num)
+            elif round_num > checkpoint_round:
+                dropped.append(round_num)
+            else:
+                raise RunDirError(
+                    f"{self.metrics_jsonl} line {number} is damaged and round {round_num} "
+                    f"cannot be rebuilt (metrics.csv does not hold it); restore the file or "
+                    "delete that line, or use a new --run-dir"
+                )
+        aside = _aside_name(self.path / f"{UNREADABLE_PREFIX}{self.metrics_jsonl.name}")
+        rows.sort(key=lambda r: r["round"])
+        with _writing("metrics", self.metrics_jsonl):
+            shutil.copyfile(self.metrics_jsonl, aside)
+            files.write_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        log.warning(
+            "%s has %d damaged line(s) (line %s); %s; the damaged file is kept as %s",
+            self.metrics_jsonl,
+            len(damaged),
+            ", ".join(str(n) for n, _ in damaged[:5]),
+            "; ".join(
+                part
+                for part in (
+                    f"round(s) {_rounds(rebuilt)} rebuilt from metrics.csv" if rebuilt else "",
+                    f"round(s) {_rounds(dropped)} dropped (after the checkpoint: run again)"
+                    if dropped
+                    else "",
+                )
+                if part
+            )
+            or "nothing was lost",
+            aside,
+        )
+        return aside
+
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl. A line that is not one (cut short by a
         crash, or damaged: even bytes that are not UTF-8, which the writer
-        never writes) is passed over, as the rewrite on resume drops it."""
+        never writes) is passed over here; a run's start repairs it
+        (`repair_metrics_jsonl`)."""
         try:
             data = self.metrics_jsonl.read_bytes()
         except FileNotFoundError:
             return []
         except OSError as e:
             raise RunDirError(f"cannot read {files.failure(e, self.metrics_jsonl)}") from None
-        rows = []
-        for line in data.splitlines():
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash
-                if isinstance(row, dict) and isinstance(row.get("round"), int):
-                    rows.append(row)
-        return rows
+        found = (_jsonl_row(line) for line in data.splitlines() if line.strip())
+        return [row for row in found if row is not None]
 
     def privacy_ledger(self) -> list[dict]:
         """Every DP round this run directory has recorded, in order, re-runs
@@ -906,3 +1111,135 @@ class RunDirectory:
         with _writing("the plot", self.plot_path):
             plots.plot_metrics(rows, self.plot_path, title)
         return self.plot_path
+
+
+def state_leaves(state: Any) -> list[np.ndarray]:
+    """The server state's leaves as arrays of their own: what a checkpoint
+    holds, and a copy no later round can change while it is written."""
+    import tensorflow as tf
+
+    return [np.array(leaf, copy=True) for leaf in tf.nest.flatten(state)]
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """What `np.savez` writes (uncompressed), flushed to disk. Written here
+    because `np.savez` leaves its zip file open when a write fails (a full
+    disk), and its clean-up later printed a traceback."""
+    with open(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, array in {"format": np.array(CHECKPOINT_FORMAT), **arrays}.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _like(loaded: np.ndarray, wanted: Any) -> Any:
+    """A loaded leaf as the kind of value the fresh state holds there (an
+    array, a NumPy scalar or a Python number), so a resumed state is the
+    state an uninterrupted run would hand the next round."""
+    if isinstance(wanted, np.ndarray):
+        return loaded
+    if isinstance(wanted, np.generic):
+        return loaded[()]
+    if isinstance(wanted, bool | int | float):
+        return type(wanted)(loaded.item())
+    return loaded
+
+
+_SCALAR_METADATA: Any = None
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Appends `data` whole or not at all: a write that fails (a full disk)
+    is cut back to where it began, so no line is left half written."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _jsonl_row(line: bytes) -> dict | None:
+    """A metrics.jsonl line's row, or None if the line is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # cut short, or not UTF-8
+        return None
+    if isinstance(row, dict) and type(row.get("round")) is int:
+        return row
+    return None
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return next(csv.reader(f), [])
+    except FileNotFoundError:
+        return []
+
+
+def _csv_rows(path: Path, tolerant: bool = False) -> list[dict]:
+    """metrics.csv's rows with a round (all of them, unless `tolerant`:
+    then an unreadable file or row is passed over)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, csv.Error):
+        if tolerant:
+            return []
+        raise
+    found = []
+    for row in rows:
+        value = row.get("round")
+        if value is not None and value.isdigit():
+            found.append(row)
+        elif not tolerant:
+            raise ValueError(f"a row without a round in {path}")
+    return found
+
+
+def _unflatten(flat: dict) -> dict:
+    """A metrics row from its metrics.csv row (`_flatten` undone as far as a
+    CSV row allows)."""
+    row: dict[str, Any] = {"round": int(flat["round"])}
+    for key, text in flat.items():
+        if key == "round" or key is None or not text:
+            continue
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            continue
+        *parents, leaf = key.split("/")
+        node = row
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf] = value
+    row["rebuilt_from"] = "metrics.csv"
+    return row
+
+
+def _aside_name(path: Path) -> Path:
+    """`path`, or `path.N` for the first N that is free."""
+    aside, n = path, 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{n}")
+    return aside
+
+
+def _rounds(rounds: list[int]) -> str:
+    return ", ".join(map(str, rounds[:10])) + (", ..." if len(rounds) > 10 else "")

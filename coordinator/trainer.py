@@ -20,6 +20,7 @@ from coordinator import run_dir as run_dir_lib
 from coordinator.algorithm import AlgorithmSpec, privacy
 from coordinator.executor_client.connection import load_client_tls
 from coordinator.liveness import WORKERS_VIEW
+from coordinator.record_writer import RecordWriter
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
 from coordinator.rounds.outputs import weight_lists
@@ -230,9 +231,7 @@ def train(
                 start_round = restored[0] + 1
                 state = restored[1]
                 log.info("resuming %s after round %d", run_dir, restored[0])
-            if restored is not None or run.metrics_jsonl.exists():
-                run.truncate_metrics_after(start_round - 1)
-            run.repair_metrics_csv()
+            run.prepare_metrics(start_round - 1)
             run.write_status(
                 state="running",
                 completed_rounds=start_round - 1,
@@ -295,10 +294,13 @@ def _loop(
     plan = resilience.RoundPlan.of(t, config.resilience)
     # A crash after the last checkpoint but before the end leaves no rounds to run.
     evaluation = checks.evaluate(t.rounds, state) if start_round > t.rounds else None
-    checkpointed = start_round - 1
+    # Each round's records are written by a thread of their own while the next
+    # round runs (record_writer); a failed write stops the run at the next round.
+    writer = RecordWriter(run, checkpoint_round=start_round - 1)
     try:
         for round_num in range(start_round, t.rounds + 1):
             interrupts.raise_if_requested()
+            writer.raise_if_failed()
             pause_points.reached("round", round_num)
             shuffle_seed = federation_lib.shuffle_seed(t.seed, round_num)
             result = resilience.run_round(
@@ -321,13 +323,10 @@ def _loop(
             spent = checks.spend(round_num, result)
             if spent is not None:
                 row["privacy"] = spent
-            run.record_round(row)
-            if last or (
+            checkpoint = last or (
                 config.output.checkpoint_every and round_num % config.output.checkpoint_every == 0
-            ):
-                run.save_checkpoint(round_num, state)
-                checkpointed = round_num
-            run.write_status(completed_rounds=round_num, checkpoint_round=checkpointed)
+            )
+            writer.round_done(row, run_dir_lib.state_leaves(state) if checkpoint else None)
             tqdm.write(_round_line(row), file=sys.stderr)
             postfix = {
                 "loss": _figure(row["train"]["loss"], 3),
@@ -337,6 +336,10 @@ def _loop(
                 postfix["held-out acc"] = f"{evaluation['accuracy']:.3f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
     finally:
         bar.close()
     pause_points.reached("finish")

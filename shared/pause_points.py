@@ -13,7 +13,9 @@ JSON to the file (the point, the round, and what the code says it is about
 to do, e.g. the round's finisher), then waits, sleeping, until the file is
 removed (at most `MAX_PAUSE` seconds, so a test that dies cannot leave a
 process held for ever). A signal that arrives meanwhile is handled exactly
-as it would be at that point. Unset (always, outside tests), `reached` is one
+as it would be at that point; in a thread other than the main one (the
+record writer), which no signal reaches, a signal ends the wait with
+KeyboardInterrupt, as the main thread's would. Unset (always, outside tests), `reached` is one
 dictionary lookup.
 """
 
@@ -22,19 +24,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
+
+from shared import interrupts
 
 ENV_POINT = "FEDCOMPOSE_PAUSE_AT"
 ENV_FILE = "FEDCOMPOSE_PAUSE_FILE"
 MAX_PAUSE = 600.0
 
-POINTS = ("startup", "round", "dispatch", "merged", "evaluation", "checkpoint", "finish")
+POINTS = (
+    "startup",
+    "round",
+    "dispatch",
+    "merged",
+    "evaluation",
+    "record",
+    "checkpoint",
+    "finish",
+)
 """startup: run directory locked, workers not yet contacted; round: a round
 is about to start; dispatch: the round's clients are sampled, nothing is sent
 yet; merged: every partial is merged on the round's finisher, `after_merge`
-not started; evaluation: about to evaluate; checkpoint: the checkpoint is
-written but not yet in place; finish: all rounds done, the final model not
+not started; evaluation: about to evaluate; record: the record writer is about to
+write a round's metrics (the trainer runs on meanwhile); checkpoint: the
+checkpoint is written but not yet in place (by the record writer too);
+finish: all rounds done, the final model not
 yet written."""
 
 log = logging.getLogger("fedcompose")
@@ -70,5 +86,8 @@ def reached(point: str, round_num: int | None = None, **info: object) -> None:
     temporary.replace(marker)  # the test never reads a half-written file
     log.info("test hook: paused at %s (round %s) until %s is removed", point, round_num, marker)
     deadline = time.monotonic() + MAX_PAUSE
+    in_main = threading.current_thread() is threading.main_thread()
     while marker.exists() and time.monotonic() < deadline:
+        if not in_main and interrupts.requested():
+            raise KeyboardInterrupt(f"interrupted while paused at {point}")
         time.sleep(0.05)

@@ -63,6 +63,8 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
         floor = rows[("keras", None, key[2])]["summary"]
         assert s["examples_per_round"] == floor["examples_per_round"], key
         assert s["ratio_vs_tff"] > 0 and s["ratio_vs_floor"] > 0, key
+        # Every system's gap between round ends is reported beside its round time.
+        assert s["gap_seconds"] > 0 and s["gap_per_round"] > 0, key
     for key, row in rows.items():
         if key[0] not in ("fedcompose", "fedcompose_tls"):
             assert row["summary"]["process_rss"] > 0, key
@@ -80,6 +82,13 @@ def test_tiny_grid_writes_every_row_and_column(tmp_path):
         assert s["model_bytes"] == 31_400
         assert s["coordinator_rss"] > 0 and s["server_executor_rss"] > 0
         assert s["worker_rss_max"] > 0 and s["worker_executor_rss_max"] > 0
+        # Its rounds were recorded as `train` records them.
+        records = list(
+            run_dir.rglob(f"{key[0].replace('_', '-')}-w{key[1]}/records/linear-{key[2]}")
+        )
+        assert len(records) == 1, (key, records)
+        assert len((records[0] / "metrics.jsonl").read_text().splitlines()) == 2, key
+        assert (records[0] / "checkpoints" / "round_2" / "state.npz").exists(), key
         per_worker = row["rounds"][-1]["per_worker"]
         assert len(per_worker) <= key[1]
         assert sum(w["clients"] for w in per_worker.values()) == key[2]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import fedcompose, kill_tree, start_fedcompose
+from tests.fault_tools import Pause
 
 ARGS = ("--rounds", "6", "--eval-every", "3", "--workers", "2")
 
@@ -28,19 +29,27 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
     fedcompose("run", *ARGS, "--run-dir", str(straight), check=True)
 
     resumed = tmp_path / "resumed"
-    proc = start_fedcompose("run", *ARGS, "--run-dir", str(resumed))
+    # Held at round 4's start, so the kill lands mid-run however fast the
+    # rounds are; the record writer runs on and checkpoints round 3.
+    pause = Pause(tmp_path, "round:4")
+    proc = start_fedcompose("run", *ARGS, "--run-dir", str(resumed), env=pause.env)
     try:
+        pause.wait(proc)
         deadline = time.monotonic() + 300
-        while _status(resumed).get("completed_rounds", 0) < 3:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline
+        while not (resumed / "checkpoints" / "round_3").is_dir():
+            assert time.monotonic() < deadline, "round 3 was never checkpointed"
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)  # the coordinator only: its workers must follow
         proc.wait(timeout=30)
     finally:
+        pause.release()
         kill_tree(proc)
-    killed_after = _status(resumed)["completed_rounds"]
-    assert 3 <= killed_after < 6
+    checkpoints = [int(p.name.split("_")[1]) for p in (resumed / "checkpoints").glob("round_*")]
+    killed_after = max(checkpoints)
+    assert killed_after == 3
+    # status.json is written about once a second while rounds run: a SIGKILL
+    # can leave it behind the files (the next start sets it from them).
+    assert _status(resumed)["completed_rounds"] <= killed_after
 
     result = fedcompose("run", *ARGS, "--run-dir", str(resumed), check=True)
     assert f"resuming {resumed} after round {killed_after}" in result.stderr

@@ -14,4 +14,5 @@ scale_child.py       child: the coordinator at scale, timing what grows with hos
 pinning.py           pinned mode: each measured process on cores of its own
 chaos.py             `--chaos`: a soak of a run that loses workers
 sweep.py             a sweep in one federation against separate runs (python -m ...sweep)
+checkpoint_cost.py   one checkpoint's cost, TFF's state manager against the npz (python -m ...)
 """

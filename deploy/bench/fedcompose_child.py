@@ -5,6 +5,11 @@ process, `RoundExecutor`) for every workload of the plan, and reports each
 round's time split and bytes on the wire. The workers are started and
 measured by the benchmark itself.
 
+Each round is recorded as `fedcompose train` records it (a run directory
+per workload under `records_dir`: metrics, TensorBoard, a checkpoint every
+round, status, all by the record writer), so that `ended_at`, the moment the
+next round may start, measures the gap between round ends a user sees.
+
     python -m deploy.bench.fedcompose_child CONFIG_JSON
 """
 
@@ -51,10 +56,21 @@ def _model_bytes(weights) -> int:
     return int(sum(np.asarray(w).nbytes for w in weights.trainable))
 
 
+def _records(config: dict, key: str):
+    """A fresh run directory for a workload's records."""
+    from coordinator.run_dir import RunDirectory
+
+    path = Path(config["records_dir"]) / key.replace("/", "-")
+    path.mkdir(parents=True, exist_ok=True)
+    return RunDirectory(path)
+
+
 def main(config_path: str) -> int:
     bench_protocol.start_child()
     from coordinator import algorithm
     from coordinator.executor_client.connection import load_client_tls
+    from coordinator.record_writer import RecordWriter
+    from coordinator.run_dir import state_leaves
     from coordinator.session import FederationSession
 
     config = json.loads(Path(config_path).read_text())
@@ -81,16 +97,24 @@ def main(config_path: str) -> int:
             )
             for clients in plan.clients_for(model_name):
                 key = bench_protocol.workload_key(model_name, clients)
+                run = _records(config, key)
+                writer = RecordWriter(run, checkpoint_round=0)
                 bench_protocol.emit("start", workload=key)
-                for round_num in plan.round_numbers():
-                    started = time.perf_counter()
-                    sampled = fed.sample(round_num, clients, plan.seed)
-                    sample_seconds = time.perf_counter() - started
-                    result = executor.train_round(state, sampled, plan.shuffle_seed(round_num))
-                    state = result.state
-                    bench_protocol.emit(
-                        "round", **_round_event(key, round_num, sample_seconds, result)
-                    )
+                try:
+                    for round_num in plan.round_numbers():
+                        started = time.perf_counter()
+                        sampled = fed.sample(round_num, clients, plan.seed)
+                        sample_seconds = time.perf_counter() - started
+                        result = executor.train_round(state, sampled, plan.shuffle_seed(round_num))
+                        state = result.state
+                        # What the trainer does at a round's end (trainer._loop).
+                        row = {"round": round_num + 1, "finished_at": round(time.time(), 3)}
+                        writer.round_done({**row, **result.record()}, state_leaves(state))
+                        event = _round_event(key, round_num, sample_seconds, result)
+                        bench_protocol.emit("round", **event, ended_at=time.perf_counter())
+                    writer.close()
+                finally:
+                    writer.abandon()
                 bench_protocol.emit("end", workload=key)
     return 0
 

@@ -82,6 +82,7 @@ def main(config_path: str) -> int:
                     loop_seconds=loop_seconds,
                     examples=len(labels) * plan.local_epochs,
                     clients=clients,
+                    ended_at=time.perf_counter(),
                 )
             bench_protocol.emit("end", workload=key)
     return 0

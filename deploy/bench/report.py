@@ -9,6 +9,7 @@ and the same data in every round.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -68,6 +69,22 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def round_gaps(rounds: Sequence[dict]) -> list[float]:
+    """Seconds between consecutive round ends (`ended_at`: when the system
+    could start its next round, records written or handed over), for each
+    measured round: what a user waits per round, beside the round's own time."""
+    ends = sorted((r["round"], r["ended_at"]) for r in rounds if r.get("ended_at") is not None)
+    return [
+        b - a
+        for (before, a), (after, b) in itertools.pairwise(ends)
+        if after == before + 1 and after != WARMUP_ROUND
+    ]
+
+
+GAP_TARGETS = {("linear", 10): 1.2, ("cnn", 10): 1.1}
+"""Median gap between round ends over median round time (issue 25)."""
+
+
 def _role_max(memory: dict[str, int], prefix: str, executor: bool) -> int | None:
     values = [
         v
@@ -89,6 +106,9 @@ def summarize(row: Row) -> dict:
     }
     warmup = [r for r in row.rounds if r.get("round") == WARMUP_ROUND]
     summary["warmup_seconds"] = warmup[0]["seconds"] if warmup else None
+    summary["gap_seconds"] = _median(round_gaps(row.rounds))
+    if summary["gap_seconds"] is not None and summary["seconds_per_round"]:
+        summary["gap_per_round"] = summary["gap_seconds"] / summary["seconds_per_round"]
     if row.system in FEDCOMPOSE_SYSTEMS:
         for name in (
             "worker_compute",
@@ -292,6 +312,20 @@ def targets(rows: Sequence[Row], summaries: dict[tuple, dict], pinned: bool = Fa
                 )
     for r in rows:
         s = summaries[r.key]
+        limit = GAP_TARGETS.get((r.model, r.clients_per_round))
+        if r.system == FEDCOMPOSE and not r.error and limit and s.get("gap_per_round"):
+            found.append(
+                {
+                    "target": f"gap between round ends at most {limit}x the round time",
+                    "model": r.model,
+                    "workers": r.workers,
+                    "clients": r.clients_per_round,
+                    "gap_s": s["gap_seconds"],
+                    "round_s": s["seconds_per_round"],
+                    "gap_per_round": s["gap_per_round"],
+                    "met": s["gap_per_round"] <= limit,
+                }
+            )
         if r.system == FEDCOMPOSE_TLS and not r.error and s.get("tls_added") is not None:
             found.append(
                 {
@@ -321,6 +355,7 @@ COLUMNS = (
     ("system", "<14"),
     ("W", ">2"),
     ("s/round", ">8"),
+    ("gap", ">7"),
     ("ex/s", ">7"),
     ("compute", ">8"),
     ("coord", ">7"),
@@ -369,6 +404,7 @@ def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
             SYSTEM_NAMES[row.system],
             str(row.workers) if row.workers else "",
             _fmt(s["seconds_per_round"], ".3f"),
+            _fmt(s.get("gap_seconds"), ".3f"),
             _fmt(s["examples_per_second"], ".0f"),
             _fmt(s.get("worker_compute"), ".3f"),
             _fmt(s.get("coordinator"), ".3f"),
@@ -417,6 +453,11 @@ def targets_text(found: Sequence[dict]) -> str:
             )
         elif t["target"].startswith("pinned: W=1"):
             detail = f"{t['model']} {t['clients']} clients: x{t['ratio_vs_tff']:.3f} of TFF's time"
+        elif t["target"].startswith("gap"):
+            detail = (
+                f"{t['model']} W={t['workers']} {t['clients']} clients: gap "
+                f"{t['gap_s']:.3f} s, round {t['round_s']:.3f} s (x{t['gap_per_round']:.2f})"
+            )
         elif t["target"].startswith("faster"):
             detail = f"{t['model']} W={t['workers']}: x{t['ratio_vs_tff']:.2f} of TFF's time"
         else:
@@ -465,7 +506,9 @@ def render(results: dict) -> str:
     )
     legend = (
         "medians over the measured rounds after one warm-up round; s/round and ex/s: whole "
-        "rounds; compute = the slowest worker's computing (from starting its call to its "
+        "rounds; gap = time between consecutive round ends, records included (fedcompose "
+        "writes metrics, TensorBoard and a checkpoint every round, as `train` does); "
+        "compute = the slowest worker's computing (from starting its call to its "
         "partial being done); wait = the rest of the wait for workers (serializing and "
         "sending the state, set-up); coord = the rest of the round (sampling, merges and "
         "finalizer still pending after the last partial, fetching and decoding the new "

@@ -238,6 +238,7 @@ class Runner:
                 {
                     "addresses": [w.address for w in started],
                     "log_dir": str(logs_dir),
+                    "records_dir": str(logs_dir / "records"),
                     "tls_dir": str(kits / "coordinator") if kits else "",
                 },
                 "fedcompose_tls" if tls else "fedcompose",

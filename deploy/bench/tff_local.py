@@ -101,6 +101,7 @@ def main(config_path: str) -> int:
                         examples=int(train["num_examples"]),
                         clients=clients,
                         loss=float(train["loss"]),
+                        ended_at=time.perf_counter(),
                     )
                 bench_protocol.emit("end", workload=key)
     return 0
