@@ -73,8 +73,18 @@ def check(run_path: Path, now: dict | None, resuming: bool) -> None:
     )
 
 
+def recorded(run_path: Path) -> bool:
+    """Whether the run directory was trained with a process composed in Python."""
+    return (run_path / FILE).exists()
+
+
 def _same(before: dict, now: dict) -> bool:
-    return before.get("types_digest") == now.get("types_digest")
+    # Processes of the same types (another learning rate, say) are told apart
+    # by the name the user gave them; their serialized graphs are not stable
+    # enough across processes to compare.
+    return before.get("types_digest") == now.get("types_digest") and before.get(
+        "description"
+    ) == now.get("description")
 
 
 def write(run_path: Path, now: dict | None) -> None:

@@ -104,6 +104,8 @@ def resolve_settings(
         section = declared.get(name) or _declared(command, tuple(config_lib.SECTIONS))[name]
         if isinstance(value, Path):
             value = str(value)
+        elif hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            value = value.item()  # a numpy number (a sweep over np.linspace) as Python's
         namespace[f"{section}.{name}"] = value
     return config_lib.resolve(argparse.Namespace(**namespace), command)
 
@@ -155,7 +157,11 @@ class TrainingResult:
             held_out = f", held-out loss {self.final_eval['loss']:.4f}" + (
                 f" accuracy {accuracy:.4f}" if accuracy is not None else ""
             )
-        return f"TrainingResult({self.rounds_completed} rounds{held_out}, run_dir={self.run_dir})"
+        done = ", finished before: nothing was run" if self.already_finished else ""
+        return (
+            f"TrainingResult({self.rounds_completed} rounds{held_out}{done}, "
+            f"run_dir={self.run_dir})"
+        )
 
 
 HISTORY_COLUMNS = {
@@ -196,10 +202,9 @@ class Federation:
     """Workers serving their shards, connected; trains learning processes on them.
 
     Use as a context manager, or `start()` and `close()`. `close()` runs on
-    leaving the `with` block (on an exception and KeyboardInterrupt too), at
-    interpreter exit, and when the object is garbage-collected; workers a
-    `LocalFederation` started also stop when their parent process dies (a
-    notebook kernel restarted or killed).
+    leaving the `with` block (on an exception and KeyboardInterrupt too) and at
+    interpreter exit; workers a `LocalFederation` started also stop when their
+    parent process dies (a notebook kernel restarted or killed).
     """
 
     command = "train"
@@ -223,7 +228,11 @@ class Federation:
 
     def start(self) -> Federation:
         if self._session is not None:
-            return self
+            # A second `with` would close it on leaving, under the first one's feet.
+            raise UsageError(
+                "the federation is running already: use it in one `with` block, or call "
+                "start() once and close() once"
+            )
         from shared.quiet import quiet_tensorflow
 
         quiet_tensorflow(self.verbose)
@@ -377,6 +386,15 @@ class RemoteFederation(Federation):
         progress: bool = True,
     ):
         super().__init__(verbose=verbose, progress=progress)
+        if isinstance(addresses, str):  # "h1:p1,h2:p2", as --addresses takes it
+            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        if not isinstance(addresses, list | tuple) or not all(
+            isinstance(a, str) for a in addresses
+        ):
+            raise TypeError(
+                "RemoteFederation(addresses): a list of 'host:port' strings (or one string "
+                f"'h1:p1,h2:p2'), got {addresses!r}"
+            )
         given = {"addresses": list(addresses), "tls_dir": str(tls_dir) if tls_dir else ""}
         if rpc_timeout is not None:
             given["rpc_timeout"] = rpc_timeout

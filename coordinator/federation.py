@@ -177,6 +177,8 @@ class Federation:
         """Starts tracking which workers are up: from now on, a worker lost in a
         round is probed in the background and taken back when it returns."""
         probe_timeout = min(10.0, max(2.0, probe_interval_max / 3))
+        if self.liveness is not None:  # the previous training's, in a sweep
+            self.liveness.stop()
         self.liveness = Liveness(
             self.descriptions,
             lambda i: self.probe(i, probe_timeout),

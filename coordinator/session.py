@@ -130,6 +130,12 @@ class FederationSession:
         )
         return executor
 
+    def release(self, executor: RoundExecutor) -> None:
+        """A training is over: its round executor goes (a sweep keeps none)."""
+        executor.close()
+        if executor in self._executors:
+            self._executors.remove(executor)
+
     def close(self) -> None:
         for executor in self._executors:
             executor.close()

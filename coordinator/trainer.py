@@ -163,7 +163,14 @@ def train(
     run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
     plan = run_dir_lib.plan_resume(run, config, command)
     if plan.finished:
-        log.info(
+        if algorithm is not None or algorithm_record.recorded(run.path):
+            # Not the process it was trained with: refused, not "finished".
+            from coordinator.algorithm import user_process
+
+            now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
+            algorithm_record.check(run.path, now, resuming=True)
+        # From Python, where the console shows warnings only, this must be seen.
+        (log.warning if session is not None else log.info)(
             "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
             "or use a new --run-dir)",
             run_dir,
@@ -240,16 +247,20 @@ def train(
             )
             checks = RoundChecks(config, executor, federation)
             checks.restore_privacy(run, start_round - 1)
-            final_eval, weights = _loop(
-                config,
-                run,
-                executor,
-                federation,
-                state,
-                start_round,
-                checks,
-                _progress_bar(progress, show_progress, t.rounds, start_round),
-            )
+            try:
+                final_eval, weights = _loop(
+                    config,
+                    run,
+                    executor,
+                    federation,
+                    state,
+                    start_round,
+                    checks,
+                    _progress_bar(progress, show_progress, t.rounds, start_round),
+                )
+            finally:
+                # A session that serves more trainings (a sweep) keeps nothing of this one.
+                session.release(executor)
         return TrainSummary(
             run_dir,
             max(t.rounds, start_round - 1),

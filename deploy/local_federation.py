@@ -172,7 +172,10 @@ class LocalFederation(Federation):
 
         if self._work_dir is not None:
             work = self._work_dir
-            work.mkdir(parents=True, exist_ok=True)
+            try:
+                work.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise UsageError(f"work_dir {work} is a file; give a directory") from None
         else:
             work = self._temporary = Path(tempfile.mkdtemp(prefix="fedcompose-federation-"))
         self.shard_dirs = self._shards(work)
@@ -195,6 +198,7 @@ class LocalFederation(Federation):
             temporary, self._temporary = self._temporary, None
             if temporary is not None:
                 shutil.rmtree(temporary, ignore_errors=True)
+                self.shard_dirs = []  # they were in it
 
     def _fixed_settings(self) -> dict[str, Any]:
         f = self.config.federation
@@ -210,7 +214,10 @@ class LocalFederation(Federation):
         from coordinator import tff_reference
 
         if not self.shard_dirs:
-            self.start()
+            raise UsageError(
+                "run_in_tff needs the federation's shards: call it inside the `with` block "
+                "(or after start()), or use fedcompose.run_in_tff(..., shard_dirs=...)"
+            )
         return tff_reference.run(
             process, preprocess=preprocess, shard_dirs=self.shard_dirs, **kwargs
         )

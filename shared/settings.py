@@ -368,7 +368,7 @@ def resolve(
     flags: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
         # A positional list not given at all comes as None or [].
-        if "." in dest and value is not None and value != []:
+        if "." in dest and value is not None and not (isinstance(value, list) and not value):
             section, name = dest.split(".", 1)
             flags.setdefault(section, {})[name] = value
     layers.append(flags)

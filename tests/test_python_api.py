@@ -198,6 +198,26 @@ def test_what_cannot_run_is_refused_in_one_line_before_round_1(tmp_path):
                 run_dir=tmp_path / "ok",
             )
         assert "another learning process" in str(other.value)
+        # A finished run directory asked for by another process of the same types
+        # (named otherwise) is refused too, not returned as finished.
+        with pytest.raises(Exception) as renamed:
+            federation.train(
+                tutorial.compose(model_fn),
+                preprocess=tutorial.preprocess,
+                name="another learning rate",
+                rounds=1,
+                clients_per_round=4,
+                run_dir=tmp_path / "ok",
+            )
+        assert "another learning process" in str(renamed.value)
+        again = federation.train(
+            tutorial.compose(model_fn),
+            preprocess=tutorial.preprocess,
+            rounds=1,
+            clients_per_round=4,
+            run_dir=tmp_path / "ok",
+        )
+        assert again.already_finished and "nothing was run" in repr(again)
 
 
 def test_settings_are_checked_like_the_command_line_before_anything_starts(tmp_path):
@@ -236,6 +256,9 @@ def test_settings_are_checked_like_the_command_line_before_anything_starts(tmp_p
         LocalFederation(workers=2, round_timeout=3)
     with pytest.raises(UsageError, match="--workers must be"):
         LocalFederation(workers=0)
+    # A sweep over numpy's numbers (np.linspace) takes them as Python's.
+    swept = train_settings(rounds=np.int64(3), client_learning_rate=np.float64(0.05))
+    assert (swept.training.rounds, swept.training.client_learning_rate) == (3, 0.05)
     config_file = tmp_path / "sweep.toml"
     config_file.write_text("[training]\nrounds = 4\n")
     assert (
@@ -244,6 +267,40 @@ def test_settings_are_checked_like_the_command_line_before_anything_starts(tmp_p
         ).training.rounds
         == 4
     )
+
+
+def test_what_is_not_a_process_model_or_dataset_is_one_line(tmp_path):
+    import tensorflow as tf
+
+    from coordinator.algorithm import user_process
+    from coordinator.api import RemoteFederation
+    from deploy.local_federation import LocalFederation
+    from shared.errors import UsageError
+    from tests.user_algorithms import tutorial
+
+    with pytest.raises(UsageError, match=r"must return a tf\.data\.Dataset"):
+        user_process.traced(lambda ds: tf.constant(1.0), "train")
+    with pytest.raises(UsageError, match="must be a function"):
+        user_process.traced("not a function", "train")
+    with pytest.raises(UsageError, match="returned Sequential"):
+        user_process._model_input_type(tutorial.create_keras_model)
+
+    def broken():
+        raise ValueError("my model is broken")
+
+    with pytest.raises(UsageError, match="model_fn\\(\\) failed: ValueError: my model is broken"):
+        user_process._model_input_type(broken)
+    assert RemoteFederation("127.0.0.1:1, 127.0.0.1:2").config.federation.addresses == [
+        "127.0.0.1:1",
+        "127.0.0.1:2",
+    ]
+    with pytest.raises(TypeError, match="list of 'host:port' strings"):
+        RemoteFederation(None)  # type: ignore[arg-type]  # what a user may pass
+    with pytest.raises(UsageError, match="call it inside the `with` block"):
+        LocalFederation(workers=1).run_in_tff(None, preprocess=None)
+    with pytest.raises(UsageError, match="is a file"):
+        (tmp_path / "file").write_text("")
+        LocalFederation(workers=1, work_dir=tmp_path / "file").start()
 
 
 def test_train_before_start_says_what_to_do():

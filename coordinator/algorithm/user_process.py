@@ -107,14 +107,23 @@ def _dataset_computation(preprocess: Preprocess, split: str) -> tff.Computation:
 
 def traced(preprocess: Preprocess, split: str) -> tff.Computation:
     """The dataset computation, or one line saying why the function cannot be one."""
+    raw = tff.types.tensorflow_to_type(preprocessing.raw_element_spec())
+    if not callable(preprocess):
+        raise UsageError(f"preprocess must be a function of a tf.data.Dataset, got {preprocess!r}")
     try:
-        return _dataset_computation(preprocess, split)
+        comp = _dataset_computation(preprocess, split)
     except Exception as e:
-        raw = tff.types.tensorflow_to_type(preprocessing.raw_element_spec())
         raise UsageError(
             f"the preprocessing function cannot run on the workers' {split} data "
             f"(elements {_describe_type(raw)}): {_cause(e)}"
         ) from e
+    made = comp.type_signature.result
+    if not isinstance(made, tff.SequenceType):
+        raise UsageError(
+            "the preprocessing function must return a tf.data.Dataset; given the workers' "
+            f"{split} data (elements {_describe_type(raw)}) it returned {_describe_type(made)}"
+        )
+    return comp
 
 
 def _cause(e: BaseException) -> str:
@@ -136,8 +145,16 @@ def check_fits(made: tff.Type, taken: tff.Type, who: str) -> None:
 
 
 def _model_input_type(model_fn: ModelFn) -> tff.Type:
-    with tf.Graph().as_default():
-        model = model_fn()
+    try:
+        with tf.Graph().as_default():
+            model = model_fn()
+    except Exception as e:
+        raise UsageError(f"model_fn() failed: {_cause(e)}") from e
+    if not isinstance(model, tff.learning.models.VariableModel):
+        raise UsageError(
+            "model_fn must return a tff.learning.models.VariableModel (wrap a Keras model "
+            f"with tff.learning.models.from_keras_model); it returned {type(model).__name__}"
+        )
     return tff.types.tensorflow_to_type(model.input_spec)
 
 

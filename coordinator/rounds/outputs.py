@@ -66,7 +66,9 @@ def train_metrics(metrics: object, user_defined: bool) -> dict:
     flat = scalars(metrics)
     examples = _find(flat, "client_work/train/num_examples", "client_work/num_examples")
     loss = _find(flat, "client_work/train/loss", "client_work/loss")
-    accuracy = _accuracy(flat, "client_work/train/") or _accuracy(flat, "client_work/")
+    accuracy = _accuracy(flat, "client_work/train/")
+    if accuracy is None:
+        accuracy = _accuracy(flat, "client_work/")
     non_finite = _find(flat, "finalizer/update_non_finite")
     return {
         "loss": loss if examples != 0 else None,
