@@ -95,13 +95,28 @@ def _executor(worker) -> psutil.Process:
 # --- one run directory, two coordinators ---------------------------------------------
 
 
+def _settled(run_dir: Path, quiet: float = 1.5, timeout: float = 20.0) -> dict:
+    """The run directory once the paused run's record writer is done with it:
+    status.json and TensorBoard follow the rounds within about a second
+    (docs/run-records.md), so the same snapshot twice, `quiet` apart."""
+    deadline = time.monotonic() + timeout
+    last = snapshot(run_dir)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = snapshot(run_dir)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{run_dir} kept changing for {timeout}s while its run was paused")
+
+
 def test_second_coordinator_is_refused_and_the_first_finishes_intact(workers2, reference, tmp_path):
     run_dir = tmp_path / "run"
     pause = Pause(tmp_path, "round:3")
     first = _start_train(workers2, run_dir, pause)
     try:
         pause.wait(first)
-        before = snapshot(run_dir)
+        before = _settled(run_dir)
         for command, args in (
             ("train", ["--addresses", _addresses(workers2)]),
             ("run", ["--workers", "2"]),

@@ -3,6 +3,7 @@ and `fedcompose status` shows the run's own view of each worker."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -49,6 +50,13 @@ def test_run_restarts_a_crashed_worker_a_bounded_number_of_times(tmp_path):
         kill.unlink()
 
         _paused(look, proc)  # it was lost in round 4; the launcher waits 2 s to restart it
+        # status.json follows the rounds within about a second (docs/run-records.md).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads((run_dir / "status.json").read_text())["completed_rounds"] >= 5:
+                    break
+            time.sleep(0.1)
         status = fedcompose("status", "--run-dir", str(run_dir), "--connect-timeout", "3")
         line = next(line for line in status.stdout.splitlines() if line.startswith(address))
         # Down, or already restarted and answering (the launcher waits only 2 s).

@@ -5,10 +5,10 @@
 It finds the container's `fedcompose` process in /proc and reads its command
 line. A worker is healthy when TFF's executor service (its `worker_binary`
 child) answers gRPC on its loopback port, and, with a TLS kit, the worker's
-public port completes a TLS handshake whose certificate verifies against the
-kit's CA for the worker's own name; without a kit, when the port accepts a
-connection. Any other command (the coordinator's `train`, say) is healthy
-while its process runs.
+public port presents a certificate that verifies against the kit's CA for
+the worker's own name and then asks for the coordinator's (the check has
+none to give); without a kit, when the port accepts a connection. Any other
+command (the coordinator's `train`, say) is healthy while its process runs.
 
 It imports neither TensorFlow nor TFF (only the standard library, grpc and
 `shared.loopback`'s /proc reader): a check that loaded TensorFlow would cost
@@ -119,7 +119,18 @@ def _tls_handshake(port: int, kit_dir: Path) -> str | None:
         ):
             if tls.selected_alpn_protocol() != "h2":
                 return f"port {port} answered TLS without HTTP/2"
-    except (OSError, ssl.SSLError) as e:
+    except ssl.SSLCertVerificationError as e:
+        return f"TLS handshake on port {port} failed: {e}"
+    except ssl.SSLError as e:
+        # The worker's TLS gate (TLS 1.2) demands a coordinator's certificate,
+        # which the check has not, and says so with this alert. The alert comes
+        # after our side verified the worker's certificate against the kit's CA
+        # (a failure there is raised above), so the gate is up and is who it
+        # should be.
+        if "HANDSHAKE_FAILURE" in (e.reason or "") or "CERTIFICATE_REQUIRED" in (e.reason or ""):
+            return None
+        return f"TLS handshake on port {port} failed: {e}"
+    except OSError as e:
         return f"TLS handshake on port {port} failed: {e}"
     return None
 
