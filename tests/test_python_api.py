@@ -11,6 +11,7 @@ sweep does: the workers are the same processes throughout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -424,8 +425,8 @@ def test_a_user_process_rides_out_a_lost_worker_which_rejoins(tmp_path, monkeypa
     import fedcompose
     from tests.user_algorithms import tutorial
 
-    pause = tmp_path / "pause"
-    monkeypatch.setenv("FEDCOMPOSE_PAUSE_AT", f"dispatch:3={pause}")
+    pause, back = tmp_path / "pause", tmp_path / "back"
+    monkeypatch.setenv("FEDCOMPOSE_PAUSE_AT", f"dispatch:3={pause};dispatch:6={back}")
     spec = tutorial.preprocess(fedcompose.empty_client_dataset()).element_spec
     model_fn = tutorial.model_fn_for(spec)
     killed: list[int] = []
@@ -442,6 +443,18 @@ def test_a_user_process_rides_out_a_lost_worker_which_rejoins(tmp_path, monkeypa
         executor.kill()
         killed.append(victim.index)
         pause.unlink()
+        # The loop is held at round 6 until the restarted worker is warmed up
+        # (off the round path): it then serves from round 6 on.
+        while not back.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                view = json.loads((tmp_path / "run" / "workers.json").read_text())
+                entry = view["workers"][victim.index]
+                if entry["state"] == "up" or "warmed up" in entry["reason"]:
+                    break
+            time.sleep(0.1)
+        back.unlink()
 
     with fedcompose.LocalFederation(
         workers=3, worker_restarts=2, restart_backoff=0.5, progress=False
