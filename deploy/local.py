@@ -33,7 +33,7 @@ def _shard_dirs(config: config_lib.RunConfig, run_dir: Path, workers_given: bool
     from deploy.data import build, progress
 
     if config.data.shards_dir:
-        found = _given_shards(config, workers_given)
+        found = given_shards(config, workers_given)
         # One worker per shard, and the recorded config says so.
         config.federation.workers = len(found)
         return found
@@ -51,7 +51,7 @@ def _shard_dirs(config: config_lib.RunConfig, run_dir: Path, workers_given: bool
         raise RunDirError(f"cannot write the run's shards: {files.failure(e)}") from None
 
 
-def _given_shards(config: config_lib.RunConfig, workers_given: bool) -> list[Path]:
+def given_shards(config: config_lib.RunConfig, workers_given: bool) -> list[Path]:
     from deploy.data import shards
 
     root = Path(config.data.shards_dir)
@@ -88,7 +88,7 @@ def _check_before_changes(config: config_lib.RunConfig, run_dir: Path) -> bool:
     if before is None:
         return False
     if config.data.shards_dir:
-        manifests = _manifests(_given_shards(config, "workers" in config.given))
+        manifests = _manifests(given_shards(config, "workers" in config.given))
         run.check_trained_on(
             run_dir_lib.data_record(manifests), where=f"--shards-dir {config.data.shards_dir} holds"
         )

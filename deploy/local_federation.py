@@ -142,29 +142,14 @@ class LocalFederation(Federation):
         return self._workers.addresses if self._workers else []
 
     def _shards(self, work: Path) -> list[Path]:
-        from deploy.data import build, shards
+        from deploy.data import build
 
         c = self.config
         if self._given_shards is not None:
-            root = self._given_shards
-            if not root.is_dir():
-                raise UsageError(
-                    f"shards_dir {root} "
-                    + ("is not a directory" if root.exists() else "does not exist")
-                    + "; build shards there with `fedcompose data`"
-                )
-            found = shards.existing_shards(root)
-            if not found:
-                raise UsageError(
-                    f"shards_dir {root} holds no shard-NNN directories; build them with "
-                    "`fedcompose data`"
-                )
-            if "workers" in c.given and len(found) != c.federation.workers:
-                raise UsageError(
-                    f"workers={c.federation.workers} but shards_dir {root} holds {len(found)} "
-                    "shards (one per worker); leave out workers="
-                )
-            return found
+            from deploy.local import given_shards
+
+            c.data.shards_dir = str(self._given_shards)
+            return given_shards(c, "workers" in c.given)
         return build.build_shards(c.data, work / "shards", c.federation.workers)
 
     def _open(self):

@@ -299,6 +299,8 @@ def test_what_is_not_a_process_model_or_dataset_is_one_line(tmp_path):
         RemoteFederation(None)  # type: ignore[arg-type]  # what a user may pass
     with pytest.raises(UsageError, match="call it inside the `with` block"):
         LocalFederation(workers=1).run_in_tff(None, preprocess=None)
+    with pytest.raises(UsageError, match="does not exist; build shards there"):
+        LocalFederation(shards_dir=tmp_path / "no-such-shards").start()
     with pytest.raises(UsageError, match="is a file"):
         (tmp_path / "file").write_text("")
         LocalFederation(workers=1, work_dir=tmp_path / "file").start()
