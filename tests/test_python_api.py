@@ -219,6 +219,16 @@ def test_what_cannot_run_is_refused_in_one_line_before_round_1(tmp_path):
             run_dir=tmp_path / "ok",
         )
         assert again.already_finished and "nothing was run" in repr(again)
+        # More rounds of the same process resume after its checkpoint.
+        more = federation.train(
+            tutorial.compose(model_fn),
+            preprocess=tutorial.preprocess,
+            rounds=2,
+            clients_per_round=4,
+            run_dir=tmp_path / "ok",
+        )
+        assert (more.resumed_from, more.rounds_completed) == (1, 2)
+        assert [r["round"] for r in more.records] == [1, 2]
 
 
 def test_settings_are_checked_like_the_command_line_before_anything_starts(tmp_path):
