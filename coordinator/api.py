@@ -447,22 +447,15 @@ def _saved_weights(run_dir: Path) -> Any:
     import numpy as np
     import tensorflow_federated as tff
 
+    from coordinator.rounds.outputs import weights_from_arrays
     from coordinator.run_dir import RunDirectory
 
-    path = RunDirectory(run_dir).model_path
     try:
-        with np.load(path) as saved:
-            trainable = [saved[f"trainable_{i}"] for i in range(_count(saved, "trainable_"))]
-            rest = [saved[f"non_trainable_{i}"] for i in range(_count(saved, "non_trainable_"))]
+        with np.load(RunDirectory(run_dir).model_path) as saved:
+            trainable, rest = weights_from_arrays({n: saved[n] for n in saved.files})
     except (OSError, ValueError, KeyError):
         return None
     return tff.learning.models.ModelWeights(trainable, rest)
-
-
-def _count(saved: Any, prefix: str) -> int:
-    return sum(
-        1 for name in saved.files if name.startswith(prefix) and name[len(prefix) :].isdigit()
-    )
 
 
 def _in_notebook() -> bool:

@@ -1091,11 +1091,9 @@ class RunDirectory:
     # --- artefacts -------------------------------------------------------------------
 
     def write_model(self, weights: Any) -> None:
-        from coordinator.rounds.outputs import weight_lists
+        from coordinator.rounds.outputs import weight_arrays
 
-        trainable, non_trainable = weight_lists(weights)
-        arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(trainable)}
-        arrays.update({f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(non_trainable)})
+        arrays = weight_arrays(weights)
         with (
             _writing("the final model", self.model_path),
             files.atomic_target(self.model_path, ".npz") as tmp,

@@ -71,6 +71,8 @@ def run(
     import numpy as np
     import tensorflow_federated as tff
 
+    from coordinator.rounds.outputs import weights_from_arrays
+
     if rounds < 1 or clients_per_round < 1:
         raise UsageError("rounds and clients_per_round must be at least 1")
     composed = _token_process(process, preprocess)
@@ -108,14 +110,9 @@ def run(
                 f"{last[-1] if last else 'no output'}"
             )
         with np.load(work / "weights.npz") as saved:
-            trainable = [saved[f"trainable_{i}"] for i in range(_count(saved, "trainable_"))]
-            rest = [saved[f"non_trainable_{i}"] for i in range(_count(saved, "non_trainable_"))]
+            trainable, rest = weights_from_arrays({n: saved[n] for n in saved.files})
         metrics = json.loads((work / "metrics.json").read_text())
     return ReferenceResult(tff.learning.models.ModelWeights(trainable, rest), metrics)
-
-
-def _count(saved: Any, prefix: str) -> int:
-    return sum(1 for n in saved.files if n.startswith(prefix) and n[len(prefix) :].isdigit())
 
 
 def _kill_group(child: subprocess.Popen) -> None:
@@ -140,7 +137,7 @@ def _child(work: Path) -> int:
     from tensorflow_federated.proto.v0 import computation_pb2
 
     from coordinator import federation
-    from coordinator.rounds.outputs import scalars, weight_lists
+    from coordinator.rounds.outputs import scalars, weight_arrays
     from deploy.bench.tff_local import LocalReference
     from shared import shard_format
 
@@ -166,10 +163,8 @@ def _child(work: Path) -> int:
             )
             state = output["state"]
             metrics.append(scalars(output["metrics"]))
-        trainable, non_trainable = weight_lists(_plain(comps["get_model_weights"](state)))
-    arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(trainable)}
-    arrays.update({f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(non_trainable)})
-    np.savez(work / "weights.npz", **arrays)
+        weights = _plain(comps["get_model_weights"](state))
+    np.savez(work / "weights.npz", **weight_arrays(weights))
     (work / "metrics.json").write_text(json.dumps(metrics))
     return 0
 

@@ -102,3 +102,22 @@ def weight_lists(weights: object) -> tuple[list, list]:
     if isinstance(weights, Mapping) and set(weights) == {"trainable", "non_trainable"}:
         return list(weights["trainable"]), list(weights["non_trainable"])
     return [np.asarray(leaf) for leaf in tf.nest.flatten(weights)], []
+
+
+def weight_arrays(weights: object) -> dict[str, np.ndarray]:
+    """The weights as the named arrays a weights `.npz` holds (`trainable_0`, ...,
+    `non_trainable_0`, ...): the run directory's final model, the TFF reference's."""
+    trainable, non_trainable = weight_lists(weights)
+    arrays = {f"trainable_{i}": np.asarray(w) for i, w in enumerate(trainable)}
+    arrays.update({f"non_trainable_{i}": np.asarray(w) for i, w in enumerate(non_trainable)})
+    return arrays
+
+
+def weights_from_arrays(saved: Mapping[str, np.ndarray]) -> tuple[list, list]:
+    """(trainable, non-trainable) back from `weight_arrays`' names."""
+
+    def part(prefix: str) -> list:
+        count = sum(1 for n in saved if n.startswith(prefix) and n[len(prefix) :].isdigit())
+        return [saved[f"{prefix}{i}"] for i in range(count)]
+
+    return part("trainable_"), part("non_trainable_")
