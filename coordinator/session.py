@@ -10,6 +10,7 @@ closes every round executor, the worker channels and the server executor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -118,6 +119,8 @@ class FederationSession:
         from coordinator.algorithm import user_process
 
         started = time.perf_counter()
+        if user.data is None:  # the workers' format, unless the caller gave it
+            user = dataclasses.replace(user, data=self.federation.data)
         algorithm = user_process.prepare(user)
         assert algorithm.model_mb is not None
         memory = MemoryPlan.for_model_size(worker_memory_mb, algorithm.model_mb)

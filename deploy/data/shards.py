@@ -150,8 +150,10 @@ def merged_view(shard_dirs: Sequence[Path]) -> Path:
         (root / worker_dir.split_dir(split)).mkdir(parents=True)
     for shard in shard_dirs:
         shard = shard.resolve()
-        for client in shard_format.read_manifest(shard).clients:
+        manifest = shard_format.read_manifest(shard)
+        for client in manifest.clients:
             for split in shard_format.SPLITS:
-                target = shard / shard_format.client_path(split, client.id)
-                (root / worker_dir.client_file(split, client.id)).symlink_to(target)
+                target = shard / shard_format.client_path(split, client.id, manifest.data)
+                link = root / worker_dir.client_file(split, client.id, manifest.data)
+                link.symlink_to(target)
     return root
