@@ -87,6 +87,14 @@ class FederationSession:
         """The composed algorithm for `spec`, ready to drive rounds on this
         federation, each worker's calls sized to `worker_memory_mb` (0: none)."""
         assert self.federation is not None and self.server is not None
+        from shared import shard_format
+
+        if self.federation.data.encoding != shard_format.EMNIST_FIXED:
+            raise UsageError(
+                "fedcompose's built-in models take EMNIST-shaped examples; the workers serve "
+                f"{self.federation.data.describe()}: train your own learning process on them "
+                "from Python (federation.train(process, preprocess=...))"
+            )
         started = time.perf_counter()
         memory = MemoryPlan.of(worker_memory_mb, spec.model, spec.blocks.client_optimizer)
         try:

@@ -135,6 +135,18 @@ def flatten(spec: ElementSpec, prefix: str = "") -> Iterator[tuple[str, Leaf]]:
             yield from flatten(s, f"{prefix}/{i}" if prefix else str(i))
 
 
+def flatten_values(spec: ElementSpec, value: Any) -> Iterator[tuple[str, Any]]:
+    """(path, leaf value) of `value`, a nested structure shaped like `spec`."""
+    if isinstance(spec, Leaf):
+        yield "", value
+    elif isinstance(spec, dict):
+        for name, s in spec.items():
+            yield from flatten_values(s, value[name])
+    else:
+        for i, s in enumerate(spec):
+            yield from flatten_values(s, value[i])
+
+
 def pack(spec: ElementSpec, leaves: list[Any]) -> Any:
     """`leaves` (in `flatten` order) put back into the structure of `spec`
     (OrderedDicts and tuples)."""
@@ -160,6 +172,15 @@ def describe(spec: ElementSpec) -> str:
     if isinstance(spec, dict):
         return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in spec.items()) + "}"
     return "(" + ", ".join(describe(v) for v in spec) + ")"
+
+
+def require_same(found: ElementSpec, found_where: str, wanted: ElementSpec, wanted_where: str):
+    """Refuses, in one line naming both, a spec that is not the one wanted."""
+    if found != wanted:
+        raise SpecError(
+            f"element specs differ: {found_where} has {describe(found)}, {wanted_where} has "
+            f"{describe(wanted)}; build the shards from data of the same structure"
+        )
 
 
 def leaf_at(spec: ElementSpec, path: str) -> Leaf:

@@ -128,10 +128,12 @@ class FormatError(ValueError):
     """A file that does not decode under the element spec (message without origin)."""
 
 
-def _table(data: bytes, spec: ElementSpec) -> tuple[int, np.ndarray]:
+def _table(data: bytes, spec: ElementSpec, size: int | None = None) -> tuple[int, np.ndarray]:
+    """The example count and section table of a file of `size` bytes whose
+    start is `data` (all of it unless `size` is given)."""
+    size = len(data) if size is None else size
     want = sum(sections_of(leaf) for _, leaf in flatten(spec))
-    size = header_bytes(spec)
-    if len(data) < size or data[:8] != MAGIC:
+    if len(data) < header_bytes(spec) or data[:8] != MAGIC:
         raise FormatError("not a stacked-tensors file (no header; truncated or another format)")
     n, count = (int(v) for v in np.frombuffer(data, "<i8", 2, 8))
     if count != want:
@@ -139,11 +141,18 @@ def _table(data: bytes, spec: ElementSpec) -> tuple[int, np.ndarray]:
             f"{count} sections, the element spec needs {want}: written for another element spec"
         )
     table = np.frombuffer(data, "<i8", 2 * count, 24).reshape(count, 2)
-    if n < 0 or (table < 0).any() or (table.sum(axis=1) > len(data)).any():
-        raise FormatError(f"section table points past the file's {len(data)} bytes; truncated")
-    if count and int(table[-1].sum()) != len(data):
-        raise FormatError(f"{len(data)} bytes, the header says {int(table[-1].sum())}")
+    ends = table.sum(axis=1)
+    if n < 0 or (table < 0).any() or (ends > size).any():
+        raise FormatError(f"section table points past the file's {size} bytes; truncated")
+    if count and int(ends.max()) != size:
+        raise FormatError(f"{size} bytes, the header says {int(ends.max())}; stale or damaged")
     return n, table
+
+
+def check_header(head: bytes, spec: ElementSpec, size: int) -> int:
+    """The example count of a file of `size` bytes from its header alone
+    (`FormatError` if the header does not fit the spec or the size)."""
+    return _table(head, spec, size)[0]
 
 
 def _numbers(data: bytes, where: np.ndarray, dtype: str, count: int, what: str) -> np.ndarray:
