@@ -77,10 +77,7 @@ def _check_format(shard_dir: Path, manifest: shard_format.Manifest) -> None:
             f"{list(manifest.task.image_shape)}, expected {list(shard_format.IMAGE_SHAPE)}"
         )
     if manifest.task.num_classes < 2:
-        raise ShardError(
-            f"{where}: num_classes must be >= 2, "
-            f"got {manifest.task.num_classes}"
-        )
+        raise ShardError(f"{where}: num_classes must be >= 2, got {manifest.task.num_classes}")
 
 
 def _square_image_side(record_bytes: int) -> int | None:

@@ -21,9 +21,7 @@ def shard_dir(root: Path, index: int) -> Path:
     return root / f"{SHARD_PREFIX}{index:03d}"
 
 
-def _build_id(
-    source: Any, partition: dict, entries: list, data: shard_format.DataFormat
-) -> str:
+def _build_id(source: Any, partition: dict, entries: list, data: shard_format.DataFormat) -> str:
     digest = hashlib.sha256()
     described = [source.dataset, source.num_classes, partition]
     if data != shard_format.EMNIST_FORMAT:  # emnist-fixed builds keep their ids
