@@ -1,0 +1,112 @@
+"""Reading "stacked-tensors" client files inside a TensorFlow graph.
+
+The TensorFlow side of `shared.tensor_records`: the header's size and every
+section's dtype and shape follow from the element spec when the reader is
+traced, so a client's dataset is built by one graph with no per-example
+Python: `read_file`, `substr` for each section, `decode_raw`, reshape, and
+`Dataset.from_tensor_slices` over the stacked leaves. A variable-length leaf
+is sliced from a ragged tensor; one `map` (a graph function, no Python) turns
+its ragged slices into the dense `[None, ...]` tensors the spec records, and
+only datasets with such leaves have it.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from shared import element_spec, tensor_records
+from shared.element_spec import STRING, ElementSpec, Leaf
+
+
+def tf_dtype(leaf: Leaf) -> tf.DType:
+    return tf.string if leaf.dtype == STRING else tf.as_dtype(leaf.dtype)
+
+
+def to_tf(spec: ElementSpec) -> Any:
+    """The `tf.TensorSpec` structure of one example (OrderedDicts and tuples)."""
+    leaves = [tf.TensorSpec(leaf.shape, tf_dtype(leaf)) for _, leaf in element_spec.flatten(spec)]
+    return element_spec.pack(spec, leaves)
+
+
+def from_tf(spec: Any) -> ElementSpec:
+    """The element spec of a `tf.data` element spec (TensorSpecs in dicts,
+    tuples or lists); `SpecError` for what cannot be stored (ragged, sparse)."""
+    if isinstance(spec, tf.TensorSpec):
+        dtype = STRING if spec.dtype == tf.string else spec.dtype.as_numpy_dtype().dtype.name
+        if spec.shape.rank is None:
+            raise element_spec.SpecError(f"a tensor of unknown rank ({spec}) cannot be stored")
+        return Leaf(dtype, tuple(spec.shape.as_list()))
+    if isinstance(spec, dict):
+        return collections.OrderedDict((str(k), from_tf(v)) for k, v in spec.items())
+    if isinstance(spec, tuple | list):
+        return tuple(from_tf(v) for v in spec)
+    raise element_spec.SpecError(
+        f"{type(spec).__name__} elements cannot be stored; make every field a dense tensor "
+        "(a RaggedTensor of token ids becomes a [None] tensor per example)"
+    )
+
+
+def empty_file(spec: ElementSpec) -> bytes:
+    """A file of no examples: what an empty client (padding) reads instead of a file."""
+    columns: list[Any] = []
+    for _, leaf in element_spec.flatten(spec):
+        columns.append([] if leaf.variable else np.zeros((0, *leaf.shape), leaf.numpy_dtype))
+    return tensor_records.encode(spec, columns)
+
+
+def _section(contents: tf.Tensor, table: tf.Tensor, i: int) -> tf.Tensor:
+    return tf.strings.substr(contents, table[i, 0], table[i, 1])
+
+
+def _leaf(contents: tf.Tensor, table: tf.Tensor, s: int, leaf: Leaf) -> tuple[tf.Tensor, int]:
+    rows = None
+    if leaf.variable:
+        rows = tf.io.decode_raw(_section(contents, table, s), tf.int64, little_endian=True)
+        s += 1
+    if leaf.dtype == STRING:
+        lengths = tf.io.decode_raw(_section(contents, table, s), tf.int64, little_endian=True)
+        blob = _section(contents, table, s + 1)
+        starts = tf.cumsum(lengths, exclusive=True)
+        values = tf.strings.substr(blob, starts, lengths)
+        s += 2
+    else:
+        section = _section(contents, table, s)
+        values = tf.io.decode_raw(section, tf_dtype(leaf), little_endian=True)
+        s += 1
+    values = tf.reshape(values, [-1, *leaf.inner_shape])
+    if rows is not None:
+        values = tf.RaggedTensor.from_row_lengths(values, rows, validate=False)
+    return values, s
+
+
+def stacked_examples(contents: tf.Tensor, spec: ElementSpec) -> Any:
+    """A file's leaves stacked over its examples (ragged for variable leaves)."""
+    header = tensor_records.header_bytes(spec)
+    head = tf.io.decode_raw(tf.strings.substr(contents, 0, header), tf.int64, little_endian=True)
+    table = tf.reshape(head[3:], [-1, 2])
+    leaves, s = [], 0
+    for _, leaf in element_spec.flatten(spec):
+        values, s = _leaf(contents, table, s, leaf)
+        leaves.append(values)
+    return element_spec.pack(spec, leaves)
+
+
+def _densify(example: Any) -> Any:
+    # Inside the map a ragged_rank-0 slice arrives as a plain tensor already;
+    # tracing through here makes the dataset's spec say TensorSpec.
+    return tf.nest.map_structure(
+        lambda t: t.to_tensor() if isinstance(t, tf.RaggedTensor) else tf.identity(t), example
+    )
+
+
+def client_examples(path: tf.Tensor, empty: tf.Tensor, spec: ElementSpec) -> tf.data.Dataset:
+    """The examples of the file at `path` (nothing if `empty`), unbatched, in stored order."""
+    contents = tf.cond(empty, lambda: tf.constant(empty_file(spec)), lambda: tf.io.read_file(path))
+    ds = tf.data.Dataset.from_tensor_slices(stacked_examples(contents, spec))
+    if any(leaf.variable for _, leaf in element_spec.flatten(spec)):
+        ds = ds.map(_densify)
+    return ds
