@@ -82,7 +82,7 @@ def raw_element_spec(name: str) -> Any:
     return _module(name).SPEC
 
 
-def stand_in(name: str) -> tuple[Any, Any]:
+def stand_in_data(name: str) -> tuple[Any, Any]:
     """The task's stand-in data: (train, test) TFF ClientData, same clients."""
     return _module(name).stand_in_data()
 
