@@ -136,6 +136,30 @@ def _recorded_privacy(status: dict) -> dict | None:
     return None
 
 
+def _check_same_algorithm(
+    run: RunDirectory, config: RunConfig, algorithm: UserAlgorithm | None
+) -> None:
+    """A finished run asked for with another process than it was trained with
+    is refused, not reported "finished". A --task run's process is fixed by
+    its settings, which plan_resume checked."""
+    if algorithm is None and config.model.task != "none":
+        return
+    if algorithm is not None or algorithm_record.recorded(run.path):
+        from coordinator.algorithm import user_process
+
+        now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
+        algorithm_record.check(run.path, now, resuming=True)
+
+
+def _task_algorithm(config: RunConfig, data: Any) -> UserAlgorithm | None:
+    """A `--task` run's process over the workers' data; None without --task."""
+    if config.model.task == "none":
+        return None
+    from coordinator.tasks.configured import user_algorithm
+
+    return user_algorithm(config, data)
+
+
 def train(
     config: RunConfig,
     addresses: list[str],
@@ -163,12 +187,7 @@ def train(
     run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
     plan = run_dir_lib.plan_resume(run, config, command)
     if plan.finished:
-        if algorithm is not None or algorithm_record.recorded(run.path):
-            # Not the process it was trained with: refused, not "finished".
-            from coordinator.algorithm import user_process
-
-            now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
-            algorithm_record.check(run.path, now, resuming=True)
+        _check_same_algorithm(run, config, algorithm)
         # From Python, where the console shows warnings only, this must be seen.
         (log.warning if session is not None else log.info)(
             "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
@@ -209,6 +228,8 @@ def train(
             record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
             if plan.resuming:
                 run.check_trained_on(record)
+            if algorithm is None:
+                algorithm = _task_algorithm(config, federation.data)
             if algorithm is None:
                 spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
                 log.info("algorithm: %s", spec.describe())

@@ -37,10 +37,19 @@ def _shard_dirs(config: config_lib.RunConfig, run_dir: Path, workers_given: bool
         # One worker per shard, and the recorded config says so.
         config.federation.workers = len(found)
         return found
+    target = run_dir / "shards"
+    if config.model.task != "none":
+        from deploy.data.task_data import stand_in_shards
+
+        log.info(
+            "building %d worker shards of the %s stand-in",
+            config.federation.workers,
+            config.model.task,
+        )
+        return stand_in_shards(config.model.task, target, config.federation.workers)
     log.info(
         "building %d worker shards from the %s data", config.federation.workers, config.data.source
     )
-    target = run_dir / "shards"
     try:
         return build.build_shards(
             config.data, target, config.federation.workers, progress=progress.bar

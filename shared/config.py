@@ -20,6 +20,8 @@ from shared.settings import setting
 SOURCES = ("default", "emnist")
 PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
+TASKS = ("none", "emnist62", "cifar100", "shakespeare", "stackoverflow-words", "stackoverflow-tags")
+"""TFF's baseline tasks (`coordinator.tasks`, docs/tasks.md); none: fedcompose's own model."""
 SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
 BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
@@ -242,6 +244,28 @@ class ModelConfig:
         "linear: the tutorial's dense softmax; cnn: the EMNIST baseline CNN",
         choices=MODELS,
         fixed_on_resume=True,
+    )
+    task: str = setting(
+        "none",
+        "a TFF baseline task (docs/tasks.md): its preprocessing (run on the workers) and "
+        "model, trained with TFF's weighted FedAvg, server --server-optimizer sgd (FedAvg) or "
+        "adam (FedAdam); with `data`, write the task's generated stand-in shards",
+        choices=TASKS,
+        fixed_on_resume=True,
+    )
+    task_model: str = setting(
+        "",
+        "--task's model variant (emnist62: cnn_dropout, cnn, 2nn; cifar100: resnet18 ... "
+        "resnet152; default: the paper's)",
+        fixed_on_resume=True,
+        metavar="NAME",
+    )
+    task_vocab: str = setting(
+        "",
+        "--task stackoverflow-*: directory of TFF's stackoverflow.word_count and "
+        "stackoverflow.tag_count (default: counted from the stand-in)",
+        fixed_on_resume=True,
+        metavar="DIR",
     )
 
 
@@ -744,7 +768,7 @@ COMMANDS: dict[str, settings.Command] = {
     ),
     "data": settings.Command(
         "data",
-        {"data": "*", "federation": ("workers",), "output": ("verbose",)},
+        {"data": "*", "model": ("task",), "federation": ("workers",), "output": ("verbose",)},
         required=frozenset({"shards_dir"}),
     ),
     "worker": settings.Command(
@@ -769,7 +793,7 @@ COMMANDS: dict[str, settings.Command] = {
     "bench": settings.Command(
         "bench",
         {
-            "model": "*",
+            "model": ("model",),
             "training": (
                 "clients_per_round",
                 "rounds",
@@ -895,11 +919,46 @@ def _check_algorithm(config: RunConfig) -> None:
         )
 
 
+_TASK_ALGORITHM = {"server_optimizer", "server_beta_1", "server_beta_2", "server_epsilon"}
+"""Algorithm settings a --task run takes: its process is TFF's weighted FedAvg
+with client SGD, whose server optimizer is the one choice."""
+
+
+def _check_task(config: RunConfig) -> None:
+    m, a = config.model, config.algorithm
+    if m.task == "none":
+        for name in ("task_model", "task_vocab"):
+            if getattr(m, name):
+                raise UsageError(f"{settings.flag(name)} applies with --task only")
+        return
+    if "model" in _not_default(m) | config.flagged:
+        raise UsageError(f"--model does not apply with --task {m.task}: the task has its model")
+    if a.server_optimizer not in ("sgd", "adam"):
+        raise UsageError(
+            f"--task trains FedAvg (--server-optimizer sgd) or FedAdam (adam), not "
+            f"{a.server_optimizer}"
+        )
+    changed = (_not_default(a) | (config.flagged & {f.name for f in dataclasses.fields(a)})) - (
+        _TASK_ALGORITHM
+    )
+    if "clip_norm" in _not_default(config.training) | config.flagged:
+        changed.add("clip_norm")
+    if changed:
+        raise UsageError(
+            f"{', '.join(settings.flag(n) for n in sorted(changed))} do(es) not apply with "
+            f"--task: its process is TFF's weighted FedAvg (client SGD, mean aggregation); "
+            "choose --server-optimizer sgd or adam"
+        )
+    if m.task_vocab and not m.task.startswith("stackoverflow"):
+        raise UsageError(f"--task-vocab applies to the Stack Overflow tasks only, not {m.task}")
+
+
 def _check_together(config: RunConfig, command: str) -> None:
     """Rules that involve more than one setting."""
     d, f, t = config.data, config.federation, config.training
     if command in ("run", "train"):
         _check_algorithm(config)
+        _check_task(config)
     if command == "run" and f.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
     if 0 < f.worker_memory_mb < MIN_WORKER_MEMORY_MB:
@@ -956,7 +1015,9 @@ def _check_together(config: RunConfig, command: str) -> None:
                     f"{settings.flag(name)} does not apply with --shards-dir: the shards "
                     "there were built already (their manifests say how)"
                 )
-    uses_default_data = command == "data" or (command == "run" and not d.shards_dir)
+    uses_default_data = config.model.task == "none" and (
+        command == "data" or (command == "run" and not d.shards_dir)
+    )
     if uses_default_data and d.source == "default":
         if f.workers > d.writers:
             raise UsageError(

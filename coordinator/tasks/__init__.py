@@ -11,6 +11,7 @@ it without the real files.
 
 Modules:
     task.py         a built task: preprocess, model_fn (seeded), process (FedAvg/FedAdam)
+    configured.py   a `--task` run's learning process, from the command's settings
     stand_in.py     small deterministic ClientData with a task's element spec
     emnist.py       EMNIST-62 character recognition
     cifar100.py     CIFAR-100 image classification

@@ -43,7 +43,8 @@ def stand_in_data():
 
 
 def build(train, test, spec, *, model: str = "resnet18", crop: int = 24, **_: object):
-    return tff.simulation.baselines.cifar100.image_classification_tasks.create_image_classification_task_with_datasets(
+    baselines = tff.simulation.baselines.cifar100.image_classification_tasks
+    return baselines.create_image_classification_task_with_datasets(
         train_client_spec=spec,
         eval_client_spec=None,
         model_id=model,

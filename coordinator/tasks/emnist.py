@@ -54,7 +54,8 @@ def stand_in_data():
 
 
 def build(train, test, spec, *, model: str = "cnn_dropout", **_: object):
-    return tff.simulation.baselines.emnist.char_recognition_tasks.create_character_recognition_task_from_datasets(
+    baselines = tff.simulation.baselines.emnist.char_recognition_tasks
+    return baselines.create_character_recognition_task_from_datasets(
         train_client_spec=spec,
         eval_client_spec=None,
         model_id=model,

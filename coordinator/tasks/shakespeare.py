@@ -37,7 +37,8 @@ def stand_in_data():
 
 
 def build(train, test, spec, *, sequence_length: int = 80, **_: object):
-    return tff.simulation.baselines.shakespeare.char_prediction_tasks.create_character_prediction_task_from_datasets(
+    baselines = tff.simulation.baselines.shakespeare.char_prediction_tasks
+    return baselines.create_character_prediction_task_from_datasets(
         train_client_spec=spec,
         eval_client_spec=None,
         sequence_length=sequence_length,

@@ -45,13 +45,14 @@ WORD_COUNTS = "stackoverflow.word_count"
 TAG_COUNTS = "stackoverflow.tag_count"
 _TOPICS = 4
 _TOPIC_WORDS = 8
+_BASELINES = tff.simulation.baselines.stackoverflow
 _COMMON = ("the", "a", "i", "to", "is", "it", "in", "how")
 
 
 def _topic_words(topic: int) -> list[str]:
-    return [f"{name}{topic}" for name in ("list", "call", "type", "loop", "file", "map", "key", "row")][
-        :_TOPIC_WORDS
-    ]
+    return [
+        f"{name}{topic}" for name in ("list", "call", "type", "loop", "file", "map", "key", "row")
+    ][:_TOPIC_WORDS]
 
 
 def _client(rng: np.random.Generator, index: int, examples: int) -> dict:
@@ -69,7 +70,10 @@ def _client(rng: np.random.Generator, index: int, examples: int) -> dict:
         out["creation_date"].append(b"2017-06-01 12:00:00.000000 UTC")
         out["score"].append(int(rng.integers(-2, 20)))
         out["type"].append(b"question" if rng.random() < 0.5 else b"answer")
-    return {key: np.array(value, dtype=object if key != "score" else np.int64) for key, value in out.items()}
+    return {
+        key: np.array(value, dtype=object if key != "score" else np.int64)
+        for key, value in out.items()
+    }
 
 
 def stand_in_data():
@@ -107,7 +111,11 @@ def real_vocabularies(vocab_dir: str | Path) -> tuple[list[str], list[str]]:
             "download them) into it"
         )
     try:
-        words = [line.split()[0] for line in (where / WORD_COUNTS).read_text().splitlines() if line.strip()]
+        words = [
+            line.split()[0]
+            for line in (where / WORD_COUNTS).read_text().splitlines()
+            if line.strip()
+        ]
         tag_counts = json.loads((where / TAG_COUNTS).read_text())
     except (OSError, ValueError, IndexError) as e:
         raise DataError(f"cannot read the Stack Overflow counts in {where}: {e}") from None
@@ -130,7 +138,7 @@ def build_words(
     **_: object,
 ):
     words, _tags = vocabularies(vocab_dir)
-    return tff.simulation.baselines.stackoverflow.word_prediction_tasks.create_word_prediction_task_from_datasets(
+    return _BASELINES.word_prediction_tasks.create_word_prediction_task_from_datasets(
         train_client_spec=spec,
         eval_client_spec=None,
         sequence_length=sequence_length,
@@ -153,7 +161,7 @@ def build_tags(
     **_: object,
 ):
     words, tags = vocabularies(vocab_dir)
-    return tff.simulation.baselines.stackoverflow.tag_prediction_tasks.create_tag_prediction_task_from_datasets(
+    return _BASELINES.tag_prediction_tasks.create_tag_prediction_task_from_datasets(
         train_client_spec=spec,
         eval_client_spec=None,
         word_vocab=words[:vocab_size],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,10 +63,13 @@ class Task:
         *,
         client_learning_rate: float = 0.1,
         server_learning_rate: float | None = None,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        epsilon: float = 1e-3,
     ) -> tff.learning.templates.LearningProcess:
-        """TFF's weighted FedAvg with this task's model: server SGD at rate 1
-        (`fedavg`), or server Adam (`fedadam`, Reddi et al.'s FedAdam: beta_1
-        0.9, beta_2 0.99, epsilon 1e-3, server rate default 0.01)."""
+        """TFF's weighted FedAvg with this task's model and client SGD: server
+        SGD (`fedavg`, rate default 1), or server Adam (`fedadam`, Reddi et al.'s
+        FedAdam, rate default 0.01; `epsilon` is their tau)."""
         if algorithm not in ALGORITHMS:
             raise UsageError(
                 f"unknown algorithm {algorithm!r} for task {self.name}; choose one of "
@@ -76,7 +80,10 @@ class Task:
             server = tff.learning.optimizers.build_sgdm(learning_rate=server_learning_rate or 1.0)
         else:
             server = tff.learning.optimizers.build_adam(
-                learning_rate=server_learning_rate or 0.01, beta_1=0.9, beta_2=0.99, epsilon=1e-3
+                learning_rate=server_learning_rate or 0.01,
+                beta_1=beta_1,
+                beta_2=beta_2,
+                epsilon=epsilon,
             )
         return tff.learning.algorithms.build_weighted_fed_avg(
             self.model_fn, client_optimizer_fn=client, server_optimizer_fn=server
@@ -93,20 +100,29 @@ class Task:
 
 
 def seeded(model_fn: Callable[[], Any], seed: int) -> Callable[[], Any]:
-    """`model_fn` whose random initializers draw from graph-level seed `seed`.
+    """`model_fn` whose initial weights are a function of `seed`.
 
-    TFF builds the model inside a graph of its own for each computation; the
-    baseline models' initializers are unseeded, so two runs of `initialize`
-    (here and in TFF's single-process reference) would start from different
-    weights. A graph-level seed makes every op seed of that graph fixed, as
-    TFF's own `debug_seed` does for EMNIST. Outside a graph (Keras code run
-    eagerly) nothing is seeded: the global seed belongs to the caller.
+    The baseline models' Keras initializers are unseeded: each draws a seed
+    from Python's `random` when the model is built, so every trace of the
+    process (a resumed run, the same command run again) would start from
+    other weights. Keras takes those seeds from its own seed generator when
+    one is set (what `tf.keras.utils.set_random_seed` sets, with Python's,
+    numpy's and TensorFlow's global seeds besides): here it is set for the
+    model's construction only, and the caller's restored after. TFF's own
+    `debug_seed` for EMNIST fixes the same initializers' seeds.
     """
+    from keras.src import backend as keras_backend  # Keras 2.14, TFF 0.87's pin
 
     def model() -> Any:
-        if not tf.executing_eagerly():
-            tf.random.set_seed(seed)
-        return model_fn()
+        state = keras_backend._SEED_GENERATOR
+        previous = getattr(state, "generator", None)
+        state.generator = random.Random(seed)
+        try:
+            if not tf.executing_eagerly():
+                tf.random.set_seed(seed)  # ops seeded by the graph (dropout's, say)
+            return model_fn()
+        finally:
+            state.generator = previous
 
     return model
 

@@ -9,6 +9,7 @@ partition.py     whole writers to shards; IID and Dirichlet re-splits
 shards.py        writing shards, reusing them, the merged view of all shards
 synthetic.py     many synthetic writers (benchmark and scale tests)
 client_data.py   your own data (ClientData, mapping, DataFrame) -> shards of any structure
+task_data.py     a baseline task's generated stand-in -> shards (`data --task`)
 tensor_source.py clients of any element spec, and their IID/Dirichlet re-splits
 progress.py      progress bars
 """

@@ -48,6 +48,8 @@ def run(settings: config.RunConfig) -> int:
     problem = _unusable_out_dir(out, data.force)
     if problem:
         raise UsageError(problem)
+    if settings.model.task != "none":
+        return _task_stand_in(settings, out)
     timer = PhaseTimer()
     _check_writers(data, settings.federation.workers)
     try:
@@ -61,6 +63,19 @@ def run(settings: config.RunConfig) -> int:
     manifests = [shard_format.read_manifest(p) for p in paths]
     labels = [shard_labels(p, m) for p, m in zip(paths, manifests, strict=True)]
     _print_to_stdout(summary(out, manifests, labels, timer))
+    return 0
+
+
+def _task_stand_in(settings: config.RunConfig, out: Path) -> int:
+    from deploy.data.task_data import stand_in_shards
+
+    paths = stand_in_shards(settings.model.task, out, settings.federation.workers)
+    manifests = [shard_format.read_manifest(p) for p in paths]
+    clients = sum(len(m.clients) for m in manifests)
+    _print_to_stdout(
+        f"wrote {len(paths)} shards of the {settings.model.task} stand-in ({clients} clients) "
+        f"to {out}; train with: fedcompose run --task {settings.model.task} --shards-dir {out}"
+    )
     return 0
 
 
