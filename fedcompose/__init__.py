@@ -30,6 +30,7 @@ __all__ = [
     "empty_client_dataset",
     "raw_element_spec",
     "run_in_tff",
+    "tasks",
 ]
 
 
@@ -55,6 +56,11 @@ def __getattr__(name: str) -> Any:
         from coordinator.tff_reference import run
 
         return run
+    if name == "tasks":
+        # TFF's baseline tasks: fedcompose.tasks.get("cifar100").process("fedadam"), ...
+        from coordinator import tasks
+
+        return tasks
     if name == "FedcomposeError":
         from shared.errors import FedcomposeError
 
