@@ -71,6 +71,9 @@ def test_round_trip_numpy_and_tensorflow(tmp_path):
                 assert got.tolist() == want.tolist(), (leaf, i)
     empty = tensor_reader.client_examples(tf.constant(""), tf.constant(True), SPEC)
     assert empty.element_spec == ds.element_spec and not list(empty)
+    # TFF serializes every client's dataset, an empty one (padding, no test examples) too.
+    for dataset in (ds, empty):
+        assert tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor).numpy()
 
 
 def test_spec_json_round_trip_and_one_line_description():
