@@ -12,8 +12,8 @@ learning process trained across them.
 Your own data: `fedcompose.build_shards(client_data, "shards", workers=3)` (a TFF
 ClientData, a mapping client id -> arrays, or a DataFrame), then
 `LocalFederation(shards_dir="shards")`; `federation.raw_element_spec()` is what
-`preprocess` gets. See docs/python-api.md and docs/data.md. The implementation lives in `coordinator/` and
-`deploy/`; this package only names what a user imports.
+`preprocess` gets. See docs/python-api.md and docs/data.md. The implementation
+lives in `coordinator/` and `deploy/`; this package only names what a user imports.
 """
 
 from __future__ import annotations

@@ -120,6 +120,30 @@ class DataConfig:
         metavar="DIR",
     )
     force: bool = setting(False, "replace the shards in a non-empty --shards-dir")
+    from_sqlite: str = setting(
+        "",
+        "data: build from a TFF SQLite client-data file instead of --source (EMNIST, "
+        "CIFAR-100, Shakespeare, Stack Overflow, or save_to_sql_client_data output)",
+        metavar="PATH",
+    )
+    sqlite_splits: str = setting(
+        "",
+        "--from-sqlite: the training split and, after a comma, the test split "
+        "(default: train,test, or the only split)",
+        metavar="TRAIN[,TEST]",
+    )
+    from_table: str = setting(
+        "",
+        "data: build from a table, one row per example, with a client-id column "
+        "(.npz, .csv, .parquet; a 'split' column of train/test marks held-out rows)",
+        metavar="PATH",
+    )
+    client_id_column: str = setting("client_id", "--from-table: the client-id column")
+    label_key: str = setting(
+        "",
+        "--from-sqlite/--from-table: the integer label field (needed by --partition "
+        "dirichlet; checked by the shard check)",
+    )
 
 
 @dataclasses.dataclass
@@ -704,6 +728,10 @@ _COORDINATOR_RESILIENCE = tuple(
     if f.name not in ("worker_restarts", "restart_backoff")
 )
 _PER_PROCESS = ("shard", "port", "log_file")
+_OWN_DATA = ("from_sqlite", "sqlite_splits", "from_table", "client_id_column", "label_key")
+"""`fedcompose data` builds shards of any structure from these; `run` trains the
+built-in models, which take EMNIST-shaped data only."""
+_DATA_COMMAND_ONLY = ("force", *_OWN_DATA)
 _RUN_OUTPUT = (
     "run_dir",
     "checkpoint_every",
@@ -715,7 +743,9 @@ COMMANDS: dict[str, settings.Command] = {
     "run": settings.Command(
         "run",
         {
-            "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
+            "data": tuple(
+                f.name for f in dataclasses.fields(DataConfig) if f.name not in _DATA_COMMAND_ONLY
+            ),
             "federation": (
                 "workers",
                 "base_port",
@@ -931,6 +961,8 @@ def _check_together(config: RunConfig, command: str) -> None:
         for f in dataclasses.fields(DataConfig)
         if getattr(d, f.name) != settings.field_default(f)
     }
+    if command == "data":
+        _check_own_data(d, given)
     if command in ("run", "data"):
         if "alpha" in given and d.partition != "dirichlet":
             raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
@@ -956,7 +988,10 @@ def _check_together(config: RunConfig, command: str) -> None:
                     f"{settings.flag(name)} does not apply with --shards-dir: the shards "
                     "there were built already (their manifests say how)"
                 )
-    uses_default_data = command == "data" or (command == "run" and not d.shards_dir)
+    own_data = bool(d.from_sqlite or d.from_table)
+    uses_default_data = (command == "data" and not own_data) or (
+        command == "run" and not d.shards_dir
+    )
     if uses_default_data and d.source == "default":
         if f.workers > d.writers:
             raise UsageError(
@@ -968,6 +1003,25 @@ def _check_together(config: RunConfig, command: str) -> None:
                 f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
                 "writers of the default data; lower it or raise --writers"
             )
+
+
+def _check_own_data(d: DataConfig, given: set[str]) -> None:
+    if d.from_sqlite and d.from_table:
+        raise UsageError("--from-sqlite and --from-table: give one source of data, not both")
+    own = d.from_sqlite or d.from_table
+    if own:
+        for name in ("source", "emnist_path", "writers", "only_digits"):
+            if name in given:
+                raise UsageError(
+                    f"{settings.flag(name)} does not apply with "
+                    f"{'--from-sqlite' if d.from_sqlite else '--from-table'}"
+                )
+        if d.partition == "dirichlet" and not d.label_key:
+            raise UsageError("--partition dirichlet deals by label: give --label-key FIELD")
+        return
+    for name in _OWN_DATA:
+        if name in given:
+            raise UsageError(f"{settings.flag(name)} applies to --from-sqlite or --from-table only")
 
 
 def resume_conflicts(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
