@@ -979,8 +979,7 @@ def _check_together(config: RunConfig, command: str) -> None:
         for f in dataclasses.fields(DataConfig)
         if getattr(d, f.name) != settings.field_default(f)
     }
-    if command == "data":
-        _check_own_data(d, given)
+    _check_own_data(d, given, command)
     if command in ("run", "data"):
         if "alpha" in given and d.partition != "dirichlet":
             raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
@@ -1006,10 +1005,7 @@ def _check_together(config: RunConfig, command: str) -> None:
                     f"{settings.flag(name)} does not apply with --shards-dir: the shards "
                     "there were built already (their manifests say how)"
                 )
-    own_data = bool(d.from_sqlite or d.from_table)
-    uses_default_data = (command == "data" and not own_data) or (
-        command == "run" and not d.shards_dir
-    )
+    uses_default_data = _builds_from_source(command, d)
     if uses_default_data and d.source == "default":
         if f.workers > d.writers:
             raise UsageError(
@@ -1023,7 +1019,16 @@ def _check_together(config: RunConfig, command: str) -> None:
             )
 
 
-def _check_own_data(d: DataConfig, given: set[str]) -> None:
+def _builds_from_source(command: str, d: DataConfig) -> bool:
+    """Whether the command builds shards from --source (not --shards-dir, nor own data)."""
+    if command == "data":
+        return not (d.from_sqlite or d.from_table)
+    return command == "run" and not d.shards_dir
+
+
+def _check_own_data(d: DataConfig, given: set[str], command: str) -> None:
+    if command != "data":
+        return  # the other commands do not take these settings
     if d.from_sqlite and d.from_table:
         raise UsageError("--from-sqlite and --from-table: give one source of data, not both")
     own = d.from_sqlite or d.from_table
