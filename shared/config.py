@@ -24,8 +24,10 @@ TASKS = ("none", "emnist62", "cifar100", "shakespeare", "stackoverflow-words", "
 """TFF's baseline tasks (`coordinator.tasks`, docs/tasks.md); none: fedcompose's own model."""
 SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
+BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls", "fedcompose_stratified")
 NON_FINITE_POLICIES = ("fail", "drop")
+UNIFORM, STRATIFIED = "uniform", "stratified"
+SAMPLINGS = (UNIFORM, STRATIFIED)
 
 # The learning algorithm's four building blocks and the parameters each choice
 # takes (coordinator/algorithm/ maps every name to TFF's own constructors).
@@ -122,6 +124,30 @@ class DataConfig:
         metavar="DIR",
     )
     force: bool = setting(False, "replace the shards in a non-empty --shards-dir")
+    from_sqlite: str = setting(
+        "",
+        "data: build from a TFF SQLite client-data file instead of --source (EMNIST, "
+        "CIFAR-100, Shakespeare, Stack Overflow, or save_to_sql_client_data output)",
+        metavar="PATH",
+    )
+    sqlite_splits: str = setting(
+        "",
+        "--from-sqlite: the training split and, after a comma, the test split "
+        "(default: train,test, or the only split)",
+        metavar="TRAIN[,TEST]",
+    )
+    from_table: str = setting(
+        "",
+        "data: build from a table, one row per example, with a client-id column "
+        "(.npz, .csv, .parquet; a 'split' column of train/test marks held-out rows)",
+        metavar="PATH",
+    )
+    client_id_column: str = setting("client_id", "--from-table: the client-id column")
+    label_key: str = setting(
+        "",
+        "--from-sqlite/--from-table: the integer label field (needed by --partition "
+        "dirichlet; checked by the shard check)",
+    )
 
 
 @dataclasses.dataclass
@@ -306,6 +332,16 @@ class TrainingConfig:
         "seed of client sampling and shuffling",
         minimum=0,
         maximum=MAX_SEED,
+        fixed_on_resume=True,
+    )
+    sampling: str = setting(
+        UNIFORM,
+        "how a round's clients are drawn: uniform: TFF's uniform draw without replacement "
+        "from all clients; stratified: from each worker's clients separately, each worker "
+        "giving a share proportional to the clients it hosts (even shares, so no worker "
+        "waits on a share larger by chance; each client is still drawn with probability "
+        "about clients per round over clients, but the shares are fixed)",
+        choices=SAMPLINGS,
         fixed_on_resume=True,
     )
     on_non_finite: str = setting(
@@ -560,7 +596,7 @@ class BenchConfig:
     systems: list = setting(
         list(BENCH_SYSTEMS),
         "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
-        "(workers behind mutual TLS)",
+        "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified)",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"
@@ -728,6 +764,10 @@ _COORDINATOR_RESILIENCE = tuple(
     if f.name not in ("worker_restarts", "restart_backoff")
 )
 _PER_PROCESS = ("shard", "port", "log_file")
+_OWN_DATA = ("from_sqlite", "sqlite_splits", "from_table", "client_id_column", "label_key")
+"""`fedcompose data` builds shards of any structure from these; `run` trains the
+built-in models, which take EMNIST-shaped data only."""
+_DATA_COMMAND_ONLY = ("force", *_OWN_DATA)
 _RUN_OUTPUT = (
     "run_dir",
     "checkpoint_every",
@@ -739,7 +779,9 @@ COMMANDS: dict[str, settings.Command] = {
     "run": settings.Command(
         "run",
         {
-            "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
+            "data": tuple(
+                f.name for f in dataclasses.fields(DataConfig) if f.name not in _DATA_COMMAND_ONLY
+            ),
             "federation": (
                 "workers",
                 "base_port",
@@ -900,6 +942,12 @@ def _check_algorithm(config: RunConfig) -> None:
         raise UsageError("--zeroing-norm needs --zeroing")
     if not a.clipping and "clipping_norm" in changed:
         raise UsageError("--clipping-norm needs --clipping")
+    if dp and t.sampling == STRATIFIED:
+        raise UsageError(
+            f"--sampling stratified with --aggregator {a.aggregator}: the privacy accounting "
+            "covers uniform sampling only (a client's chance to be drawn differs by worker "
+            "under stratified sampling); use --sampling uniform"
+        )
     if dp:
         # TFF's DP factories are unweighted: every sampled client counts once.
         a.weighting = "uniform"
@@ -924,8 +972,15 @@ _TASK_ALGORITHM = {"server_optimizer", "server_beta_1", "server_beta_2", "server
 with client SGD, whose server optimizer is the one choice."""
 
 
-def _check_task(config: RunConfig) -> None:
-    m, a = config.model, config.algorithm
+def _check_task(config: RunConfig, command: str) -> None:
+    m, a, d = config.model, config.algorithm, config.data
+    if m.task != "none" and (d.from_sqlite or d.from_table):
+        raise UsageError(
+            f"--task {m.task} writes the task's stand-in; --from-sqlite / --from-table build "
+            "shards of your own data (train on them with --task and --shards-dir)"
+        )
+    if command not in ("run", "train"):
+        return
     if m.task == "none":
         for name in ("task_model", "task_vocab"):
             if getattr(m, name):
@@ -958,7 +1013,7 @@ def _check_together(config: RunConfig, command: str) -> None:
     d, f, t = config.data, config.federation, config.training
     if command in ("run", "train"):
         _check_algorithm(config)
-        _check_task(config)
+    _check_task(config, command)
     if command == "run" and f.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
     if 0 < f.worker_memory_mb < MIN_WORKER_MEMORY_MB:
@@ -990,6 +1045,7 @@ def _check_together(config: RunConfig, command: str) -> None:
         for f in dataclasses.fields(DataConfig)
         if getattr(d, f.name) != settings.field_default(f)
     }
+    _check_own_data(d, given, command)
     if command in ("run", "data"):
         if "alpha" in given and d.partition != "dirichlet":
             raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
@@ -1015,9 +1071,7 @@ def _check_together(config: RunConfig, command: str) -> None:
                     f"{settings.flag(name)} does not apply with --shards-dir: the shards "
                     "there were built already (their manifests say how)"
                 )
-    uses_default_data = config.model.task == "none" and (
-        command == "data" or (command == "run" and not d.shards_dir)
-    )
+    uses_default_data = config.model.task == "none" and _builds_from_source(command, d)
     if uses_default_data and d.source == "default":
         if f.workers > d.writers:
             raise UsageError(
@@ -1029,6 +1083,34 @@ def _check_together(config: RunConfig, command: str) -> None:
                 f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
                 "writers of the default data; lower it or raise --writers"
             )
+
+
+def _builds_from_source(command: str, d: DataConfig) -> bool:
+    """Whether the command builds shards from --source (not --shards-dir, nor own data)."""
+    if command == "data":
+        return not (d.from_sqlite or d.from_table)
+    return command == "run" and not d.shards_dir
+
+
+def _check_own_data(d: DataConfig, given: set[str], command: str) -> None:
+    if command != "data":
+        return  # the other commands do not take these settings
+    if d.from_sqlite and d.from_table:
+        raise UsageError("--from-sqlite and --from-table: give one source of data, not both")
+    own = d.from_sqlite or d.from_table
+    if own:
+        for name in ("source", "emnist_path", "writers", "only_digits"):
+            if name in given:
+                raise UsageError(
+                    f"{settings.flag(name)} does not apply with "
+                    f"{'--from-sqlite' if d.from_sqlite else '--from-table'}"
+                )
+        if d.partition == "dirichlet" and not d.label_key:
+            raise UsageError("--partition dirichlet deals by label: give --label-key FIELD")
+        return
+    for name in _OWN_DATA:
+        if name in given:
+            raise UsageError(f"{settings.flag(name)} applies to --from-sqlite or --from-table only")
 
 
 def resume_conflicts(

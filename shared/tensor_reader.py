@@ -5,9 +5,12 @@ section's dtype and shape follow from the element spec when the reader is
 traced, so a client's dataset is built by one graph with no per-example
 Python: `read_file`, `substr` for each section, `decode_raw`, reshape, and
 `Dataset.from_tensor_slices` over the stacked leaves. A variable-length leaf
-is sliced from a ragged tensor; one `map` (a graph function, no Python) turns
-its ragged slices into the dense `[None, ...]` tensors the spec records, and
-only datasets with such leaves have it.
+is sliced as (start, length) pairs, and one `map` (a graph function, no
+Python) cuts each example's rows from the leaf's values into the dense
+`[None, ...]` tensor the spec records; only datasets with such leaves have
+it. (Slicing a RaggedTensor instead yields RaggedTensorSpec elements, and
+tf.data cannot serialize an empty ragged tensor, which TFF must do for a
+client without test examples.)
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def _section(contents: tf.Tensor, table: tf.Tensor, i: int) -> tf.Tensor:
     return tf.strings.substr(contents, table[i, 0], table[i, 1])
 
 
-def _leaf(contents: tf.Tensor, table: tf.Tensor, s: int, leaf: Leaf) -> tuple[tf.Tensor, int]:
+def _leaf(contents: tf.Tensor, table: tf.Tensor, s: int, leaf: Leaf) -> tuple[tf.Tensor, Any, int]:
+    """A leaf's values stacked over examples, its rows (None if fixed), next section."""
     rows = None
     if leaf.variable:
         rows = tf.io.decode_raw(_section(contents, table, s), tf.int64, little_endian=True)
@@ -77,36 +81,47 @@ def _leaf(contents: tf.Tensor, table: tf.Tensor, s: int, leaf: Leaf) -> tuple[tf
         section = _section(contents, table, s)
         values = tf.io.decode_raw(section, tf_dtype(leaf), little_endian=True)
         s += 1
-    values = tf.reshape(values, [-1, *leaf.inner_shape])
-    if rows is not None:
-        values = tf.RaggedTensor.from_row_lengths(values, rows, validate=False)
-    return values, s
+    return tf.reshape(values, [-1, *leaf.inner_shape]), rows, s
 
 
-def stacked_examples(contents: tf.Tensor, spec: ElementSpec) -> Any:
-    """A file's leaves stacked over its examples (ragged for variable leaves)."""
+def stacked_examples(contents: tf.Tensor, spec: ElementSpec) -> tuple[Any, dict[int, tf.Tensor]]:
+    """A file's leaves stacked over its examples, for `from_tensor_slices`: a
+    fixed leaf as is, a variable leaf as its rows' (start, length) pairs, whose
+    values are in the second result (by leaf index)."""
     header = tensor_records.header_bytes(spec)
     head = tf.io.decode_raw(tf.strings.substr(contents, 0, header), tf.int64, little_endian=True)
     table = tf.reshape(head[3:], [-1, 2])
-    leaves, s = [], 0
-    for _, leaf in element_spec.flatten(spec):
-        values, s = _leaf(contents, table, s, leaf)
-        leaves.append(values)
-    return element_spec.pack(spec, leaves)
-
-
-def _densify(example: Any) -> Any:
-    # Inside the map a ragged_rank-0 slice arrives as a plain tensor already;
-    # tracing through here makes the dataset's spec say TensorSpec.
-    return tf.nest.map_structure(
-        lambda t: t.to_tensor() if isinstance(t, tf.RaggedTensor) else tf.identity(t), example
-    )
+    leaves: list[Any] = []
+    variable: dict[int, tf.Tensor] = {}
+    s = 0
+    for i, (_, leaf) in enumerate(element_spec.flatten(spec)):
+        values, rows, s = _leaf(contents, table, s, leaf)
+        if rows is None:
+            leaves.append(values)
+        else:
+            leaves.append(tf.stack([tf.cumsum(rows, exclusive=True), rows], axis=1))
+            variable[i] = values
+    return element_spec.pack(spec, leaves), variable
 
 
 def client_examples(path: tf.Tensor, empty: tf.Tensor, spec: ElementSpec) -> tf.data.Dataset:
     """The examples of the file at `path` (nothing if `empty`), unbatched, in stored order."""
     contents = tf.cond(empty, lambda: tf.constant(empty_file(spec)), lambda: tf.io.read_file(path))
-    ds = tf.data.Dataset.from_tensor_slices(stacked_examples(contents, spec))
-    if any(leaf.variable for _, leaf in element_spec.flatten(spec)):
-        ds = ds.map(_densify)
-    return ds
+    stacked, variable = stacked_examples(contents, spec)
+    ds = tf.data.Dataset.from_tensor_slices(stacked)
+    if not variable:
+        return ds
+
+    # A ragged tensor cannot be sliced here: tf.data cannot serialize an empty
+    # one (a client without test examples), and TFF serializes every dataset.
+    # So each variable-length row is cut from its leaf's values by a graph map.
+    def cut(*args: Any) -> Any:
+        # A tuple element arrives as positional arguments, anything else as one.
+        example = args if isinstance(spec, tuple) else args[0]
+        flat = [value for _, value in element_spec.flatten_values(spec, example)]
+        for i, values in variable.items():
+            start, length = flat[i][0], flat[i][1]
+            flat[i] = values[start : start + length]
+        return element_spec.pack(spec, flat)
+
+    return ds.map(cut)

@@ -11,5 +11,7 @@ synthetic.py     many synthetic writers (benchmark and scale tests)
 client_data.py   your own data (ClientData, mapping, DataFrame) -> shards of any structure
 task_data.py     a baseline task's generated stand-in -> shards (`data --task`)
 tensor_source.py clients of any element spec, and their IID/Dirichlet re-splits
+tff_sqlite.py    any TFF SQLite client-data file (CIFAR-100, Shakespeare, ...) as columns
+tables.py        a .npz/.csv/.parquet table with a client-id column as columns
 progress.py      progress bars
 """
