@@ -17,9 +17,11 @@ from tqdm import tqdm
 from coordinator import algorithm_record
 from coordinator import federation as federation_lib
 from coordinator import run_dir as run_dir_lib
-from coordinator.algorithm import AlgorithmSpec, privacy
+from coordinator.algorithm import AlgorithmSpec
 from coordinator.executor_client.connection import load_client_tls
 from coordinator.liveness import WORKERS_VIEW
+from coordinator.privacy import accountant as privacy
+from coordinator.privacy.spending import PrivacySpending, recorded
 from coordinator.record_writer import RecordWriter
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
@@ -124,18 +126,6 @@ def _final_eval(status: dict) -> dict | None:
     return None
 
 
-def _recorded_privacy(status: dict) -> dict | None:
-    """The (epsilon, delta) status.json recorded, if it holds them whole."""
-    spent = status.get("privacy")
-    if (
-        isinstance(spent, dict)
-        and isinstance(spent.get("delta"), int | float)
-        and (spent.get("epsilon") is None or isinstance(spent.get("epsilon"), int | float))
-    ):
-        return spent
-    return None
-
-
 def train(
     config: RunConfig,
     addresses: list[str],
@@ -182,7 +172,7 @@ def train(
             _final_eval(plan.status),
             plan.latest,
             True,
-            privacy=_recorded_privacy(plan.status),
+            privacy=recorded(plan.status),
         )
     pause_points.reached("startup")
     started = False
@@ -246,7 +236,8 @@ def train(
                 target_rounds=t.rounds,
             )
             checks = RoundChecks(config, executor, federation)
-            checks.restore_privacy(run, start_round - 1)
+            spending = PrivacySpending(config, federation)
+            spending.restore(run, start_round - 1)
             try:
                 final_eval, weights = _loop(
                     config,
@@ -256,6 +247,7 @@ def train(
                     state,
                     start_round,
                     checks,
+                    spending,
                     _progress_bar(progress, show_progress, t.rounds, start_round),
                 )
             finally:
@@ -266,7 +258,7 @@ def train(
             max(t.rounds, start_round - 1),
             final_eval,
             start_round - 1 or None,
-            privacy=checks.privacy(),
+            privacy=spending.privacy(),
             model_weights=tff.learning.models.ModelWeights(*weight_lists(weights)),
         )
     except KeyboardInterrupt:
@@ -299,7 +291,15 @@ def _progress_bar(
 
 
 def _loop(
-    config, run, executor, federation, state, start_round, checks: RoundChecks, bar
+    config,
+    run,
+    executor,
+    federation,
+    state,
+    start_round,
+    checks: RoundChecks,
+    spending: PrivacySpending,
+    bar,
 ) -> tuple[dict | None, object]:
     t, e = config.training, config.evaluation
     plan = resilience.RoundPlan.of(t, config.resilience)
@@ -331,7 +331,7 @@ def _loop(
                 pause_points.reached("evaluation", round_num)
                 evaluation = checks.evaluate(round_num, state)
             row = _row(round_num, result, evaluation)
-            spent = checks.spend(round_num, result)
+            spent = spending.spend(round_num, result)
             if spent is not None:
                 row["privacy"] = spent
             checkpoint = last or (
@@ -357,7 +357,7 @@ def _loop(
     weights = executor.model_weights(state)
     run.write_model(weights)
     plot = run.write_plot(f"{_model_name(config, executor)}, {len(federation.workers)} workers")
-    spent = checks.privacy()
+    spent = spending.privacy()
     run.write_status(
         state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
     )
