@@ -35,6 +35,7 @@ from shared.errors import RunDirError, UsageError, one_line
 
 if TYPE_CHECKING:
     from coordinator.algorithm.user_process import UserAlgorithm
+    from coordinator.rounds.round_executor import RoundExecutor
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -126,6 +127,54 @@ def _final_eval(status: dict) -> dict | None:
     return None
 
 
+def _already_finished(
+    run: RunDirectory,
+    plan: run_dir_lib.ResumePlan,
+    algorithm: UserAlgorithm | None,
+    quiet: bool,
+) -> TrainSummary:
+    """What a run that has nothing left to do returns, once the algorithm asked
+    for is the one it was trained with."""
+    if algorithm is not None or algorithm_record.recorded(run.path):
+        # Not the process it was trained with: refused, not "finished".
+        from coordinator.algorithm import user_process
+
+        now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
+        algorithm_record.check(run.path, now, resuming=True)
+    # From Python, where the console shows warnings only, this must be seen.
+    (log.info if quiet else log.warning)(
+        "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
+        "or use a new --run-dir)",
+        run.path,
+        plan.latest,
+    )
+    return TrainSummary(
+        run.path,
+        plan.latest or 0,
+        _final_eval(plan.status),
+        plan.latest,
+        True,
+        privacy=recorded(plan.status),
+    )
+
+
+def _round_executor(
+    session: FederationSession,
+    config: RunConfig,
+    algorithm: UserAlgorithm | None,
+    federation: federation_lib.Federation,
+) -> RoundExecutor:
+    """The round executor of fedcompose's own algorithm (from `config`), or of
+    the user's learning process."""
+    if algorithm is None:
+        spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
+        log.info("algorithm: %s", spec.describe())
+        return session.round_executor(spec, config.federation.worker_memory_mb)
+    executor = session.user_round_executor(algorithm, config.federation.worker_memory_mb)
+    log.info("algorithm: %s", executor.algorithm.describe())
+    return executor
+
+
 def train(
     config: RunConfig,
     addresses: list[str],
@@ -153,27 +202,7 @@ def train(
     run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
     plan = run_dir_lib.plan_resume(run, config, command)
     if plan.finished:
-        if algorithm is not None or algorithm_record.recorded(run.path):
-            # Not the process it was trained with: refused, not "finished".
-            from coordinator.algorithm import user_process
-
-            now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
-            algorithm_record.check(run.path, now, resuming=True)
-        # From Python, where the console shows warnings only, this must be seen.
-        (log.warning if session is not None else log.info)(
-            "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
-            "or use a new --run-dir)",
-            run_dir,
-            plan.latest,
-        )
-        return TrainSummary(
-            run_dir,
-            plan.latest or 0,
-            _final_eval(plan.status),
-            plan.latest,
-            True,
-            privacy=recorded(plan.status),
-        )
+        return _already_finished(run, plan, algorithm, quiet=session is None)
     pause_points.reached("startup")
     started = False
     opened = (
@@ -199,15 +228,7 @@ def train(
             record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
             if plan.resuming:
                 run.check_trained_on(record)
-            if algorithm is None:
-                spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
-                log.info("algorithm: %s", spec.describe())
-                executor = session.round_executor(spec, config.federation.worker_memory_mb)
-            else:
-                executor = session.user_round_executor(
-                    algorithm, config.federation.worker_memory_mb
-                )
-                log.info("algorithm: %s", executor.algorithm.describe())
+            executor = _round_executor(session, config, algorithm, federation)
             user_record = algorithm_record.record(executor.algorithm)
             algorithm_record.check(run.path, user_record, resuming=plan.resuming)
             log.info("%s", executor.memory.describe())
