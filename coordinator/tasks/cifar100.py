@@ -18,6 +18,10 @@ import tensorflow_federated as tff
 
 from coordinator.tasks import stand_in
 
+ClientData = tff.simulation.datasets.ClientData
+ClientSpec = tff.simulation.baselines.ClientSpec
+BaselineTask = tff.simulation.baselines.BaselineTask
+
 NAME = "cifar100"
 SPEC = collections.OrderedDict(
     coarse_label=tf.TensorSpec(shape=[], dtype=tf.int64),
@@ -38,11 +42,19 @@ def _client(rng: np.random.Generator, index: int, examples: int) -> dict:
     return {"coarse_label": labels // 5, "image": images, "label": labels}
 
 
-def stand_in_data():
+def stand_in_data() -> tuple[ClientData, ClientData]:
     return stand_in.train_and_test(SPEC, _client, train_examples=8, test_examples=4)
 
 
-def build(train, test, spec, *, model: str = "resnet18", crop: int = 24, **_: object):
+def build(
+    train: ClientData,
+    test: ClientData,
+    spec: ClientSpec,
+    *,
+    model: str = "resnet18",
+    crop: int = 24,
+    **_: object,
+) -> BaselineTask:
     baselines = tff.simulation.baselines.cifar100.image_classification_tasks
     return baselines.create_image_classification_task_with_datasets(
         train_client_spec=spec,

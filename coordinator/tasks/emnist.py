@@ -18,6 +18,10 @@ import tensorflow_federated as tff
 
 from coordinator.tasks import stand_in
 
+ClientData = tff.simulation.datasets.ClientData
+ClientSpec = tff.simulation.baselines.ClientSpec
+BaselineTask = tff.simulation.baselines.BaselineTask
+
 NAME = "emnist62"
 SPEC = collections.OrderedDict(
     label=tf.TensorSpec(shape=[], dtype=tf.int32),
@@ -49,11 +53,18 @@ def _client(rng: np.random.Generator, index: int, examples: int) -> dict:
     return {"label": labels * (CLASSES // _STAND_IN_CLASSES), "pixels": 1.0 - ink}
 
 
-def stand_in_data():
+def stand_in_data() -> tuple[ClientData, ClientData]:
     return stand_in.train_and_test(SPEC, _client, train_examples=12, test_examples=6)
 
 
-def build(train, test, spec, *, model: str = "cnn_dropout", **_: object):
+def build(
+    train: ClientData,
+    test: ClientData,
+    spec: ClientSpec,
+    *,
+    model: str = "cnn_dropout",
+    **_: object,
+) -> BaselineTask:
     baselines = tff.simulation.baselines.emnist.char_recognition_tasks
     return baselines.create_character_recognition_task_from_datasets(
         train_client_spec=spec,

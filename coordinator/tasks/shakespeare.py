@@ -17,6 +17,10 @@ import tensorflow_federated as tff
 
 from coordinator.tasks import stand_in
 
+ClientData = tff.simulation.datasets.ClientData
+ClientSpec = tff.simulation.baselines.ClientSpec
+BaselineTask = tff.simulation.baselines.BaselineTask
+
 NAME = "shakespeare"
 SPEC = collections.OrderedDict(snippets=tf.TensorSpec(shape=[], dtype=tf.string))
 _WORDS = ("to", "be", "or", "not", "that", "is", "the", "question", "my", "lord")
@@ -32,11 +36,13 @@ def _client(rng: np.random.Generator, index: int, examples: int) -> dict:
     return {"snippets": np.array(lines, dtype=object)}
 
 
-def stand_in_data():
+def stand_in_data() -> tuple[ClientData, ClientData]:
     return stand_in.train_and_test(SPEC, _client, train_examples=6, test_examples=3)
 
 
-def build(train, test, spec, *, sequence_length: int = 80, **_: object):
+def build(
+    train: ClientData, test: ClientData, spec: ClientSpec, *, sequence_length: int = 80, **_: object
+) -> BaselineTask:
     baselines = tff.simulation.baselines.shakespeare.char_prediction_tasks
     return baselines.create_character_prediction_task_from_datasets(
         train_client_spec=spec,

@@ -31,6 +31,10 @@ import tensorflow_federated as tff
 from coordinator.tasks import stand_in
 from shared.errors import DataError
 
+ClientData = tff.simulation.datasets.ClientData
+ClientSpec = tff.simulation.baselines.ClientSpec
+BaselineTask = tff.simulation.baselines.BaselineTask
+
 WORDS = "stackoverflow-words"
 TAGS = "stackoverflow-tags"
 SPEC = collections.OrderedDict(
@@ -76,7 +80,7 @@ def _client(rng: np.random.Generator, index: int, examples: int) -> dict:
     }
 
 
-def stand_in_data():
+def stand_in_data() -> tuple[ClientData, ClientData]:
     return stand_in.train_and_test(SPEC, _client, train_examples=8, test_examples=4)
 
 
@@ -128,15 +132,15 @@ def vocabularies(vocab_dir: str | Path | None) -> tuple[list[str], list[str]]:
 
 
 def build_words(
-    train,
-    test,
-    spec,
+    train: ClientData,
+    test: ClientData,
+    spec: ClientSpec,
     *,
     vocab_dir: str | None = None,
     vocab_size: int = 10_000,
     sequence_length: int = 20,
     **_: object,
-):
+) -> BaselineTask:
     words, _tags = vocabularies(vocab_dir)
     return _BASELINES.word_prediction_tasks.create_word_prediction_task_from_datasets(
         train_client_spec=spec,
@@ -151,15 +155,15 @@ def build_words(
 
 
 def build_tags(
-    train,
-    test,
-    spec,
+    train: ClientData,
+    test: ClientData,
+    spec: ClientSpec,
     *,
     vocab_dir: str | None = None,
     vocab_size: int = 10_000,
     tag_vocab_size: int = 500,
     **_: object,
-):
+) -> BaselineTask:
     words, tags = vocabularies(vocab_dir)
     return _BASELINES.tag_prediction_tasks.create_tag_prediction_task_from_datasets(
         train_client_spec=spec,

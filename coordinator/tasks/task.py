@@ -127,7 +127,9 @@ def seeded(model_fn: Callable[[], Any], seed: int) -> Callable[[], Any]:
     return model
 
 
-def client_spec(batch_size: int, epochs: int, shuffle_buffer: int | None, max_elements: int | None):
+def client_spec(
+    batch_size: int, epochs: int, shuffle_buffer: int | None, max_elements: int | None
+) -> tff.simulation.baselines.ClientSpec:
     return tff.simulation.baselines.ClientSpec(
         num_epochs=epochs,
         batch_size=batch_size,
