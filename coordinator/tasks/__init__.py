@@ -44,8 +44,8 @@ class Entry:
 
 
 _ENTRIES = {
-    "emnist62": Entry("emnist62", "emnist", "build", {"model": "2nn"}, ("model",)),
-    "cifar100": Entry("cifar100", "cifar100", "build", {"crop": 8}, ("model", "crop")),
+    "emnist62": Entry("emnist62", "emnist", "build", {"model": "cnn_dropout"}, ("model",)),
+    "cifar100": Entry("cifar100", "cifar100", "build", {"crop": 24}, ("model", "crop")),
     "shakespeare": Entry(
         "shakespeare", "shakespeare", "build", {"sequence_length": 10}, ("sequence_length",)
     ),

@@ -4,8 +4,7 @@
 Raw element: `coarse_label` int64 [], `image` uint8 [32, 32, 3], `label`
 int64 [], as `tff.simulation.datasets.cifar100.load_data()` yields it. Model:
 TFF's ResNet with group normalization (`resnet18` ... `resnet152`); Reddi et
-al. train ResNet-18 on 24x24 crops (TFF's defaults). The stand-in tests use
-ResNet-18 on 8x8 crops.
+al. train ResNet-18 on 24x24 crops (TFF's defaults), as do the stand-in tests.
 """
 
 from __future__ import annotations

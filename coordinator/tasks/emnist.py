@@ -5,7 +5,7 @@ Raw element: `label` int32 [], `pixels` float32 [28, 28] (ink 0 on a
 background of 1), as `tff.simulation.datasets.emnist.load_data(only_digits=False)`
 yields it. Models: `cnn_dropout` (Reddi et al.'s, the default at real scale),
 `cnn` (McMahan et al.'s, no dropout) and `2nn` (two dense layers of 200, no
-dropout: the small one the stand-in tests use).
+dropout).
 """
 
 from __future__ import annotations
