@@ -842,6 +842,31 @@ def _applies_only(name: str, kind: str, chosen: str, table: dict[str, tuple[str,
     )
 
 
+def _check_aggregator_parameters(a: AlgorithmConfig, changed: set[str]) -> None:
+    """An aggregator parameter set must belong to the chosen aggregator."""
+    aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
+    dp = a.aggregator.startswith("dp_")
+    for name in sorted(changed & aggregator_params):
+        if name == "weighting" and dp and a.weighting == "uniform":
+            continue  # what DP aggregators are; a resolved config.toml says so
+        if name not in AGGREGATOR_PARAMETERS[a.aggregator]:
+            raise UsageError(_applies_only(name, "aggregator", a.aggregator, AGGREGATOR_PARAMETERS))
+
+
+def _check_optimizer_parameters(a: AlgorithmConfig, changed: set[str]) -> None:
+    """An optimizer parameter set must belong to its side's chosen optimizer."""
+    for side in ("client", "server"):
+        chosen = getattr(a, f"{side}_optimizer")
+        for param in sorted({p for ps in OPTIMIZER_PARAMETERS.values() for p in ps}):
+            name = f"{side}_{param}"
+            if name in changed and param not in OPTIMIZER_PARAMETERS[chosen]:
+                takers = [o for o, ps in OPTIMIZER_PARAMETERS.items() if param in ps]
+                raise UsageError(
+                    f"{settings.flag(name)} applies to --{side}-optimizer "
+                    f"{' / '.join(takers)} only, not {chosen}"
+                )
+
+
 def _check_algorithm(config: RunConfig) -> None:
     """Every block parameter must belong to the chosen block; combinations that
     cannot run across workers are refused here, before anything starts."""
@@ -853,23 +878,9 @@ def _check_algorithm(config: RunConfig) -> None:
     changed = _not_default(a) | config.flagged
     if a.aggregator in REFUSED_AGGREGATORS:
         raise UsageError(f"--aggregator {a.aggregator}: {REFUSED_AGGREGATORS[a.aggregator]}")
-    aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
     dp = a.aggregator.startswith("dp_")
-    for name in sorted(changed & aggregator_params):
-        if name == "weighting" and dp and a.weighting == "uniform":
-            continue  # what DP aggregators are; a resolved config.toml says so
-        if name not in AGGREGATOR_PARAMETERS[a.aggregator]:
-            raise UsageError(_applies_only(name, "aggregator", a.aggregator, AGGREGATOR_PARAMETERS))
-    for side in ("client", "server"):
-        chosen = getattr(a, f"{side}_optimizer")
-        for param in sorted({p for ps in OPTIMIZER_PARAMETERS.values() for p in ps}):
-            name = f"{side}_{param}"
-            if name in changed and param not in OPTIMIZER_PARAMETERS[chosen]:
-                takers = [o for o, ps in OPTIMIZER_PARAMETERS.items() if param in ps]
-                raise UsageError(
-                    f"{settings.flag(name)} applies to --{side}-optimizer "
-                    f"{' / '.join(takers)} only, not {chosen}"
-                )
+    _check_aggregator_parameters(a, changed)
+    _check_optimizer_parameters(a, changed)
     if a.client_work != "clipped" and "clip_norm" in _not_default(t) | config.flagged:
         raise UsageError(
             f"--clip-norm applies to --client-work clipped only; {a.client_work} does not "
@@ -900,9 +911,15 @@ def _check_algorithm(config: RunConfig) -> None:
 
 def _check_together(config: RunConfig, command: str) -> None:
     """Rules that involve more than one setting."""
-    d, f, t = config.data, config.federation, config.training
     if command in ("run", "train"):
         _check_algorithm(config)
+    _check_federation(config, command)
+    _check_data(config, command)
+
+
+def _check_federation(config: RunConfig, command: str) -> None:
+    """Workers, ports, addresses and TLS, together."""
+    f = config.federation
     if command == "run" and f.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
     if 0 < f.worker_memory_mb < MIN_WORKER_MEMORY_MB:
@@ -927,6 +944,11 @@ def _check_together(config: RunConfig, command: str) -> None:
     if len(set(f.addresses)) != len(f.addresses):
         dup = next(a for a in f.addresses if f.addresses.count(a) > 1)
         raise UsageError(f"--addresses: {dup} is listed twice")
+
+
+def _check_data(config: RunConfig, command: str) -> None:
+    """Data settings against the source, the shards and the workers."""
+    d = config.data
     # Set to something other than its default (a resolved config.toml fed back
     # with --config holds every setting, most at their defaults).
     given = {
@@ -935,14 +957,7 @@ def _check_together(config: RunConfig, command: str) -> None:
         if getattr(d, f.name) != settings.field_default(f)
     }
     if command in ("run", "data"):
-        if "alpha" in given and d.partition != "dirichlet":
-            raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
-        if "writers" in given and d.source != "default":
-            raise UsageError("--writers applies to --source default only; EMNIST has its writers")
-        if "emnist_path" in given and d.source != "emnist":
-            raise UsageError("--emnist-path applies to --source emnist only")
-        if not d.only_digits and d.source != "emnist":
-            raise UsageError("--no-only-digits needs --source emnist; the default has digits only")
+        _check_data_source(d, given)
     if command == "run" and d.shards_dir:
         built = (
             "source",
@@ -961,16 +976,34 @@ def _check_together(config: RunConfig, command: str) -> None:
                 )
     uses_default_data = command == "data" or (command == "run" and not d.shards_dir)
     if uses_default_data and d.source == "default":
-        if f.workers > d.writers:
-            raise UsageError(
-                f"--workers {f.workers} is more than the {d.writers} writers of the data; "
-                "every worker needs at least one; use fewer --workers or more --writers"
-            )
-        if command == "run" and t.clients_per_round > d.writers:
-            raise UsageError(
-                f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
-                "writers of the default data; lower it or raise --writers"
-            )
+        _check_default_data_fits(config, command)
+
+
+def _check_data_source(d: DataConfig, given: set[str]) -> None:
+    """Settings that belong to one source or partition only."""
+    if "alpha" in given and d.partition != "dirichlet":
+        raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
+    if "writers" in given and d.source != "default":
+        raise UsageError("--writers applies to --source default only; EMNIST has its writers")
+    if "emnist_path" in given and d.source != "emnist":
+        raise UsageError("--emnist-path applies to --source emnist only")
+    if not d.only_digits and d.source != "emnist":
+        raise UsageError("--no-only-digits needs --source emnist; the default has digits only")
+
+
+def _check_default_data_fits(config: RunConfig, command: str) -> None:
+    """The default data's writers against the workers and clients per round."""
+    d, f, t = config.data, config.federation, config.training
+    if f.workers > d.writers:
+        raise UsageError(
+            f"--workers {f.workers} is more than the {d.writers} writers of the data; "
+            "every worker needs at least one; use fewer --workers or more --writers"
+        )
+    if command == "run" and t.clients_per_round > d.writers:
+        raise UsageError(
+            f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
+            "writers of the default data; lower it or raise --writers"
+        )
 
 
 def resume_conflicts(

@@ -211,7 +211,7 @@ def test_privacy_accountant_composes_rounds_as_dp_accounting_does():
     import dp_accounting
     from dp_accounting import rdp
 
-    from coordinator.algorithm.privacy import PrivacyAccountant, round_event
+    from coordinator.privacy.accountant import PrivacyAccountant, round_event
 
     def spent(z: float, rounds: list[tuple[int, int]]) -> float:
         accountant = PrivacyAccountant(z, 1e-5)

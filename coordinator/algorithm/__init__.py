@@ -10,11 +10,11 @@
     compose.py      the four blocks, composed, with the dataset computations
                     that let `next` take client tokens
     dataset_fusion.py  a client's dataset built inside its client update
-    privacy.py      (epsilon, delta) spent so far with a DP aggregator
     user_process.py a learning process the user composed in Python, prepared for
                     the workers (or refused in one line)
 
-The model and the client update, which run on the workers, live in `shared/`.
+The model and the client update, which run on the workers, live in `shared/`; the
+privacy a DP aggregator spends is accounted in `coordinator.privacy`.
 """
 
 from coordinator.algorithm.compose import Algorithm, build, build_learning_process, build_process

@@ -29,7 +29,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from coordinator.executor_client import connection
+from coordinator.executor_client import connection, probe
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.wire import CountingStub, WireStats
 from shared.errors import FederationError, one_line
@@ -124,7 +124,7 @@ class RemoteWorker:
 
         gRPC alone cannot tell a dead worker from a wrong port, a TLS mismatch or
         a rejected certificate (all "unavailable"). Whenever the channel is not
-        ready after a short wait, a direct probe (`connection.probe`) says why;
+        ready after a short wait, a direct probe (`probe.probe`) says why;
         an answer that waiting cannot change (wrong protocol, any TLS failure,
         and a refused connection unless `retry_refused`: a worker may still be
         starting) fails at once instead of after `timeout`.
@@ -144,10 +144,8 @@ class RemoteWorker:
                 pass
             wait = 1.0
             remaining = deadline - time.monotonic()
-            diagnosis = connection.probe(
-                self.address, self.tls, timeout=min(3.0, max(remaining, 1.0))
-            )
-            if diagnosis.final or (diagnosis.kind == connection.REFUSED and not retry_refused):
+            diagnosis = probe.probe(self.address, self.tls, timeout=min(3.0, max(remaining, 1.0)))
+            if diagnosis.final or (diagnosis.kind == probe.REFUSED and not retry_refused):
                 raise WorkerError(self.label, diagnosis.message)
             if time.monotonic() >= deadline:
                 if diagnosis.ok:
@@ -162,13 +160,13 @@ class RemoteWorker:
     def _check_peer(self, timeout: float) -> None:
         """gRPC checked the worker's certificate against the CA and the address
         only: here, that it is the site provisioned at that address and not
-        revoked (`connection.probe`, which compares both with the coordinator's kit)."""
+        revoked (`probe.probe`, which compares both with the coordinator's kit)."""
         if self.tls is None or not self.tls.checks_peer:
             return
-        diagnosis = connection.probe(self.address, self.tls, timeout=timeout)
+        diagnosis = probe.probe(self.address, self.tls, timeout=timeout)
         # Only these two: the channel is up, so a slow probe (a loaded machine)
         # is no reason to refuse the worker.
-        if diagnosis.kind in (connection.WRONG_SITE, connection.REVOKED):
+        if diagnosis.kind in (probe.WRONG_SITE, probe.REVOKED):
             raise WorkerError(self.label, diagnosis.message)
 
     def _count_call(self) -> None:
