@@ -229,6 +229,9 @@ def train(
             record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
             if plan.resuming:
                 run.check_trained_on(record)
+            # How rounds drew from these clients; a stratified draw's strata are the
+            # shards, whose clients `clients_per_shard` records.
+            record["sampling"] = t.sampling
             executor = _round_executor(session, config, algorithm, federation)
             user_record = algorithm_record.record(executor.algorithm)
             algorithm_record.check(run.path, user_record, resuming=plan.resuming)

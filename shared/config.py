@@ -25,8 +25,10 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
+BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls", "fedcompose_stratified")
 NON_FINITE_POLICIES = ("fail", "drop")
+UNIFORM, STRATIFIED = "uniform", "stratified"
+SAMPLINGS = (UNIFORM, STRATIFIED)
 
 # The learning algorithm's four building blocks and the parameters each choice
 # takes (coordinator/algorithm/ maps every name to TFF's own constructors).
@@ -287,6 +289,16 @@ class TrainingConfig:
         maximum=MAX_SEED,
         fixed_on_resume=True,
     )
+    sampling: str = setting(
+        UNIFORM,
+        "how a round's clients are drawn: uniform: TFF's uniform draw without replacement "
+        "from all clients; stratified: from each worker's clients separately, each worker "
+        "giving a share proportional to the clients it hosts (even shares, so no worker "
+        "waits on a share larger by chance; each client is still drawn with probability "
+        "about clients per round over clients, but the shares are fixed)",
+        choices=SAMPLINGS,
+        fixed_on_resume=True,
+    )
     on_non_finite: str = setting(
         "fail",
         "a client's update or loss, the aggregate, the model or a held-out figure that is "
@@ -539,7 +551,7 @@ class BenchConfig:
     systems: list = setting(
         list(BENCH_SYSTEMS),
         "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
-        "(workers behind mutual TLS)",
+        "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified)",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"
@@ -890,6 +902,12 @@ def _check_algorithm(config: RunConfig) -> None:
         raise UsageError("--zeroing-norm needs --zeroing")
     if not a.clipping and "clipping_norm" in changed:
         raise UsageError("--clipping-norm needs --clipping")
+    if dp and t.sampling == STRATIFIED:
+        raise UsageError(
+            f"--sampling stratified with --aggregator {a.aggregator}: the privacy accounting "
+            "covers uniform sampling only (a client's chance to be drawn differs by worker "
+            "under stratified sampling); use --sampling uniform"
+        )
     if dp:
         # TFF's DP factories are unweighted: every sampled client counts once.
         a.weighting = "uniform"

@@ -76,6 +76,11 @@ def test_non_finite_values_in_a_config_file_are_rejected_too(tmp_path):
             "needs more than 10 clients per round",
         ),
         (["--on-non-finite", "ignore"], "choose one of fail, drop"),
+        (
+            ["--aggregator", "dp_fixed", "--sampling", "stratified"],
+            "privacy accounting covers uniform sampling only",
+        ),
+        (["--sampling", "random"], "choose one of uniform, stratified"),
         # A flag the chosen block does not take is refused even at its default value.
         (["--noise-multiplier", "0.5"], "--noise-multiplier applies to --aggregator dp_fixed"),
         (["--aggregator", "dp_fixed", "--weighting", "examples"], "--weighting applies to"),

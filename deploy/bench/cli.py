@@ -120,7 +120,7 @@ def shard_counts(config: config_lib.RunConfig) -> list[int]:
     counts = set()
     if {"keras", "tff_local"} & set(b.systems):
         counts.add(1)  # the single-process baselines read one shard set's files
-    if {"fedcompose", "fedcompose_tls"} & set(b.systems):
+    if {"fedcompose", "fedcompose_tls", "fedcompose_stratified"} & set(b.systems):
         counts.update(workers)
     return sorted(counts)
 
@@ -246,7 +246,9 @@ def run(config: config_lib.RunConfig) -> int:
     # same machine load (it is shared and noisy).
     for workers in config.federation.workers:
         steps += [
-            (system, workers) for system in ("fedcompose", "fedcompose_tls") if system in b.systems
+            (system, workers)
+            for system in ("fedcompose", "fedcompose_tls", "fedcompose_stratified")
+            if system in b.systems
         ]
     total = len(list(plan.workloads())) * len(steps) * b.passes
     meta = {
@@ -280,9 +282,7 @@ def run(config: config_lib.RunConfig) -> int:
                         runner.tff_local(shard_sets[1])
                     else:
                         assert workers is not None
-                        runner.fedcompose(
-                            workers, shard_sets[workers], tls=system == "fedcompose_tls"
-                        )
+                        runner.fedcompose(workers, shard_sets[workers], system)
     finally:
         bar.close()
         if runner is not None:

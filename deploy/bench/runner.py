@@ -202,13 +202,15 @@ class Runner:
         provision.provision(kits, sites, valid_days=7)
         return kits
 
-    def fedcompose(self, workers: int, shard_dirs: list[Path], tls: bool = False) -> None:
-        """fedcompose with `workers` local workers; with `tls`, every worker serves
-        through its mutual-TLS proxy and the coordinator dials with its kit."""
+    def fedcompose(self, workers: int, shard_dirs: list[Path], system: str = "fedcompose") -> None:
+        """fedcompose with `workers` local workers; as `fedcompose_tls`, every
+        worker serves through its mutual-TLS proxy and the coordinator dials with
+        its kit; as `fedcompose_stratified`, rounds sample by worker."""
         from deploy import workers as workers_lib
         from deploy.bench import pinning
 
-        name = f"fedcompose-{'tls-' if tls else ''}w{workers}"
+        tls = system == "fedcompose_tls"
+        name = f"{system.replace('_', '-')}-w{workers}"
         logs_dir = self.work_dir / name
         kits = self._tls_kits(workers) if tls else None
         started = workers_lib.start_workers(
@@ -240,8 +242,9 @@ class Runner:
                     "log_dir": str(logs_dir),
                     "records_dir": str(logs_dir / "records"),
                     "tls_dir": str(kits / "coordinator") if kits else "",
+                    "sampling": "stratified" if system == "fedcompose_stratified" else "uniform",
                 },
-                "fedcompose_tls" if tls else "fedcompose",
+                system,
                 workers,
                 watch,
             )
