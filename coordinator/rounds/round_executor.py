@@ -196,14 +196,9 @@ class RoundExecutor:
             pieces.append(piece + [preprocessing.EMPTY_CLIENT_TOKEN] * (count - real))
         return pieces
 
-    def _make_room(self, index: int, clients: int) -> None:
-        """Frees the worker's executors its policy evicts to make room for `clients`."""
-        for count in self.reuse[index].use(clients):
-            self.federation.workers[index].dispose_executor(count)
-
     def _make_room_for(self, index: int, pieces: list[list[str]]) -> None:
-        for count in dict.fromkeys(len(p) for p in reversed(pieces)):
-            self._make_room(index, count)
+        """Frees the worker's executors its policy evicts to make room for `pieces`."""
+        self.reuse[index].make_room(self.federation.workers[index], [len(p) for p in pieces])
 
     def warm_up(
         self,
@@ -233,7 +228,7 @@ class RoundExecutor:
             counts = self.reuse[index].warm_up_counts(clients_per_round, hosted, total, per_call)
             for clients in counts[:max_counts]:
                 if not worker.is_loaded(self._train.after_merge, clients):
-                    self._make_room(index, clients)
+                    self.reuse[index].make_room(worker, [clients])
                     self._train.warm_up(worker, state_proto, clients)
                 progress[index] = time.monotonic()
             self._warmed[index].add(clients_per_round)
