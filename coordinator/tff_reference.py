@@ -46,7 +46,8 @@ class ReferenceResult:
     """Each round's measurements, flattened (`name/sub: number`)."""
 
 
-def _token_process(process: Any, preprocess: Any):
+def _token_process(process: Any, preprocess: Any) -> Any:
+    """`process` (a `tff.learning.templates.LearningProcess`), its `next` taking tokens."""
     import tensorflow_federated as tff
 
     from coordinator.algorithm import user_process
