@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import tensorflow as tf
@@ -38,7 +39,7 @@ class WorkerDescription:
 
 def _describe_computation() -> tff.Computation:
     @tff.tensorflow.computation
-    def describe():
+    def describe() -> tuple[tf.Tensor, tf.Tensor]:
         # Relative paths resolve in the worker's working directory.
         return (
             tf.io.read_file(worker_dir.MANIFEST_PATH),
@@ -56,7 +57,8 @@ def describe_worker(worker: RemoteWorker) -> WorkerDescription:
     if _DESCRIBE is None:
         _DESCRIBE = PreparedComputation(_describe_computation(), "describe")
     try:
-        manifest_bytes, info_bytes = worker.call(_DESCRIBE, None)
+        # `describe` returns <string, string>, which TFF hands back as two bytes.
+        manifest_bytes, info_bytes = cast(tuple[bytes, bytes], worker.call(_DESCRIBE, None))
     except WorkerError as e:
         if "NOT_FOUND" in str(e) or "No such file" in str(e) or "not found" in str(e).lower():
             raise WorkerError(

@@ -46,7 +46,9 @@ class ReferenceResult:
     """Each round's measurements, flattened (`name/sub: number`)."""
 
 
-def _token_process(process: Any, preprocess: Any, data_format: Any = None):
+def _token_process(process: Any, preprocess: Any, data_format: Any = None) -> Any:
+    """`process` (a `tff.learning.templates.LearningProcess`), its `next` taking
+    tokens of clients whose data is in `data_format` (None: emnist-fixed)."""
     import tensorflow_federated as tff
 
     from coordinator.algorithm import user_process

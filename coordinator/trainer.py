@@ -26,6 +26,7 @@ from coordinator.record_writer import RecordWriter
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
 from coordinator.rounds.outputs import weight_lists
+from coordinator.rounds.round_executor import RoundExecutor
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
@@ -227,17 +228,17 @@ def train(
         return _already_finished(run, plan, algorithm, quiet=session is None, config=config)
     pause_points.reached("startup")
     started = False
-    opened = (
-        contextlib.nullcontext(session)
-        if session is not None
-        else FederationSession(
+    opened: contextlib.AbstractContextManager[FederationSession]
+    if session is not None:
+        opened = contextlib.nullcontext(session)
+    else:
+        opened = FederationSession(
             addresses,
             rpc_timeout=config.federation.rpc_timeout,
             connect_timeout=config.federation.connect_timeout,
             log_dir=run.logs_dir,
             tls=load_client_tls(config.tls.tls_dir),
         )
-    )
     try:
         with opened as session:
             federation = session.federation
@@ -337,15 +338,15 @@ def _progress_bar(
 
 
 def _loop(
-    config,
-    run,
-    executor,
-    federation,
-    state,
-    start_round,
+    config: RunConfig,
+    run: RunDirectory,
+    executor: RoundExecutor,
+    federation: federation_lib.Federation,
+    state: object,
+    start_round: int,
     checks: RoundChecks,
     spending: PrivacySpending,
-    bar,
+    bar: Any,
 ) -> tuple[dict | None, object]:
     t, e = config.training, config.evaluation
     plan = resilience.RoundPlan.of(t, config.resilience)
@@ -430,7 +431,7 @@ def _loop(
     return evaluation, weights
 
 
-def _model_name(config: RunConfig, executor) -> str:
+def _model_name(config: RunConfig, executor: RoundExecutor) -> str:
     if executor.algorithm.user_defined:
         return executor.algorithm.describe()
     return f"{config.model.model} model"

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import settings
 from shared.errors import UsageError
 from shared.settings import setting
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 SOURCES = ("default", "emnist")
 PARTITIONS = ("natural", "iid", "dirichlet")
@@ -885,7 +888,7 @@ def resolve(args: argparse.Namespace, command: str) -> RunConfig:
     return config
 
 
-def _not_default(section: object) -> set[str]:
+def _not_default(section: DataclassInstance) -> set[str]:
     """Names of the section's settings set to something other than their default.
 
     "Given" is not enough: a resolved config.toml fed back with --config holds
@@ -893,7 +896,7 @@ def _not_default(section: object) -> set[str]:
     """
     return {
         f.name
-        for f in dataclasses.fields(section)  # type: ignore[arg-type]
+        for f in dataclasses.fields(section)
         if getattr(section, f.name) != settings.field_default(f)
     }
 

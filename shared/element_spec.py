@@ -75,7 +75,9 @@ class Leaf:
     @property
     def inner_shape(self) -> tuple[int, ...]:
         """The shape after the variable first dimension (the whole shape if fixed)."""
-        return tuple(self.shape[1:]) if self.variable else tuple(self.shape)  # type: ignore[arg-type]
+        rest = self.shape[1:] if self.variable else self.shape
+        # No None is left after the first dimension (__post_init__ refuses it).
+        return tuple(d for d in rest if d is not None)
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -174,7 +176,9 @@ def describe(spec: ElementSpec) -> str:
     return "(" + ", ".join(describe(v) for v in spec) + ")"
 
 
-def require_same(found: ElementSpec, found_where: str, wanted: ElementSpec, wanted_where: str):
+def require_same(
+    found: ElementSpec, found_where: str, wanted: ElementSpec, wanted_where: str
+) -> None:
     """Refuses, in one line naming both, a spec that is not the one wanted."""
     if found != wanted:
         raise SpecError(
@@ -192,7 +196,7 @@ def leaf_at(spec: ElementSpec, path: str) -> Leaf:
     raise SpecError(f"no field {path!r} in the examples ({describe(spec)}); fields: {names}")
 
 
-EMNIST_RAW = collections.OrderedDict(
+EMNIST_RAW: ElementSpec = collections.OrderedDict(
     label=Leaf("int32", ()),
     pixels=Leaf("float32", (28, 28)),
 )

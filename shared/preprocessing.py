@@ -9,6 +9,7 @@ single-process runs comparable.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -61,7 +62,7 @@ def _read_client_file(path: tf.Tensor, empty: tf.Tensor) -> collections.OrderedD
     return collections.OrderedDict(x=1.0 - pixels, y=tf.reshape(labels, [-1, 1]))
 
 
-def raw_element_spec(data: shard_format.DataFormat | None = None):
+def raw_element_spec(data: shard_format.DataFormat | None = None) -> Any:
     """One example as `raw_client_dataset` yields it (TensorSpecs in the
     recorded structure). Without `data`: TFF's federated EMNIST element
     (`tff.simulation.datasets.emnist`), what emnist-fixed shards hold, so code
@@ -133,7 +134,7 @@ def _lean_options() -> tf.data.Options:
     return options
 
 
-def batches_from_arrays(pixels: np.ndarray, labels: np.ndarray, batch_size: int):
+def batches_from_arrays(pixels: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
     """The same preprocessing on in-memory arrays (for Keras baselines and tests)."""
     x = 1.0 - np.asarray(pixels, dtype=np.float32).reshape(-1, shard_format.PIXELS)
     y = np.asarray(labels, dtype=np.int32).reshape(-1, 1)

@@ -65,7 +65,11 @@ def flag(name: str) -> str:
 
 
 def field_default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"setting {f.name} is declared without a default")
 
 
 def kind_of(f: dataclasses.Field) -> type:

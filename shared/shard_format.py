@@ -31,7 +31,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +205,7 @@ class Manifest:
                 task=Task(
                     dataset=str(task["dataset"]),
                     num_classes=int(task["num_classes"]),
-                    image_shape=tuple(task["image_shape"]),  # type: ignore[arg-type]
+                    image_shape=tuple(task["image_shape"]),
                 ),
                 build_id=str(body["build_id"]),
                 shard_index=int(body["shard_index"]),
@@ -248,7 +248,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_client(shard_dir: Path, client_id: str, split: str, pixels, labels) -> str:
+def write_client(
+    shard_dir: Path, client_id: str, split: str, pixels: np.ndarray, labels: np.ndarray
+) -> str:
     """Writes one client's split and returns its checksum."""
     data = encode_records(pixels, labels)
     path = shard_dir / client_path(split, client_id)
@@ -258,7 +260,11 @@ def write_client(shard_dir: Path, client_id: str, split: str, pixels, labels) ->
 
 
 def write_tensors(
-    shard_dir: Path, client_id: str, split: str, data: DataFormat, columns
+    shard_dir: Path,
+    client_id: str,
+    split: str,
+    data: DataFormat,
+    columns: Sequence[tensor_records.Column],
 ) -> tuple[str, int]:
     """Writes one client's split in the stacked-tensors encoding (columns in
     leaf order, see `shared.tensor_records`); returns its checksum and size."""

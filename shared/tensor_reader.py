@@ -57,7 +57,7 @@ def empty_file(spec: ElementSpec) -> bytes:
     """A file of no examples: what an empty client (padding) reads instead of a file."""
     columns: list[Any] = []
     for _, leaf in element_spec.flatten(spec):
-        columns.append([] if leaf.variable else np.zeros((0, *leaf.shape), leaf.numpy_dtype))
+        columns.append([] if leaf.variable else np.zeros((0, *leaf.inner_shape), leaf.numpy_dtype))
     return tensor_records.encode(spec, columns)
 
 

@@ -130,13 +130,23 @@ class Revocations:
 def parse_crl(pem: bytes, ca_pem: bytes, where: str = "--tls-dir") -> dict[int, datetime.datetime]:
     """Serial -> revocation time of a CRL, after checking it is the CA's; one-line errors."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x448, x25519
 
     try:
         crl = x509.load_pem_x509_crl(pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError:
         raise UsageError(f"{where}: {CRL_FILE} is not a PEM revocation list") from None
-    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
+    key = ca.public_key()
+    # Key-agreement keys cannot sign: such a CA signed no CRL, and checking with one raises.
+    agreement_only = (
+        x25519.X25519PublicKey,
+        x448.X448PublicKey,
+        mlkem.MLKEM768PublicKey,
+        mlkem.MLKEM1024PublicKey,
+    )
+    signed = not isinstance(key, agreement_only) and crl.is_signature_valid(key)
+    if crl.issuer != ca.subject or not signed:
         raise UsageError(
             f"{where}: {CRL_FILE} is not signed by this federation's CA; copy the {CRL_FILE} "
             "that `fedcompose provision --revoke` wrote"

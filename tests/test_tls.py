@@ -758,3 +758,35 @@ def test_a_ca_pem_of_several_cas_is_refused_and_refusals_are_told_truly(tmp_path
     finally:
         for p in served:
             p.stop()
+
+
+def test_a_revocation_list_against_a_ca_key_that_cannot_sign_is_refused_in_one_line():
+    """A CA certificate carrying a key-agreement key (X25519) signed no list:
+    refused as a usage error, where checking the signature with it used to raise TypeError."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, x25519
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    signer = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcompose CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(x25519.X25519PrivateKey.generate().public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(signer, hashes.SHA256())
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=1))
+        .sign(signer, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    with pytest.raises(UsageError, match=r"crl\.pem is not signed by this federation's CA"):
+        tls.parse_crl(crl.public_bytes(pem), ca.public_bytes(pem))

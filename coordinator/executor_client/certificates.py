@@ -6,11 +6,17 @@ from __future__ import annotations
 import datetime
 import socket
 import ssl
+from typing import TYPE_CHECKING
 
 from coordinator.executor_client.connection import ClientTLS
 
+if TYPE_CHECKING:
+    from cryptography import x509
 
-def _peer_certificate(host: str, port: int, timeout: float, tls: ClientTLS | None = None):
+
+def _peer_certificate(
+    host: str, port: int, timeout: float, tls: ClientTLS | None = None
+) -> x509.Certificate | None:
     """The peer's certificate, fetched without verifying it (to describe what is wrong).
 
     Presents our own certificate: a worker's TLS gate speaks TLS 1.2, where a
@@ -36,7 +42,7 @@ def _peer_certificate(host: str, port: int, timeout: float, tls: ClientTLS | Non
         return None
 
 
-def _names(cert) -> str:
+def _names(cert: x509.Certificate) -> str:
     from cryptography import x509
 
     try:
@@ -52,7 +58,7 @@ def when(moment: datetime.datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
-def _ca_certificates(ca_pem: bytes) -> list:
+def _ca_certificates(ca_pem: bytes) -> list[x509.Certificate]:
     """Every certificate in a PEM bundle ([] if it cannot be read)."""
     from cryptography import x509
 
@@ -62,7 +68,7 @@ def _ca_certificates(ca_pem: bytes) -> list:
         return []
 
 
-def _signed_by(cert, ca) -> bool:
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     from cryptography.exceptions import InvalidSignature
 
     try:
@@ -72,7 +78,7 @@ def _signed_by(cert, ca) -> bool:
     return True
 
 
-def _same_name_other_key(cert, ca_pem: bytes) -> bool:
+def _same_name_other_key(cert: x509.Certificate, ca_pem: bytes) -> bool:
     """Whether `ca_pem` holds a CA with the name of `cert`'s issuer, and none of
     that name signed it."""
     named = [ca for ca in _ca_certificates(ca_pem) if ca.subject == cert.issuer]
@@ -81,7 +87,7 @@ def _same_name_other_key(cert, ca_pem: bytes) -> bool:
 
 def describe_verify_error(
     e: ssl.SSLCertVerificationError, host: str, port: int, timeout: float, tls: ClientTLS
-):
+) -> str:
     code = e.verify_code
     cert = _peer_certificate(host, port, timeout, tls)
     if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
@@ -127,7 +133,7 @@ def describe_verify_error(
     return f"its certificate failed verification: {e.verify_message}"
 
 
-def load_der(der: bytes | None):
+def load_der(der: bytes | None) -> x509.Certificate | None:
     from cryptography import x509
 
     try:
@@ -136,7 +142,7 @@ def load_der(der: bytes | None):
         return None
 
 
-def own_certificate_problem(tls: ClientTLS, peer=None) -> str | None:
+def own_certificate_problem(tls: ClientTLS, peer: x509.Certificate | None = None) -> str | None:
     """Why a worker would refuse our certificate, if we can tell: from our
     certificate, our CA bundle and (`peer`) the worker's certificate, which
     verified with that bundle."""

@@ -21,7 +21,8 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 import tensorflow_federated as tff
@@ -51,7 +52,7 @@ _CHANNEL_OPTIONS = [
 _DISPOSE_TIMEOUT = 10.0
 _GONE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
-ValueRef = executor_pb2.ValueRef
+ValueRef: TypeAlias = executor_pb2.ValueRef
 
 
 class WorkerError(FederationError):
@@ -173,7 +174,7 @@ class RemoteWorker:
             self.stats.calls += 1
 
     @contextlib.contextmanager
-    def deadline(self, at: float, why: str):
+    def deadline(self, at: float, why: str) -> Iterator[None]:
         """Calls made by this thread inside the block end by `at` (`time.monotonic()`),
         or sooner by their own deadline; `why` names that deadline in the error."""
         previous = getattr(self._local, "deadline", None)
@@ -183,7 +184,8 @@ class RemoteWorker:
         finally:
             self._local.deadline = previous
 
-    def _rpc(self, method: str, request, timeout: float | None = None):
+    def _rpc(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """`request` and the answer are protobuf messages of `executor_pb2`."""
         call: Callable = getattr(self._stub, method)
         deadline = self.rpc_timeout if timeout is None else timeout
         why = None
@@ -193,11 +195,11 @@ class RemoteWorker:
         try:
             response = call(request, timeout=deadline)
         except grpc.RpcError as e:
-            if e.code() in _GONE:  # type: ignore[attr-defined]
+            if e.code() in _GONE:
                 self.unresponsive = True
-            if why is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            if why is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise WorkerError(self.label, f"no answer to {method} {why}") from None
-            if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:  # type: ignore[attr-defined]
+            if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:
                 raise WorkerError(self.label, f"{method} abandoned: {self.abandoned}") from None
             raise WorkerError(self.label, _describe_rpc_error(e, method, deadline)) from None
         except ValueError:  # "Cannot invoke RPC on closed channel!"

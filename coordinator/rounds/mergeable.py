@@ -86,8 +86,8 @@ def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputa
     if not (
         isinstance(param, tff.StructType)
         and len(param) == 2
-        and param[0].placement is tff.SERVER  # type: ignore[union-attr]
-        and param[1].placement is tff.CLIENTS  # type: ignore[union-attr]
+        and param[0].placement is tff.SERVER
+        and param[1].placement is tff.CLIENTS
     ):
         raise TypeError(f"{name}: expected (state@SERVER, data@CLIENTS), got {param}")
     member = form.up_to_merge.type_signature.result.member
@@ -96,17 +96,17 @@ def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputa
     # `merge` takes and returns unplaced values; placed at the server, it
     # takes the partials where they are and yields what `after_merge` takes.
     @tff.federated_computation(partial_type, partial_type)
-    def merge_placed(a, b):
+    def merge_placed(a: tff.Value, b: tff.Value) -> tff.Value:
         return tff.federated_map(form.merge, tff.federated_zip((a, b)))
 
     @tff.tensorflow.computation(member)
-    def done_marker(_):
+    def done_marker(_: object) -> tf.Tensor:
         return tf.constant(True)
 
     # Fetching a bool that depends on a partial tells when the partial is
     # done without fetching the partial itself.
     @tff.federated_computation(partial_type)
-    def partial_done(partial):
+    def partial_done(partial: tff.Value) -> tff.Value:
         return tff.federated_map(done_marker, partial)
 
     comps = {

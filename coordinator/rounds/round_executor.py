@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from concurrent import futures
+from typing import Protocol, cast
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
@@ -72,6 +73,14 @@ def required_clients(clients_per_round: int, min_coverage: float) -> int:
     """Clients a round must include to be applied: `min_coverage` of the
     configured round size, at least one."""
     return max(1, math.ceil(min_coverage * clients_per_round - 1e-9))
+
+
+class _ProcessOutput(Protocol):
+    """What `next` of a learning or an evaluation process returns
+    (`LearningProcessOutput`)."""
+
+    state: object
+    metrics: object
 
 
 @dataclasses.dataclass
@@ -444,11 +453,11 @@ class RoundExecutor:
             for i in outcome.delivered:
                 self.federation.liveness.delivered(i)
         result_proto = outcome.result
-        output = self._train.after_merge.deserialize_result(result_proto)
-        index = self._train.state_index
+        output = cast(_ProcessOutput, self._train.after_merge.deserialize_result(result_proto))
+        state_index = self._train.state_index
         self._known = (
-            _KnownState(output.state, result_proto.struct.element[index].value)
-            if index is not None
+            _KnownState(output.state, result_proto.struct.element[state_index].value)
+            if state_index is not None
             else None
         )
         timing.total = time.perf_counter() - started
@@ -529,7 +538,7 @@ class RoundExecutor:
         if outcome is None:
             log.warning("no worker could evaluate the model: %s", "; ".join(lost.values()))
             return None
-        output = self._eval.after_merge.deserialize_result(outcome.result)
+        output = cast(_ProcessOutput, self._eval.after_merge.deserialize_result(outcome.result))
         evaluation = {
             **outputs.eval_metrics(output.metrics),
             "clients": sum(len(tokens[i]) for i in outcome.delivered),
