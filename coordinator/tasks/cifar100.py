@@ -16,10 +16,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from coordinator.tasks import stand_in
-
-ClientData = tff.simulation.datasets.ClientData
-ClientSpec = tff.simulation.baselines.ClientSpec
-BaselineTask = tff.simulation.baselines.BaselineTask
+from coordinator.tasks.stand_in import BaselineTask, ClientData, ClientSpec
 
 NAME = "cifar100"
 SPEC = collections.OrderedDict(

@@ -10,6 +10,8 @@ the task's model, client SGD at --client-learning-rate, server SGD
 
 from __future__ import annotations
 
+from typing import Any
+
 from coordinator import tasks
 from coordinator.algorithm.user_process import UserAlgorithm
 from shared.config import RunConfig
@@ -20,7 +22,7 @@ from shared.shard_format import DataFormat
 def user_algorithm(config: RunConfig, data: DataFormat | None) -> UserAlgorithm:
     """The task's process over the workers' data (`data`: their format)."""
     m, t, a = config.model, config.training, config.algorithm
-    options: dict[str, object] = {}
+    options: dict[str, Any] = {}
     if m.task_model:
         if "model" not in tasks.entry(m.task).options:
             raise UsageError(f"--task-model does not apply to --task {m.task}: it has one model")

@@ -29,11 +29,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from coordinator.tasks import stand_in
+from coordinator.tasks.stand_in import BaselineTask, ClientData, ClientSpec
 from shared.errors import DataError
-
-ClientData = tff.simulation.datasets.ClientData
-ClientSpec = tff.simulation.baselines.ClientSpec
-BaselineTask = tff.simulation.baselines.BaselineTask
 
 WORDS = "stackoverflow-words"
 TAGS = "stackoverflow-tags"

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+ClientData: TypeAlias = Any
+"""A `tff.simulation.datasets.ClientData` (TFF ships no type information)."""
+ClientSpec: TypeAlias = Any
+"""A `tff.simulation.baselines.ClientSpec`."""
+BaselineTask: TypeAlias = Any
+"""A `tff.simulation.baselines.BaselineTask`."""
 
 SEED = 20
 """The stand-ins' one seed: the data is a fixed function of the task."""
@@ -32,7 +40,7 @@ def client_data(
     examples: int,
     clients: int = CLIENTS,
     seed: int = SEED,
-) -> tff.simulation.datasets.ClientData:
+) -> ClientData:
     """A ClientData of `clients` clients of `examples` examples each, made by
     `make` and checked against `spec` (keys, dtypes, shapes)."""
     rng = np.random.default_rng(seed)
@@ -53,7 +61,7 @@ def client_data(
 
 def train_and_test(
     spec: Mapping[str, tf.TensorSpec], make: MakeClient, train_examples: int, test_examples: int
-) -> tuple[tff.simulation.datasets.ClientData, tff.simulation.datasets.ClientData]:
+) -> tuple[ClientData, ClientData]:
     """The same clients' train and test splits (test drawn after train)."""
     return (
         client_data(spec, make, train_examples),
