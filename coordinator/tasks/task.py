@@ -116,13 +116,19 @@ def seeded(model_fn: Callable[[], Any], seed: int) -> Callable[[], Any]:
     def model() -> Any:
         state = keras_backend._SEED_GENERATOR
         previous = getattr(state, "generator", None)
+        python_state = random.getstate()
         state.generator = random.Random(seed)
+        # TFF's EMNIST models draw their initializers' seeds from Python's own
+        # `random` (unless given a debug seed, which would also fix their
+        # preprocessing's shuffle): seeded too, for the model's construction only.
+        random.seed(seed)
         try:
             if not tf.executing_eagerly():
                 tf.random.set_seed(seed)  # ops seeded by the graph (dropout's, say)
             return model_fn()
         finally:
             state.generator = previous
+            random.setstate(python_state)
 
     return model
 
