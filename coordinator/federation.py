@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -92,9 +91,11 @@ def stratum_quotas(sizes: Sequence[int], drawn: int) -> list[int]:
     proportional to its size, rounded by largest remainder (ties to the
     earlier stratum), so the quotas sum to `drawn` and none exceeds its size."""
     total = sum(sizes)
-    exact = [drawn * n / total for n in sizes]
-    quotas = [math.floor(q) for q in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (quotas[i] - exact[i], i))
+    # Integer remainders (numerators over `total`): float ones of equal
+    # fractions can differ in the last bit, which broke ties the other way.
+    quotas = [drawn * n // total for n in sizes]
+    remainders = [drawn * n % total for n in sizes]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))
     for i in by_remainder[: drawn - sum(quotas)]:
         quotas[i] += 1
     return quotas

@@ -4,6 +4,8 @@ grouped by the worker hosting each client, the same in every run."""
 from __future__ import annotations
 
 import collections
+import itertools
+from fractions import Fraction
 
 import pytest
 
@@ -66,12 +68,29 @@ def _strata(sizes: list[int]) -> dict[str, int]:
         ([1, 1, 1], 2, [1, 1, 0]),  # equal remainders: the earlier strata
         ([7, 3], 10, [7, 3]),
         ([100, 1], 5, [5, 0]),
+        ([1, 4, 1], 4, [1, 3, 0]),  # remainders all 2/3, which floats see unequal
+        ([1, 1, 7], 3, [1, 0, 2]),
     ],
 )
 def test_stratum_quotas_are_proportional_and_sum_to_the_draw(sizes, drawn, expected):
     quotas = stratum_quotas(sizes, drawn)
     assert quotas == expected
     assert sum(quotas) == drawn and all(q <= n for q, n in zip(quotas, sizes, strict=True))
+
+
+def test_stratum_quotas_break_ties_by_exact_remainders():
+    # Largest remainder done in exact arithmetic, equal remainders to the
+    # earlier stratum, as the docs say; float remainders of equal fractions
+    # can differ in their last bit and hand the extra client elsewhere.
+    for sizes in itertools.product(range(1, 8), repeat=3):
+        total = sum(sizes)
+        for drawn in range(1, total + 1):
+            exact = [Fraction(drawn * n, total) for n in sizes]
+            expected = [int(q) for q in exact]
+            order = sorted(range(3), key=lambda i: (-(exact[i] - expected[i]), i))
+            for i in order[: drawn - sum(expected)]:
+                expected[i] += 1
+            assert stratum_quotas(list(sizes), drawn) == expected, (sizes, drawn)
 
 
 def test_stratified_sampling_gives_each_worker_its_proportional_share_every_round():
