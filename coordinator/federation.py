@@ -23,7 +23,7 @@ from coordinator.executor_client import PreparedComputation, RemoteWorker, Worke
 from coordinator.executor_client.connection import ClientTLS
 from coordinator.liveness import Liveness
 from shared import shard_format, worker_dir
-from shared.config import STRATIFIED
+from shared.config import SAMPLINGS, STRATIFIED
 from shared.errors import FederationError
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -145,6 +145,8 @@ def sample_live(
     instead (`sample_stratified`): every worker gets a share proportional to
     the clients it hosts, so no worker's share is larger by chance.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {sampling!r}: one of {', '.join(SAMPLINGS)}")
     if live is None:
         pool = list(client_ids)
     else:

@@ -142,3 +142,11 @@ def test_stratified_sampling_draws_only_from_live_workers():
     # Asked for more than the live workers host: every live client.
     everyone = sample_live(sorted(owner), owner, [0], 7, 50, 1, "stratified")
     assert everyone == sorted(c for c, w in owner.items() if w == 0)
+
+
+def test_an_unknown_sampling_is_refused_not_drawn_uniformly():
+    # A misspelt name (a bench child's config, a caller of the API) must not
+    # quietly give uniform draws labelled as another scheme.
+    owner = _strata([3, 3])
+    with pytest.raises(ValueError, match="Stratified"):
+        sample_live(sorted(owner), owner, None, 1, 2, 0, "Stratified")
