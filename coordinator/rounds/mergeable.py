@@ -166,75 +166,14 @@ class MergeableRunner:
             proto = worker.call_proto(self.up_to_merge, arg, main, call)
             return _Partial(index, proto, None, time.perf_counter() - started, call, pieces=1)
         held: list[ValueRef] = keep if keep is not None else []
-        comps = [self.up_to_merge, self.partial_done, self.merge]
-        if keep is not None:
-            comps.append(self.after_merge)
+        comps = self._share_computations(finisher=keep is not None)
         for comp in comps:
             worker.load(comp, main)
         call.setup = time.perf_counter() - started
-        groups: dict[int, list[list[str]]] = {}
-        for tokens in pieces:
-            groups.setdefault(len(tokens), []).append(tokens)
-        merged: ValueRef | None = None
-        original_arg: ValueRef | None = None
-        moved: list[executor_pb2.Value] = []
         try:
-            for count, group in groups.items():
-                bucket = held if count == main else []
-                if count != main:
-                    for comp in comps[:3]:
-                        worker.load(comp, count)
-                t0 = time.perf_counter()
-                state_ref = worker.create_value(state, count)
-                bucket.append(state_ref)
-                call.upload += time.perf_counter() - t0
-                group_merged: ValueRef | None = None
-                for tokens in group:
-                    t0 = time.perf_counter()
-                    tokens_ref = worker.create_value(
-                        self.up_to_merge.serialize_element(1, tokens), count
-                    )
-                    arg_ref = worker.create_struct(
-                        list(zip(self.arg_names, [state_ref, tokens_ref], strict=True)), count
-                    )
-                    t1 = time.perf_counter()
-                    call.upload += t1 - t0
-                    partial_ref = worker.create_call(self.up_to_merge, arg_ref, count)
-                    # What this piece made is freed as soon as it is merged: a
-                    # partial (and a merged one) is model-sized, and keeping every
-                    # piece's would grow the worker with the number of pieces.
-                    spent = [tokens_ref, arg_ref]
-                    if original_arg is None and count == main and keep is not None:
-                        original_arg = arg_ref  # `after_merge` takes it: it stays
-                        spent = []
-                        bucket += [tokens_ref, arg_ref]
-                    # One piece at a time: wait until this one is done.
-                    done_ref = worker.create_call(self.partial_done, partial_ref, count)
-                    worker.compute(done_ref, count)
-                    spent.append(done_ref)
-                    if group_merged is None:
-                        group_merged = partial_ref
-                    else:
-                        step: list[ValueRef] = []
-                        merged_now = self._merge_on(worker, group_merged, partial_ref, count, step)
-                        settled = worker.create_call(self.partial_done, merged_now, count)
-                        worker.compute(settled, count)
-                        spent += [group_merged, partial_ref, settled, *step[:-1]]
-                        group_merged = merged_now
-                    worker.dispose(spent, count)
-                    call.compute += time.perf_counter() - t1
-                assert group_merged is not None
-                bucket.append(group_merged)
-                if count == main:
-                    merged = group_merged
-                else:
-                    moved.append(worker.compute(group_merged, count))
-                    worker.dispose(bucket, count)
-            assert merged is not None
-            for proto in moved:
-                ref = worker.create_value(proto, main)
-                held.append(ref)
-                merged = self._merge_on(worker, merged, ref, main, held)
+            merged, original_arg = self._share_in_pieces(
+                worker, state, pieces, held, call, finisher=keep is not None
+            )
             if keep is not None:
                 return _Partial(
                     index,
@@ -254,6 +193,134 @@ class MergeableRunner:
         finally:
             if keep is None:
                 worker.dispose(held, main)
+
+    def _share_computations(self, finisher: bool) -> list[PreparedComputation]:
+        """What a share run in pieces calls: the finisher also runs `after_merge`."""
+        comps = [self.up_to_merge, self.partial_done, self.merge]
+        if finisher:
+            comps.append(self.after_merge)
+        return comps
+
+    def _share_in_pieces(
+        self,
+        worker: RemoteWorker,
+        state: executor_pb2.Value,
+        pieces: list[list[str]],
+        held: list[ValueRef],
+        call: CallTiming,
+        finisher: bool,
+    ) -> tuple[ValueRef, ValueRef | None]:
+        """Runs a share's pieces, grouped by client count, and merges them into one
+        partial in the main count's executor; returns it with the first piece's
+        argument when `finisher` (else None). What stays on the worker is in `held`."""
+        main = len(pieces[0])
+        groups: dict[int, list[list[str]]] = {}
+        for tokens in pieces:
+            groups.setdefault(len(tokens), []).append(tokens)
+        merged: ValueRef | None = None
+        original_arg: ValueRef | None = None
+        moved: list[executor_pb2.Value] = []
+        for count, group in groups.items():
+            bucket = held if count == main else []
+            if count != main:
+                for comp in self._share_computations(finisher=False):
+                    worker.load(comp, count)
+            group_merged, first_arg = self._run_group(
+                worker, state, group, count, bucket, call, keep_arg=finisher and count == main
+            )
+            bucket.append(group_merged)
+            if count == main:
+                merged, original_arg = group_merged, first_arg
+            else:
+                moved.append(worker.compute(group_merged, count))
+                worker.dispose(bucket, count)
+        assert merged is not None
+        for proto in moved:
+            ref = worker.create_value(proto, main)
+            held.append(ref)
+            merged = self._merge_on(worker, merged, ref, main, held)
+        return merged, original_arg
+
+    def _run_group(
+        self,
+        worker: RemoteWorker,
+        state: executor_pb2.Value,
+        group: list[list[str]],
+        count: int,
+        bucket: list[ValueRef],
+        call: CallTiming,
+        keep_arg: bool,
+    ) -> tuple[ValueRef, ValueRef | None]:
+        """Runs the pieces of one client count one after another, merging each
+        into the group's partial; with `keep_arg`, the first piece's argument
+        stays (in `bucket`) and is returned with the partial."""
+        t0 = time.perf_counter()
+        state_ref = worker.create_value(state, count)
+        bucket.append(state_ref)
+        call.upload += time.perf_counter() - t0
+        group_merged: ValueRef | None = None
+        first_arg: ValueRef | None = None
+        for tokens in group:
+            group_merged, arg_ref = self._run_piece(
+                worker,
+                state_ref,
+                tokens,
+                count,
+                call,
+                group_merged,
+                bucket if keep_arg and first_arg is None else None,
+            )
+            if first_arg is None:
+                first_arg = arg_ref
+        assert group_merged is not None
+        return group_merged, first_arg
+
+    def _run_piece(
+        self,
+        worker: RemoteWorker,
+        state_ref: ValueRef,
+        tokens: list[str],
+        count: int,
+        call: CallTiming,
+        group_merged: ValueRef | None,
+        keep: list[ValueRef] | None,
+    ) -> tuple[ValueRef, ValueRef | None]:
+        """Runs `up_to_merge` on one piece, waits for it and merges it into
+        `group_merged`; returns the new merged partial, and the piece's argument
+        when `keep` is given (it then stays, added to `keep`)."""
+        t0 = time.perf_counter()
+        tokens_ref = worker.create_value(self.up_to_merge.serialize_element(1, tokens), count)
+        arg_ref = worker.create_struct(
+            list(zip(self.arg_names, [state_ref, tokens_ref], strict=True)), count
+        )
+        t1 = time.perf_counter()
+        call.upload += t1 - t0
+        partial_ref = worker.create_call(self.up_to_merge, arg_ref, count)
+        # What this piece made is freed as soon as it is merged: a partial (and
+        # a merged one) is model-sized, and keeping every piece's would grow the
+        # worker with the number of pieces.
+        spent = [tokens_ref, arg_ref]
+        kept_arg: ValueRef | None = None
+        if keep is not None:
+            kept_arg = arg_ref  # `after_merge` takes it: it stays
+            spent = []
+            keep += [tokens_ref, arg_ref]
+        # One piece at a time: wait until this one is done.
+        done_ref = worker.create_call(self.partial_done, partial_ref, count)
+        worker.compute(done_ref, count)
+        spent.append(done_ref)
+        if group_merged is None:
+            group_merged = partial_ref
+        else:
+            step: list[ValueRef] = []
+            merged_now = self._merge_on(worker, group_merged, partial_ref, count, step)
+            settled = worker.create_call(self.partial_done, merged_now, count)
+            worker.compute(settled, count)
+            spent += [group_merged, partial_ref, settled, *step[:-1]]
+            group_merged = merged_now
+        worker.dispose(spent, count)
+        call.compute += time.perf_counter() - t1
+        return group_merged, kept_arg
 
     def warm_up(self, worker: RemoteWorker, state: executor_pb2.Value, clients: int) -> None:
         """Builds the worker's executor for `clients` clients and every session the
@@ -331,155 +398,32 @@ class MergeableRunner:
         enough; if not, `NotEnough` is raised before anything is finished.
         `track(index, future)` is told of each worker's call.
         """
-        tokens_by_worker = {i: [t for p in ps for t in p] for i, ps in pieces_by_worker.items()}
-        order = [index for index, tokens in sorted(tokens_by_worker.items()) if tokens]
-        finisher_index = _busiest(order, tokens_by_worker)
-        finisher = federation.workers[finisher_index]
-        clients = len(pieces_by_worker[finisher_index][0])
-        deadline = None if phase_timeout is None else time.monotonic() + phase_timeout
-        # Values made on the finisher, by its own call's thread and by this one.
-        kept_by_call: list[ValueRef] = []
-        kept: list[ValueRef] = []
-        lost: dict[int, str] = {}
-        protos: dict[int, executor_pb2.Value] = {}
-        token_protos: dict[int, executor_pb2.Value] = {}
-        original_arg: ValueRef | None = None
-        merger = _Merger(self, finisher, clients, order, kept)
-        finisher_ok = True
-        pending: dict[futures.Future, int] = {}
-        for index in order:
-            pieces = pieces_by_worker[index]
-            # What another worker needs to finish the round in this one's place.
-            token_protos[index] = self.up_to_merge.serialize_element(1, pieces[0])
-            if index == finisher_index:
-                future = pool.submit(
-                    self._share, finisher, index, state_proto, pieces, kept_by_call
-                )
-            else:
-                worker = federation.workers[index]
-                future = pool.submit(self._share, worker, index, state_proto, pieces)
-            pending[future] = index
-            if track is not None:
-                track(index, future)
+        round_ = _Round(self, federation, pieces_by_worker, timing, started, phase_timeout)
+        round_.start(pool, state_proto, track)
         timing.prepare = time.perf_counter() - started
-
-        merge_by = deadline
-        """Until when a merge step on the finisher may run: the delivery deadline,
-        then (for the merges left and `after_merge`) as long again."""
-
-        def on_finisher(step: Callable[[], None]) -> None:
-            """Runs a merge step on the finisher, within `merge_by`; a finisher
-            that fails it is lost, with every partial forwarded to it."""
-            nonlocal finisher_ok
-            if not finisher_ok:
-                return
-            try:
-                if merge_by is None:
-                    step()
-                else:
-                    with finisher.deadline(merge_by, _within(phase_timeout, "to merge")):
-                        step()
-            except WorkerError as e:
-                finisher_ok = False
-                lost[finisher_index] = f"{e} (while merging, as the round's finisher)"
-
-        def harvest(future: futures.Future) -> None:
-            """Takes in a worker's finished call: its partial, or its loss."""
-            nonlocal finisher_ok, original_arg
-            index = pending[future]
-            try:
-                partial: _Partial = future.result()
-            except WorkerError as e:
-                lost[index] = str(e)
-                if index == finisher_index:
-                    finisher_ok = False
-                on_finisher(lambda i=index: merger.skip(i))
-                return
-            self._record(timing, partial, tokens_by_worker, started)
-            t0 = time.perf_counter()
-            if partial.ref is not None:
-                original_arg = partial.original_arg
-                on_finisher(lambda p=partial: merger.add_ref(p.index, p.ref))
-            else:
-                assert partial.proto is not None
-                protos[partial.index] = partial.proto
-                on_finisher(lambda p=partial: merger.add_proto(p.index, p.proto))
-            timing.merge += time.perf_counter() - t0
-
         try:
-            # Partials are merged in worker order, each as soon as all before it
-            # are in or lost, so that float sums (and thus whole runs) are
-            # reproducible for a given set of delivered partials.
-            waiting = set(pending)
-            while waiting:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                done, waiting = futures.wait(
-                    waiting, timeout=left, return_when=futures.FIRST_COMPLETED
-                )
-                for future in sorted(done, key=lambda f: pending[f]):
-                    harvest(future)
-            # Delivery is over. The merges left and `after_merge` get as long
-            # again: a merge step run on the expired deadline failed at once,
-            # losing a healthy finisher (and its partial) whenever a partial
-            # after a missing one in worker order waited to be merged.
-            if phase_timeout is not None:
-                merge_by = time.monotonic() + phase_timeout
-            # Calls that ended while this thread was held (by a merge step on a
-            # stuck finisher, until the deadline) delivered in time; only those
-            # still running missed it.
-            for future in sorted((f for f in waiting if f.done()), key=lambda f: pending[f]):
-                waiting.discard(future)
-                harvest(future)
-            for future in waiting:
-                index = pending[future]
-                lost[index] = _within(phase_timeout, "to deliver its partial", missed=True)
-                if index == finisher_index:
-                    finisher_ok = False
-                on_finisher(lambda i=index: merger.skip(i))
+            round_.collect()
             t0 = time.perf_counter()
-            if finisher_ok:
-                assert merger.done() and original_arg is not None
-                if not accept(merger.merged):
-                    raise NotEnough(merger.merged, lost)
-                pause_points.reached("merged", round_num, finisher=finisher.address)
-                finish_by = merge_by
-                try:
-                    if finish_by is None:
-                        result = self._finish_on(
-                            finisher, original_arg, merger.value, clients, kept
-                        )
-                    else:
-                        with finisher.deadline(finish_by, _within(phase_timeout, "to finish")):
-                            result = self._finish_on(
-                                finisher, original_arg, merger.value, clients, kept
-                            )
-                    timing.finalize = time.perf_counter() - t0
-                    return MergeOutcome(result, merger.merged, lost, finisher_index)
-                except WorkerError as e:
-                    finisher_ok = False
-                    lost[finisher_index] = f"{e} (as the round's finisher, while finishing it)"
-            outcome = self._refinish(
-                federation,
-                state_proto,
-                token_protos,
-                pieces_by_worker,
-                protos,
-                order,
-                lost,
-                accept,
-                phase_timeout,
-            )
+            outcome = round_.finish(accept, round_num)
+            if outcome is None:
+                outcome = self._refinish(
+                    federation,
+                    state_proto,
+                    round_.token_protos,
+                    pieces_by_worker,
+                    round_.protos,
+                    round_.order,
+                    round_.lost,
+                    accept,
+                    phase_timeout,
+                )
             timing.finalize = time.perf_counter() - t0
             return outcome
         except BaseException:
-            for future in pending:
-                future.cancel()
+            round_.cancel()
             raise
         finally:
-            if finisher_ok:
-                finisher.dispose(kept_by_call + kept, clients)
+            round_.release()
 
     def _record(
         self,
@@ -560,6 +504,171 @@ class MergeableRunner:
                 return MergeOutcome(result, delivered, lost, index, refinished=True)
             except WorkerError as e:
                 lost[index] = f"{e} (while finishing the round in place of the lost finisher)"
+
+
+class _Round:
+    """One run of a mergeable computation: the workers' calls in flight, the
+    partials they delivered, the workers lost, and the finisher's merge."""
+
+    def __init__(
+        self,
+        runner: MergeableRunner,
+        federation: Federation,
+        pieces_by_worker: dict[int, list[list[str]]],
+        timing: RoundTiming,
+        started: float,
+        phase_timeout: float | None,
+    ):
+        self.runner, self.federation = runner, federation
+        self.pieces_by_worker = pieces_by_worker
+        self.timing, self.started, self.phase_timeout = timing, started, phase_timeout
+        self.tokens_by_worker = {
+            i: [t for p in ps for t in p] for i, ps in pieces_by_worker.items()
+        }
+        self.order = [i for i, tokens in sorted(self.tokens_by_worker.items()) if tokens]
+        self.finisher_index = _busiest(self.order, self.tokens_by_worker)
+        self.finisher = federation.workers[self.finisher_index]
+        self.clients = len(pieces_by_worker[self.finisher_index][0])
+        self.deadline = None if phase_timeout is None else time.monotonic() + phase_timeout
+        self.merge_by = self.deadline
+        """Until when a merge step on the finisher may run: the delivery deadline,
+        then (for the merges left and `after_merge`) as long again."""
+        # Values made on the finisher, by its own call's thread and by this one.
+        self.kept_by_call: list[ValueRef] = []
+        self.kept: list[ValueRef] = []
+        self.lost: dict[int, str] = {}
+        self.protos: dict[int, executor_pb2.Value] = {}
+        self.token_protos: dict[int, executor_pb2.Value] = {}
+        self.original_arg: ValueRef | None = None
+        self.merger = _Merger(runner, self.finisher, self.clients, self.order, self.kept)
+        self.finisher_ok = True
+        self.pending: dict[futures.Future, int] = {}
+
+    def start(
+        self,
+        pool: futures.ThreadPoolExecutor,
+        state_proto: executor_pb2.Value,
+        track: Callable[[int, futures.Future], None] | None,
+    ) -> None:
+        """Starts every worker's share, all at once."""
+        for index in self.order:
+            pieces = self.pieces_by_worker[index]
+            # What another worker needs to finish the round in this one's place.
+            self.token_protos[index] = self.runner.up_to_merge.serialize_element(1, pieces[0])
+            if index == self.finisher_index:
+                future = pool.submit(
+                    self.runner._share, self.finisher, index, state_proto, pieces, self.kept_by_call
+                )
+            else:
+                worker = self.federation.workers[index]
+                future = pool.submit(self.runner._share, worker, index, state_proto, pieces)
+            self.pending[future] = index
+            if track is not None:
+                track(index, future)
+
+    def collect(self) -> None:
+        """Takes in the partials until all are in or lost, or the deadline passed;
+        then drops the workers that missed it."""
+        # Partials are merged in worker order, each as soon as all before it are
+        # in or lost, so that float sums (and thus whole runs) are reproducible
+        # for a given set of delivered partials.
+        waiting = set(self.pending)
+        while waiting:
+            left = None if self.deadline is None else self.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            done, waiting = futures.wait(waiting, timeout=left, return_when=futures.FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: self.pending[f]):
+                self._harvest(future)
+        # Delivery is over. The merges left and `after_merge` get as long again:
+        # a merge step run on the expired deadline failed at once, losing a
+        # healthy finisher (and its partial) whenever a partial after a missing
+        # one in worker order waited to be merged.
+        if self.phase_timeout is not None:
+            self.merge_by = time.monotonic() + self.phase_timeout
+        # Calls that ended while this thread was held (by a merge step on a stuck
+        # finisher, until the deadline) delivered in time; only those still
+        # running missed it.
+        for future in sorted((f for f in waiting if f.done()), key=lambda f: self.pending[f]):
+            waiting.discard(future)
+            self._harvest(future)
+        for future in waiting:
+            missed = _within(self.phase_timeout, "to deliver its partial", missed=True)
+            self._lose(self.pending[future], missed)
+
+    def finish(self, accept: Callable[[list[int]], bool], round_num: int) -> MergeOutcome | None:
+        """Runs `after_merge` on the finisher; None when the finisher is (or gets)
+        lost, for another worker to finish the round."""
+        if not self.finisher_ok:
+            return None
+        assert self.merger.done() and self.original_arg is not None
+        if not accept(self.merger.merged):
+            raise NotEnough(self.merger.merged, self.lost)
+        pause_points.reached("merged", round_num, finisher=self.finisher.address)
+        try:
+            with self._on_time("to finish"):
+                result = self.runner._finish_on(
+                    self.finisher, self.original_arg, self.merger.value, self.clients, self.kept
+                )
+        except WorkerError as e:
+            self.finisher_ok = False
+            self.lost[self.finisher_index] = f"{e} (as the round's finisher, while finishing it)"
+            return None
+        return MergeOutcome(result, self.merger.merged, self.lost, self.finisher_index)
+
+    def cancel(self) -> None:
+        for future in self.pending:
+            future.cancel()
+
+    def release(self) -> None:
+        """Frees what the round made on the finisher (a lost one is left alone)."""
+        if self.finisher_ok:
+            self.finisher.dispose(self.kept_by_call + self.kept, self.clients)
+
+    def _on_time(self, what: str) -> contextlib.AbstractContextManager:
+        """Bounds the finisher's calls by `merge_by`."""
+        if self.merge_by is None:
+            return contextlib.nullcontext()
+        return self.finisher.deadline(self.merge_by, _within(self.phase_timeout, what))
+
+    def _on_finisher(self, step: Callable[[], None]) -> None:
+        """Runs a merge step on the finisher, within `merge_by`; a finisher that
+        fails it is lost, with every partial forwarded to it."""
+        if not self.finisher_ok:
+            return
+        try:
+            with self._on_time("to merge"):
+                step()
+        except WorkerError as e:
+            self.finisher_ok = False
+            self.lost[self.finisher_index] = f"{e} (while merging, as the round's finisher)"
+
+    def _lose(self, index: int, why: str) -> None:
+        self.lost[index] = why
+        if index == self.finisher_index:
+            self.finisher_ok = False
+        self._on_finisher(lambda: self.merger.skip(index))
+
+    def _harvest(self, future: futures.Future) -> None:
+        """Takes in a worker's finished call: its partial, or its loss."""
+        index = self.pending[future]
+        try:
+            partial: _Partial = future.result()
+        except WorkerError as e:
+            self._lose(index, str(e))
+            return
+        self.runner._record(self.timing, partial, self.tokens_by_worker, self.started)
+        t0 = time.perf_counter()
+        if partial.ref is not None:
+            self.original_arg = partial.original_arg
+            ref = partial.ref
+            self._on_finisher(lambda: self.merger.add_ref(index, ref))
+        else:
+            proto = partial.proto
+            assert proto is not None
+            self.protos[index] = proto
+            self._on_finisher(lambda: self.merger.add_proto(index, proto))
+        self.timing.merge += time.perf_counter() - t0
 
 
 def _busiest(indices: list[int], tokens_by_worker: dict[int, list[str]]) -> int:
