@@ -239,7 +239,8 @@ def fuse(
     @tff.tensorflow.computation(state_type, tff.TensorType(np.str_, [None]))
     def fused_share(state, tokens):
         interp = _Interpreter(client_type, make_client_step())
-        state = structure.from_container(state, recursive=True)
+        if not isinstance(state, tf.Tensor):
+            state = structure.from_container(state, recursive=True)
         outside = scope(interp, state, None)
         zero = interp.eval(zero_bb, outside)
         report = interp.eval(report_bb, outside)
@@ -260,10 +261,14 @@ def fuse(
             parallel_iterations=1,
         )
         result = report(_pack(zero, list(out[1:])))
-        return structure.to_odict_or_tuple(result) if isinstance(result, structure.Struct) else result
+        return (
+            structure.to_odict_or_tuple(result) if isinstance(result, structure.Struct) else result
+        )
 
     if not fused_share.type_signature.result.is_equivalent_to(partial_type):
-        raise NotFusable(f"the fused share gives {fused_share.type_signature.result}, not {partial_type}")
+        raise NotFusable(
+            f"the fused share gives {fused_share.type_signature.result}, not {partial_type}"
+        )
 
     @tff.federated_computation(
         tff.FederatedType(state_type, tff.SERVER),
