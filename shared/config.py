@@ -22,7 +22,8 @@ PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls")
+BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls", "fedcompose_unfused")
+BENCH_DEFAULT_SYSTEMS = BENCH_SYSTEMS[:4]
 NON_FINITE_POLICIES = ("fail", "drop")
 
 # The learning algorithm's four building blocks and the parameters each choice
@@ -534,9 +535,10 @@ class BenchConfig:
     )
     skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
     systems: list = setting(
-        list(BENCH_SYSTEMS),
+        list(BENCH_DEFAULT_SYSTEMS),
         "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
-        "(workers behind mutual TLS)",
+        "(workers behind mutual TLS), fedcompose_unfused (a worker's share of a round as "
+        "TensorFlow calls per client, the path before fusing; not measured unless named)",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"

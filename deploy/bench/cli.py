@@ -120,7 +120,7 @@ def shard_counts(config: config_lib.RunConfig) -> list[int]:
     counts = set()
     if {"keras", "tff_local"} & set(b.systems):
         counts.add(1)  # the single-process baselines read one shard set's files
-    if {"fedcompose", "fedcompose_tls"} & set(b.systems):
+    if {"fedcompose", "fedcompose_tls", "fedcompose_unfused"} & set(b.systems):
         counts.update(workers)
     return sorted(counts)
 
@@ -242,11 +242,13 @@ def run(config: config_lib.RunConfig) -> int:
     steps: list[tuple[str, int | None]] = [
         (system, None) for system in ("keras", "tff_local") if system in b.systems
     ]
-    # With and without TLS interleaved, per worker count, so that both see the
-    # same machine load (it is shared and noisy).
+    # With and without TLS (and fused and unfused) interleaved, per worker
+    # count, so that both see the same machine load (it is shared and noisy).
     for workers in config.federation.workers:
         steps += [
-            (system, workers) for system in ("fedcompose", "fedcompose_tls") if system in b.systems
+            (system, workers)
+            for system in ("fedcompose", "fedcompose_unfused", "fedcompose_tls")
+            if system in b.systems
         ]
     total = len(list(plan.workloads())) * len(steps) * b.passes
     meta = {
@@ -281,7 +283,10 @@ def run(config: config_lib.RunConfig) -> int:
                     else:
                         assert workers is not None
                         runner.fedcompose(
-                            workers, shard_sets[workers], tls=system == "fedcompose_tls"
+                            workers,
+                            shard_sets[workers],
+                            tls=system == "fedcompose_tls",
+                            fused=system != "fedcompose_unfused",
                         )
     finally:
         bar.close()

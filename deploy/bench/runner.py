@@ -202,13 +202,16 @@ class Runner:
         provision.provision(kits, sites, valid_days=7)
         return kits
 
-    def fedcompose(self, workers: int, shard_dirs: list[Path], tls: bool = False) -> None:
+    def fedcompose(
+        self, workers: int, shard_dirs: list[Path], tls: bool = False, fused: bool = True
+    ) -> None:
         """fedcompose with `workers` local workers; with `tls`, every worker serves
-        through its mutual-TLS proxy and the coordinator dials with its kit."""
+        through its mutual-TLS proxy and the coordinator dials with its kit;
+        without `fused`, a worker's share of a round runs as calls per client."""
         from deploy import workers as workers_lib
         from deploy.bench import pinning
 
-        name = f"fedcompose-{'tls-' if tls else ''}w{workers}"
+        name = f"fedcompose-{'tls-' if tls else ''}{'' if fused else 'unfused-'}w{workers}"
         logs_dir = self.work_dir / name
         kits = self._tls_kits(workers) if tls else None
         started = workers_lib.start_workers(
@@ -240,8 +243,9 @@ class Runner:
                     "log_dir": str(logs_dir),
                     "records_dir": str(logs_dir / "records"),
                     "tls_dir": str(kits / "coordinator") if kits else "",
+                    "fused": fused,
                 },
-                "fedcompose_tls" if tls else "fedcompose",
+                "fedcompose_tls" if tls else "fedcompose" if fused else "fedcompose_unfused",
                 workers,
                 watch,
             )
