@@ -141,3 +141,31 @@ def test_the_log_says_once_why_a_share_is_not_fused(caplog):
         "training: TensorFlow calls per client, not fused (a user's process is not fused)",
         "training: TensorFlow calls per client, not fused (the fused share is turned off)",
     ]
+
+
+def test_the_bench_reports_both_paths_against_the_floor():
+    from deploy.bench import report
+
+    def row(model: str, clients: int, system: str, seconds: float) -> report.Row:
+        workers = None if system == report.KERAS else 1
+        r = report.Row(model, clients, system, workers)
+        r.rounds = [{"round": n, "seconds": seconds, "examples": 24 * clients} for n in (0, 1)]
+        return r
+
+    rows = [
+        row("linear", 1000, report.KERAS, 0.25),
+        row("linear", 1000, report.FEDCOMPOSE, 0.45),
+        row("linear", 1000, report.FEDCOMPOSE_UNFUSED, 1.25),
+        row("cnn", 100, report.KERAS, 2.0),
+        row("cnn", 100, report.FEDCOMPOSE, 2.2),
+        row("cnn", 100, report.FEDCOMPOSE_UNFUSED, 2.1),
+    ]
+    summaries = {r.key: report.summarize(r) for r in rows}
+    report.add_ratios(rows, summaries)
+    fused = summaries[("linear", 1000, report.FEDCOMPOSE, 1)]
+    assert fused["per_client_ms"] == pytest.approx(0.2)
+    found = {t["model"]: t for t in report.fused_targets(rows, summaries)}
+    assert found["linear"]["met"] and found["linear"]["xfloor"] == pytest.approx([5.0, 1.8])
+    assert found["linear"]["per_client_ms"] == pytest.approx([1.0, 0.2])
+    assert not found["cnn"]["met"]  # fused slower than unfused here
+    assert "unfused -> fused" in report.targets_text(list(found.values()))
