@@ -9,6 +9,7 @@ timestamp, values with spaces quoted, so that `grep` and `awk` read them.
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
@@ -27,10 +28,8 @@ def _field(key: str, value: object) -> str:
 
 
 class _UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
-    def formatTime(self, record, datefmt=None):
-        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + (
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
             f".{int(record.msecs):03d}Z"
         )
 
@@ -38,9 +37,10 @@ class _UTCFormatter(logging.Formatter):
 class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
     """Every file it starts, after each rotation too, is private (0600)."""
 
-    def _open(self):
+    def _open(self) -> io.TextIOWrapper:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+        # Appending, as the descriptor does (the handler's own mode is always "a" here).
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 class AuditLog:

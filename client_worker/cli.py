@@ -6,6 +6,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from types import FrameType
 
 from shared import config, logs, processes, worker_dir
 from shared.errors import UsageError
@@ -77,7 +78,7 @@ def run(settings: config.RunConfig) -> int:
 
     stop_requested: list[int] = []
 
-    def on_signal(signum, _frame) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop_requested.append(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -323,6 +323,7 @@ class Gate:
                 with self._lock:
                     self._pending.pop(number, None)
             der = obj.getpeercert(binary_form=True)
+            assert der is not None  # CERT_REQUIRED: no handshake completes without one
             identity, subject, issuer, serial = _common_name(der)
             revoked = self.revoked(serial)
             if revoked is not None:
@@ -344,7 +345,9 @@ class Gate:
         finally:
             conn.close()
 
-    def _handshake(self, conn: socket.socket, why: list[str]):
+    def _handshake(
+        self, conn: socket.socket, why: list[str]
+    ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = self._context.wrap_bio(incoming, outgoing, server_side=True)
         capture = _ClientCertificate()
@@ -391,7 +394,9 @@ class Gate:
             capture.feed(data)
             incoming.write(data)
 
-    def _send_goaway(self, obj, outgoing, conn, message: str) -> None:
+    def _send_goaway(
+        self, obj: ssl.SSLObject, outgoing: ssl.MemoryBIO, conn: socket.socket, message: str
+    ) -> None:
         try:
             obj.write(_goaway(message))
             conn.settimeout(2.0)
@@ -401,7 +406,15 @@ class Gate:
 
     # -- relaying ----------------------------------------------------------
 
-    def _relay(self, number, conn, obj, incoming, outgoing, peer: Peer) -> None:
+    def _relay(
+        self,
+        number: int,
+        conn: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        peer: Peer,
+    ) -> None:
         name = str(self._backend.parent / f"c{number}")
         backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -453,7 +466,14 @@ class Gate:
             self._audit.write("disconnected", peer=peer.address, identity=peer.identity)
 
     @staticmethod
-    def _to_backend(conn, backend, obj, incoming, outgoing, lock) -> None:
+    def _to_backend(
+        conn: socket.socket,
+        backend: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        lock: threading.Lock,
+    ) -> None:
         try:
             while True:
                 data = conn.recv(_CHUNK)
@@ -507,7 +527,7 @@ def _source(host: str) -> str:
     return str(ip)
 
 
-def _format_address(address) -> str:
+def _format_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
     host, port = address[0], address[1]
     if host.startswith("::ffff:"):
         host = host[7:]

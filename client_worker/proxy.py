@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -76,20 +77,28 @@ class _Forwarder(grpc.GenericRpcHandler):
                 self._calls[method] = call
             return call
 
-    def _deny(self, context, method: str, who: dict, why: str, message: str) -> None:
+    def _deny(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        who: dict[str, object],
+        why: str,
+        message: str,
+    ) -> NoReturn:
         self.denied += 1
         log.warning("denied %s to %s (%s)", method.rsplit("/", 1)[-1], who["peer"], why)
         self._audit.write("denied", method=method.rsplit("/", 1)[-1], reason=why, **who)
         context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        raise AssertionError("unreachable: abort raises")
 
-    def _authorize(self, context: grpc.ServicerContext, method: str) -> dict:
+    def _authorize(self, context: grpc.ServicerContext, method: str) -> dict[str, object]:
         """Who is calling, for the audit log; aborts the call if they may not."""
         if self.gate is None:
             return {"peer": context.peer(), "identity": None}
         peer = self.gate.peer(context.peer())
         if peer is None:
             # Only the gate connects to the private socket; anything else is refused.
-            who = {"peer": context.peer(), "identity": None}
+            who: dict[str, object] = {"peer": context.peer(), "identity": None}
             self._deny(context, method, who, "not through the TLS gate", "not authenticated")
         who = {"peer": peer.address, "identity": peer.identity, "serial": f"{peer.serial:x}"}
         if peer.identity != self._allowed:
@@ -113,7 +122,9 @@ class _Forwarder(grpc.GenericRpcHandler):
             )
         return who
 
-    def service(self, handler_call_details):
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if not method.startswith(SERVICE_PREFIX):
             return None  # UNIMPLEMENTED

@@ -62,7 +62,9 @@ FEDERATION_OWNED = frozenset(
 """Settings of the federation object, never of one training."""
 
 
-def _declared(command: str, sections: tuple[str, ...], exclude=frozenset()) -> dict[str, str]:
+def _declared(
+    command: str, sections: tuple[str, ...], exclude: frozenset[str] = frozenset()
+) -> dict[str, str]:
     """Setting name -> section, for the settings `command` takes in `sections`."""
     return {
         f.name: section
@@ -395,7 +397,10 @@ class RemoteFederation(Federation):
                 "RemoteFederation(addresses): a list of 'host:port' strings (or one string "
                 f"'h1:p1,h2:p2'), got {addresses!r}"
             )
-        given = {"addresses": list(addresses), "tls_dir": str(tls_dir) if tls_dir else ""}
+        given: dict[str, object] = {
+            "addresses": list(addresses),
+            "tls_dir": str(tls_dir) if tls_dir else "",
+        }
         if rpc_timeout is not None:
             given["rpc_timeout"] = rpc_timeout
         if connect_timeout is not None:

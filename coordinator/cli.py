@@ -78,7 +78,7 @@ def run_training(config: config_lib.RunConfig, addresses: list[str], command: st
         # Refusals that need only the directory come before TensorFlow loads.
         run_dir_lib.plan_resume(run_dir_lib.RunDirectory(run_dir), config, command)
         from coordinator import trainer
-        from coordinator.algorithm import privacy
+        from coordinator.privacy import accountant as privacy
 
         summary = trainer.train(config, addresses, run_dir, command=command)
     if summary.final_eval is not None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +24,7 @@ from coordinator.executor_client import PreparedComputation, RemoteWorker, Worke
 from coordinator.executor_client.connection import ClientTLS
 from coordinator.liveness import Liveness
 from shared import shard_format, worker_dir
+from shared.config import STRATIFIED
 from shared.errors import FederationError
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -36,7 +39,7 @@ class WorkerDescription:
 
 def _describe_computation() -> tff.Computation:
     @tff.tensorflow.computation
-    def describe():
+    def describe() -> tuple[tf.Tensor, tf.Tensor]:
         # Relative paths resolve in the worker's working directory.
         return (
             tf.io.read_file(worker_dir.MANIFEST_PATH),
@@ -54,7 +57,8 @@ def describe_worker(worker: RemoteWorker) -> WorkerDescription:
     if _DESCRIBE is None:
         _DESCRIBE = PreparedComputation(_describe_computation(), "describe")
     try:
-        manifest_bytes, info_bytes = worker.call(_DESCRIBE, None)
+        # `describe` returns <string, string>, which TFF hands back as two bytes.
+        manifest_bytes, info_bytes = cast(tuple[bytes, bytes], worker.call(_DESCRIBE, None))
     except WorkerError as e:
         if "NOT_FOUND" in str(e) or "No such file" in str(e) or "not found" in str(e).lower():
             raise WorkerError(
@@ -83,6 +87,39 @@ def sample_clients(
     return [client_ids[i] for i in chosen]
 
 
+def stratum_quotas(sizes: Sequence[int], drawn: int) -> list[int]:
+    """How many of `drawn` clients each stratum of `sizes` clients gives:
+    proportional to its size, rounded by largest remainder (ties to the
+    earlier stratum), so the quotas sum to `drawn` and none exceeds its size."""
+    total = sum(sizes)
+    exact = [drawn * n / total for n in sizes]
+    quotas = [math.floor(q) for q in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: drawn - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def sample_stratified(
+    strata: Sequence[Sequence[str]], round_num: int, clients_per_round: int, seed: int
+) -> list[str]:
+    """A round's clients drawn stratum by stratum: each stratum (a worker's
+    sorted clients) gives its `stratum_quotas` share, uniformly without
+    replacement within it. Strata are taken in the order of their first
+    client id, so the draw depends on which clients share a worker, not on
+    the workers' order; a pure function of its arguments, like
+    `sample_clients`."""
+    strata = sorted((sorted(s) for s in strata if s), key=lambda s: s[0])
+    sizes = [len(s) for s in strata]
+    drawn = min(clients_per_round, sum(sizes))
+    rng = np.random.default_rng([seed, round_num])
+    chosen: list[str] = []
+    for stratum, quota in zip(strata, stratum_quotas(sizes, drawn), strict=True):
+        picks = np.sort(rng.choice(len(stratum), size=quota, replace=False))
+        chosen.extend(stratum[i] for i in picks)
+    return sorted(chosen)
+
+
 def sample_live(
     client_ids: Sequence[str],
     client_worker: dict[str, int],
@@ -90,6 +127,7 @@ def sample_live(
     round_num: int,
     clients_per_round: int,
     seed: int,
+    sampling: str = "uniform",
 ) -> list[str]:
     """A round's clients, drawn only from clients on live workers.
 
@@ -101,12 +139,21 @@ def sample_live(
     k/N to k/N_live and the down worker's clients are not drawn at all. A pure
     function of the seed, the round and the set of live workers: a run that
     meets the same failures at the same rounds samples the same clients.
+
+    `sampling="stratified"` draws from each live worker's clients separately
+    instead (`sample_stratified`): every worker gets a share proportional to
+    the clients it hosts, so no worker's share is larger by chance.
     """
     if live is None:
         pool = list(client_ids)
     else:
         up = set(live)
         pool = [c for c in client_ids if client_worker[c] in up]
+    if sampling == STRATIFIED:
+        strata: dict[int, list[str]] = collections.defaultdict(list)
+        for c in pool:
+            strata[client_worker[c]].append(c)
+        return sample_stratified(list(strata.values()), round_num, clients_per_round, seed)
     return sample_clients(pool, round_num, min(clients_per_round, len(pool)), seed)
 
 
@@ -149,12 +196,19 @@ class Federation:
         clients_per_round: int,
         seed: int,
         live: Collection[int] | None = None,
+        sampling: str = "uniform",
     ) -> dict[int, list[str]]:
         """Clients of a round, grouped by worker, drawn from the `live` workers'
         clients (all workers' when None); see `sample_live`."""
         by_worker: dict[int, list[str]] = collections.defaultdict(list)
         for cid in sample_live(
-            self.client_ids, self.client_worker, live, round_num, clients_per_round, seed
+            self.client_ids,
+            self.client_worker,
+            live,
+            round_num,
+            clients_per_round,
+            seed,
+            sampling,
         ):
             by_worker[self.client_worker[cid]].append(cid)
         return dict(by_worker)

@@ -78,7 +78,7 @@ def plot_loglog(
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     """Writes `fig` to `path` atomically and frees it, whatever happens."""
     try:
         fig.tight_layout()

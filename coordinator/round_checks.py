@@ -1,4 +1,4 @@
-"""What the trainer checks after each round: non-finite values and privacy spent.
+"""What the trainer checks after each round: non-finite values.
 
 Non-finite values (NaN/inf), the whole class:
 
@@ -23,12 +23,10 @@ from __future__ import annotations
 import logging
 import math
 
-from coordinator.algorithm.privacy import PrivacyAccountant
 from coordinator.federation import Federation
 from coordinator.rounds import diagnosis
 from coordinator.rounds.round_executor import RoundExecutor
 from coordinator.rounds.timing import RoundResult
-from coordinator.run_dir import RunDirectory
 from shared.config import RunConfig
 from shared.errors import TrainingError
 
@@ -45,15 +43,6 @@ class RoundChecks:
         self.federation = federation
         self._diagnosis: diagnosis.ClientDiagnosis | None = None
         self.left_out_of_eval: frozenset[str] = frozenset()
-        a = config.algorithm
-        self.clients_per_round = config.training.clients_per_round
-        self.accountant = (
-            PrivacyAccountant(a.noise_multiplier, a.dp_delta)
-            if a.aggregator.startswith("dp_")
-            else None
-        )
-        self._run: RunDirectory | None = None
-        """Where the privacy ledger is kept (`restore_privacy`)."""
 
     def _diagnose(self) -> diagnosis.ClientDiagnosis:
         if self._diagnosis is None:
@@ -160,92 +149,3 @@ class RoundChecks:
         if evaluation is not None:
             evaluation["left_out_clients"] = len(self.left_out_of_eval)
         return evaluation
-
-    def restore_privacy(self, run: RunDirectory, rounds: int) -> None:
-        """The accountant, for a run whose checkpoint is after round `rounds`:
-        every DP round its directory recorded (`privacy.jsonl`), including
-        rounds recorded after that checkpoint, which are run again and count
-        twice. Rounds up to `rounds` that the ledger lacks (a directory from
-        before it) come from their metrics rows, or, where those do not say,
-        are taken as drawn from every client; the log says so. From here on,
-        each recorded round is added to the ledger (`spend`)."""
-        if self.accountant is None:
-            return
-        self._run = run
-        ledger = [
-            e for e in run.privacy_ledger() if type(e.get("round")) is int and _draw(e) is not None
-        ]
-        ledger_rounds = {e["round"] for e in ledger}
-        from_rows = {r.get("round"): _draw(r.get("privacy")) for r in run.metrics()}
-        everyone = self.federation.num_clients
-        assumed, earlier = [], []
-        for round_num in range(1, rounds + 1):
-            if round_num in ledger_rounds:
-                continue
-            draw = from_rows.get(round_num)
-            if draw is None:
-                assumed.append(round_num)
-                draw = (everyone, min(self.clients_per_round, everyone))
-            earlier.append(self._entry(round_num, *draw))
-        # In the order run: rounds from before the ledger existed came first.
-        entries = earlier + ledger
-        if assumed:
-            log.warning(
-                "privacy: the run directory does not say which clients %d earlier round(s) "
-                "were drawn from (rounds %s); counted as drawn from all %d clients",
-                len(assumed),
-                _rounds_text(assumed),
-                everyone,
-            )
-        again = sorted({e["round"] for e in entries if e["round"] > rounds})
-        if again:
-            log.warning(
-                "privacy: round(s) %s were recorded after the checkpoint this run resumes "
-                "from; their privacy cost stays spent, and running them again spends it again",
-                _rounds_text(again),
-            )
-        for entry in entries:
-            self.accountant.add_round(*_draw(entry))  # type: ignore[misc]
-        run.write_privacy_ledger(entries)
-
-    def _entry(self, round_num: int, pool: int, drawn: int) -> dict:
-        assert self.accountant is not None
-        return {
-            "round": round_num,
-            "pool": pool,
-            "drawn": drawn,
-            "noise_multiplier": self.accountant.noise_multiplier,
-        }
-
-    def spend(self, round_num: int, result: RoundResult) -> dict | None:
-        """Adds a round about to be recorded to the accountant (and to the
-        ledger first, so no recorded round is ever missing from it), as its
-        clients were drawn: `sampled` of the clients of the workers that were
-        up (`result.live`). Returns what its metrics row holds, with a DP
-        aggregator."""
-        if self.accountant is None:
-            return None
-        pool = sum(len(self.federation.clients_of(w)) for w in result.live)
-        drawn = result.sampled
-        if self._run is not None:
-            self._run.record_spent(self._entry(round_num, pool, drawn))
-        self.accountant.add_round(pool, drawn)
-        return self.accountant.record()
-
-    def privacy(self) -> dict | None:
-        """(epsilon, delta) spent so far, with a DP aggregator."""
-        return self.accountant.record() if self.accountant else None
-
-
-def _draw(record: object) -> tuple[int, int] | None:
-    """(pool, drawn) of a ledger entry or a metrics row's `privacy`, if it says."""
-    if not isinstance(record, dict):
-        return None
-    pool, drawn = record.get("pool"), record.get("drawn")
-    if type(pool) is int and type(drawn) is int and 0 < drawn <= pool:
-        return pool, drawn
-    return None
-
-
-def _rounds_text(rounds: list[int]) -> str:
-    return ", ".join(map(str, rounds[:10])) + (", ..." if len(rounds) > 10 else "")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import processes
+from shared.config import SAMPLINGS
 from shared.errors import UsageError
 
 CHILD_TIMEOUT = 3600.0
@@ -45,7 +46,8 @@ class ReferenceResult:
     """Each round's measurements, flattened (`name/sub: number`)."""
 
 
-def _token_process(process: Any, preprocess: Any):
+def _token_process(process: Any, preprocess: Any) -> Any:
+    """`process` (a `tff.learning.templates.LearningProcess`), its `next` taking tokens."""
     import tensorflow_federated as tff
 
     from coordinator.algorithm import user_process
@@ -64,10 +66,12 @@ def run(
     rounds: int,
     clients_per_round: int,
     seed: int = 0,
+    sampling: str = "uniform",
     timeout: float = CHILD_TIMEOUT,
 ) -> ReferenceResult:
     """`rounds` rounds of `process` in TFF's local context over `shard_dirs`,
-    sampling as a fedcompose run with the same seed does."""
+    sampling as a fedcompose run with the same seed does (`sampling=
+    "stratified"` takes each shard's clients as one worker's)."""
     import numpy as np
     import tensorflow_federated as tff
 
@@ -75,6 +79,8 @@ def run(
 
     if rounds < 1 or clients_per_round < 1:
         raise UsageError("rounds and clients_per_round must be at least 1")
+    if sampling not in SAMPLINGS:
+        raise UsageError(f"sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
     composed = _token_process(process, preprocess)
     with tempfile.TemporaryDirectory(prefix="fedcompose-tff-reference-") as tmp:
         work = Path(tmp)
@@ -86,6 +92,7 @@ def run(
             "rounds": rounds,
             "clients_per_round": clients_per_round,
             "seed": seed,
+            "sampling": sampling,
         }
         (work / "spec.json").write_text(json.dumps(spec))
         child = subprocess.Popen(
@@ -148,15 +155,21 @@ def _child(work: Path) -> int:
         proto.ParseFromString((work / f"{name}.pb").read_bytes())
         comps[name] = tff.framework.deserialize_computation(proto)
     shard_dirs = [Path(p) for p in spec["shard_dirs"]]
-    client_ids = sorted(
-        c.id for shard in shard_dirs for c in shard_format.read_manifest(shard).clients
-    )
+    strata = [[c.id for c in shard_format.read_manifest(d).clients] for d in shard_dirs]
+    client_ids = sorted(c for stratum in strata for c in stratum)
+    client_shard = {c: i for i, stratum in enumerate(strata) for c in stratum}
     metrics = []
     with LocalReference(shard_dirs):
         state = comps["initialize"]()
         for round_num in range(1, spec["rounds"] + 1):
-            ids = federation.sample_clients(
-                client_ids, round_num, spec["clients_per_round"], spec["seed"]
+            ids = federation.sample_live(
+                client_ids,
+                client_shard,
+                None,
+                round_num,
+                spec["clients_per_round"],
+                spec["seed"],
+                spec["sampling"],
             )
             output = _plain(
                 comps["next"](state, LocalReference.tokens(ids, spec["seed"], round_num))

@@ -17,13 +17,16 @@ from tqdm import tqdm
 from coordinator import algorithm_record
 from coordinator import federation as federation_lib
 from coordinator import run_dir as run_dir_lib
-from coordinator.algorithm import AlgorithmSpec, privacy
+from coordinator.algorithm import AlgorithmSpec
 from coordinator.executor_client.connection import load_client_tls
 from coordinator.liveness import WORKERS_VIEW
+from coordinator.privacy import accountant as privacy
+from coordinator.privacy.spending import PrivacySpending, recorded
 from coordinator.record_writer import RecordWriter
 from coordinator.round_checks import RoundChecks
 from coordinator.rounds import resilience
 from coordinator.rounds.outputs import weight_lists
+from coordinator.rounds.round_executor import RoundExecutor
 from coordinator.rounds.timing import RoundResult
 from coordinator.run_dir import RunDirectory
 from coordinator.session import FederationSession
@@ -33,6 +36,7 @@ from shared.errors import RunDirError, UsageError, one_line
 
 if TYPE_CHECKING:
     from coordinator.algorithm.user_process import UserAlgorithm
+    from coordinator.rounds.round_executor import RoundExecutor
 
 log = logging.getLogger("fedcompose.coordinator")
 
@@ -124,16 +128,52 @@ def _final_eval(status: dict) -> dict | None:
     return None
 
 
-def _recorded_privacy(status: dict) -> dict | None:
-    """The (epsilon, delta) status.json recorded, if it holds them whole."""
-    spent = status.get("privacy")
-    if (
-        isinstance(spent, dict)
-        and isinstance(spent.get("delta"), int | float)
-        and (spent.get("epsilon") is None or isinstance(spent.get("epsilon"), int | float))
-    ):
-        return spent
-    return None
+def _already_finished(
+    run: RunDirectory,
+    plan: run_dir_lib.ResumePlan,
+    algorithm: UserAlgorithm | None,
+    quiet: bool,
+) -> TrainSummary:
+    """What a run that has nothing left to do returns, once the algorithm asked
+    for is the one it was trained with."""
+    if algorithm is not None or algorithm_record.recorded(run.path):
+        # Not the process it was trained with: refused, not "finished".
+        from coordinator.algorithm import user_process
+
+        now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
+        algorithm_record.check(run.path, now, resuming=True)
+    # From Python, where the console shows warnings only, this must be seen.
+    (log.info if quiet else log.warning)(
+        "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
+        "or use a new --run-dir)",
+        run.path,
+        plan.latest,
+    )
+    return TrainSummary(
+        run.path,
+        plan.latest or 0,
+        _final_eval(plan.status),
+        plan.latest,
+        True,
+        privacy=recorded(plan.status),
+    )
+
+
+def _round_executor(
+    session: FederationSession,
+    config: RunConfig,
+    algorithm: UserAlgorithm | None,
+    federation: federation_lib.Federation,
+) -> RoundExecutor:
+    """The round executor of fedcompose's own algorithm (from `config`), or of
+    the user's learning process."""
+    if algorithm is None:
+        spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
+        log.info("algorithm: %s", spec.describe())
+        return session.round_executor(spec, config.federation.worker_memory_mb)
+    executor = session.user_round_executor(algorithm, config.federation.worker_memory_mb)
+    log.info("algorithm: %s", executor.algorithm.describe())
+    return executor
 
 
 def train(
@@ -163,40 +203,20 @@ def train(
     run = RunDirectory(run_dir, keep_checkpoints=config.output.keep_checkpoints)
     plan = run_dir_lib.plan_resume(run, config, command)
     if plan.finished:
-        if algorithm is not None or algorithm_record.recorded(run.path):
-            # Not the process it was trained with: refused, not "finished".
-            from coordinator.algorithm import user_process
-
-            now = algorithm_record.record(user_process.prepare(algorithm)) if algorithm else None
-            algorithm_record.check(run.path, now, resuming=True)
-        # From Python, where the console shows warnings only, this must be seen.
-        (log.warning if session is not None else log.info)(
-            "%s already finished %d rounds; nothing to do (raise --rounds to continue it, "
-            "or use a new --run-dir)",
-            run_dir,
-            plan.latest,
-        )
-        return TrainSummary(
-            run_dir,
-            plan.latest or 0,
-            _final_eval(plan.status),
-            plan.latest,
-            True,
-            privacy=_recorded_privacy(plan.status),
-        )
+        return _already_finished(run, plan, algorithm, quiet=session is None)
     pause_points.reached("startup")
     started = False
-    opened = (
-        contextlib.nullcontext(session)
-        if session is not None
-        else FederationSession(
+    opened: contextlib.AbstractContextManager[FederationSession]
+    if session is not None:
+        opened = contextlib.nullcontext(session)
+    else:
+        opened = FederationSession(
             addresses,
             rpc_timeout=config.federation.rpc_timeout,
             connect_timeout=config.federation.connect_timeout,
             log_dir=run.logs_dir,
             tls=load_client_tls(config.tls.tls_dir),
         )
-    )
     try:
         with opened as session:
             federation = session.federation
@@ -209,15 +229,10 @@ def train(
             record = run_dir_lib.data_record([d.manifest for d in federation.descriptions])
             if plan.resuming:
                 run.check_trained_on(record)
-            if algorithm is None:
-                spec = AlgorithmSpec.from_config(config, federation.task.num_classes)
-                log.info("algorithm: %s", spec.describe())
-                executor = session.round_executor(spec, config.federation.worker_memory_mb)
-            else:
-                executor = session.user_round_executor(
-                    algorithm, config.federation.worker_memory_mb
-                )
-                log.info("algorithm: %s", executor.algorithm.describe())
+            # How rounds drew from these clients; a stratified draw's strata are the
+            # shards, whose clients `clients_per_shard` records.
+            record["sampling"] = t.sampling
+            executor = _round_executor(session, config, algorithm, federation)
             user_record = algorithm_record.record(executor.algorithm)
             algorithm_record.check(run.path, user_record, resuming=plan.resuming)
             log.info("%s", executor.memory.describe())
@@ -246,7 +261,8 @@ def train(
                 target_rounds=t.rounds,
             )
             checks = RoundChecks(config, executor, federation)
-            checks.restore_privacy(run, start_round - 1)
+            spending = PrivacySpending(config, federation)
+            spending.restore(run, start_round - 1)
             try:
                 final_eval, weights = _loop(
                     config,
@@ -256,6 +272,7 @@ def train(
                     state,
                     start_round,
                     checks,
+                    spending,
                     _progress_bar(progress, show_progress, t.rounds, start_round),
                 )
             finally:
@@ -266,7 +283,7 @@ def train(
             max(t.rounds, start_round - 1),
             final_eval,
             start_round - 1 or None,
-            privacy=checks.privacy(),
+            privacy=spending.privacy(),
             model_weights=tff.learning.models.ModelWeights(*weight_lists(weights)),
         )
     except KeyboardInterrupt:
@@ -299,7 +316,15 @@ def _progress_bar(
 
 
 def _loop(
-    config, run, executor, federation, state, start_round, checks: RoundChecks, bar
+    config: RunConfig,
+    run: RunDirectory,
+    executor: RoundExecutor,
+    federation: federation_lib.Federation,
+    state: object,
+    start_round: int,
+    checks: RoundChecks,
+    spending: PrivacySpending,
+    bar: Any,
 ) -> tuple[dict | None, object]:
     t, e = config.training, config.evaluation
     plan = resilience.RoundPlan.of(t, config.resilience)
@@ -331,7 +356,7 @@ def _loop(
                 pause_points.reached("evaluation", round_num)
                 evaluation = checks.evaluate(round_num, state)
             row = _row(round_num, result, evaluation)
-            spent = checks.spend(round_num, result)
+            spent = spending.spend(round_num, result)
             if spent is not None:
                 row["privacy"] = spent
             checkpoint = last or (
@@ -357,7 +382,7 @@ def _loop(
     weights = executor.model_weights(state)
     run.write_model(weights)
     plot = run.write_plot(f"{_model_name(config, executor)}, {len(federation.workers)} workers")
-    spent = checks.privacy()
+    spent = spending.privacy()
     run.write_status(
         state="finished", final_eval=evaluation, **({"privacy": spent} if spent else {})
     )
@@ -384,7 +409,7 @@ def _loop(
     return evaluation, weights
 
 
-def _model_name(config: RunConfig, executor) -> str:
+def _model_name(config: RunConfig, executor: RoundExecutor) -> str:
     if executor.algorithm.user_defined:
         return executor.algorithm.describe()
     return f"{config.model.model} model"

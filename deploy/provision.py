@@ -35,6 +35,7 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 from shared import config as config_lib
 from shared import files, tls
@@ -485,6 +486,47 @@ def _provision_locked(
     done: list[str] = []
     ca_dir = kits_dir / CA_DIR
     coordinator_dir = kits_dir / coordinator_name
+    ca_key, ca_cert = _the_ca(kits_dir, ca_dir, done)
+    ca_pem = _cert_pem(ca_cert)
+    workers = _kits_issued(kits_dir, coordinator_name)
+    check_distinct_endpoints(
+        {name: site for name, site in sites.items() if name not in workers}, workers
+    )
+    for name, (hosts, port) in sorted(sites.items()):
+        site_dir = kits_dir / name
+        dial = [dial_address(h, port) for h in hosts]
+        if site_dir.exists():
+            _check_kept_worker(site_dir, name, dial, ca_pem)
+            done.append(f"kept {name}'s kit in {site_dir}")
+            continue
+        key, cert = issue(ca_key, ca_cert, name, tls.WORKER, hosts, valid_days=valid_days)
+        kit_dir = f"{KIT_INSTALL_ROOT}/{name}"
+        write_kit(
+            site_dir,
+            ca_cert=ca_cert,
+            key=key,
+            cert=cert,
+            info={
+                "role": tls.WORKER,
+                "name": name,
+                "coordinator": coordinator_name,
+                "addresses": hosts,
+                "port": port,
+                "dial": dial,
+            },
+            extra_files=_worker_files(name, port, kit_dir),
+        )
+        workers[name] = dial
+        done.append(f"issued {name}'s kit in {site_dir} (dialled at {', '.join(dial)})")
+
+    _coordinator_kit(coordinator_dir, coordinator_name, workers, ca_key, ca_cert, valid_days, done)
+    _distribute_crl(kits_dir, ca_dir, done)
+    return done
+
+
+def _the_ca(kits_dir: Path, ca_dir: Path, done: list[str]) -> tuple[Any, Any]:
+    """The federation's CA: the one in `ca_dir`, or a new one if there are no
+    kits it would have to match."""
     if ca_dir.exists():
         ca_key, ca_cert = _load_ca(ca_dir)
         done.append(f"kept the existing CA in {ca_dir}")
@@ -510,7 +552,12 @@ def _provision_locked(
         cn = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         done.append(f"created the CA ({cn}) in {ca_dir}: keep ca.key here, never copy it")
 
-    ca_pem = _cert_pem(ca_cert)
+    return ca_key, ca_cert
+
+
+def _kits_issued(kits_dir: Path, coordinator_name: str) -> dict[str, list[str]]:
+    """The workers already issued a kit (name -> dial addresses); refuses a
+    second coordinator name."""
     workers: dict[str, list[str]] = {}
     for name in sorted(p.name for p in kits_dir.iterdir() if not p.name.startswith(".")):
         info_path = kits_dir / name / tls.KIT_FILE
@@ -526,52 +573,38 @@ def _provision_locked(
                 f"--coordinator-name {coordinator_name!r}: this federation's coordinator is "
                 f"{name!r} ({kits_dir / name}); re-run with --coordinator-name {name}"
             )
-    check_distinct_endpoints(
-        {name: site for name, site in sites.items() if name not in workers}, workers
-    )
-    for name, (hosts, port) in sorted(sites.items()):
-        site_dir = kits_dir / name
-        dial = [dial_address(h, port) for h in hosts]
-        if site_dir.exists():
-            info_path = site_dir / tls.KIT_FILE
-            info = _read_info(info_path) if info_path.is_file() else {}
-            if info.get("role") != tls.WORKER:
-                raise UsageError(
-                    f"--sites: {site_dir} exists but is not a worker's kit; remove it to "
-                    f"issue {name}'s kit there, or choose another name"
-                )
-            site_ca = site_dir / tls.CA_FILE
-            if site_ca.is_file() and site_ca.read_bytes() != ca_pem:
-                raise UsageError(
-                    f"--sites: {site_dir} was issued by another CA; remove it to re-issue"
-                )
-            if info.get("dial") != dial:
-                raise UsageError(
-                    f"--sites: {name} exists with addresses {', '.join(info.get('dial', []))}, "
-                    f"not {', '.join(dial)}; remove {site_dir} to re-issue it"
-                )
-            done.append(f"kept {name}'s kit in {site_dir}")
-            continue
-        key, cert = issue(ca_key, ca_cert, name, tls.WORKER, hosts, valid_days=valid_days)
-        kit_dir = f"{KIT_INSTALL_ROOT}/{name}"
-        write_kit(
-            site_dir,
-            ca_cert=ca_cert,
-            key=key,
-            cert=cert,
-            info={
-                "role": tls.WORKER,
-                "name": name,
-                "coordinator": coordinator_name,
-                "addresses": hosts,
-                "port": port,
-                "dial": dial,
-            },
-            extra_files=_worker_files(name, port, kit_dir),
-        )
-        workers[name] = dial
-        done.append(f"issued {name}'s kit in {site_dir} (dialled at {', '.join(dial)})")
+    return workers
 
+
+def _check_kept_worker(site_dir: Path, name: str, dial: list[str], ca_pem: bytes) -> None:
+    """An existing kit may stay only as this worker's, from this CA, at these addresses."""
+    info_path = site_dir / tls.KIT_FILE
+    info = _read_info(info_path) if info_path.is_file() else {}
+    if info.get("role") != tls.WORKER:
+        raise UsageError(
+            f"--sites: {site_dir} exists but is not a worker's kit; remove it to "
+            f"issue {name}'s kit there, or choose another name"
+        )
+    site_ca = site_dir / tls.CA_FILE
+    if site_ca.is_file() and site_ca.read_bytes() != ca_pem:
+        raise UsageError(f"--sites: {site_dir} was issued by another CA; remove it to re-issue")
+    if info.get("dial") != dial:
+        raise UsageError(
+            f"--sites: {name} exists with addresses {', '.join(info.get('dial', []))}, "
+            f"not {', '.join(dial)}; remove {site_dir} to re-issue it"
+        )
+
+
+def _coordinator_kit(
+    coordinator_dir: Path,
+    coordinator_name: str,
+    workers: dict[str, list[str]],
+    ca_key: Any,
+    ca_cert: Any,
+    valid_days: int,
+    done: list[str],
+) -> None:
+    """Issues the coordinator's kit, or updates the worker list of the one there."""
     coordinator_kit_dir = f"{KIT_INSTALL_ROOT}/{coordinator_name}"
     coordinator_info = {
         "role": tls.COORDINATOR,
@@ -604,8 +637,6 @@ def _provision_locked(
             extra_files={"commands.txt": _coordinator_commands(workers, coordinator_kit_dir)},
         )
         done.append(f"issued the coordinator's kit in {coordinator_dir}")
-    _distribute_crl(kits_dir, ca_dir, done)
-    return done
 
 
 def _distribute_crl(kits_dir: Path, ca_dir: Path, done: list[str]) -> None:

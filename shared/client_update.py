@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -48,11 +49,18 @@ def clip_gradients(grads: list[tf.Tensor], clip_norm: float) -> tuple[list[tf.Te
     return clipped, norm
 
 
-def _all_finite(tensors) -> tf.Tensor:
+def _all_finite(tensors: object) -> tf.Tensor:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten(tensors)])
 
 
-def _train(model, dataset, server_weights, optimizer, clip_norm, proximal_mu):
+def _train(
+    model: tff.learning.models.VariableModel,
+    dataset: tf.data.Dataset,
+    server_weights: tff.learning.models.ModelWeights,
+    optimizer: tff.learning.optimizers.Optimizer,
+    clip_norm: float | None,
+    proximal_mu: float,
+) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Local training; returns the raw (unchecked) delta and sums."""
     client_weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, w: v.assign(w), client_weights, server_weights)
@@ -99,7 +107,7 @@ def client_update(
     optimizer: tff.learning.optimizers.Optimizer,
     clip_norm: float | None,
     proximal_mu: float = 0.0,
-):
+) -> ClientOutput:
     """Trains `model` from `server_weights` on `dataset`.
 
     `clip_norm`: clip every gradient to this global L2 norm (None: do not).
@@ -129,7 +137,14 @@ def client_update(
 
 
 @tf.function
-def _outcome(model, dataset, server_weights, optimizer, clip_norm, proximal_mu):
+def _outcome(
+    model: tff.learning.models.VariableModel,
+    dataset: tf.data.Dataset,
+    server_weights: tff.learning.models.ModelWeights,
+    optimizer: tff.learning.optimizers.Optimizer,
+    clip_norm: float | None,
+    proximal_mu: float,
+) -> collections.OrderedDict[str, tf.Tensor]:
     _, finite, num_examples, loss_sum, _ = _train(
         model, dataset, server_weights, optimizer, clip_norm, proximal_mu
     )
@@ -138,7 +153,7 @@ def _outcome(model, dataset, server_weights, optimizer, clip_norm, proximal_mu):
     )
 
 
-def _zero_initialized(next_creator, **kwargs):
+def _zero_initialized(next_creator: Callable[..., tf.Variable], **kwargs: Any) -> tf.Variable:
     """A variable creator that starts numeric variables at zero, not at their
     initializer's value.
 
@@ -181,7 +196,9 @@ def client_outcome(
     weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation(weights_type, np.str_)
-    def outcome(weights, token):
+    def outcome(
+        weights: tff.learning.models.ModelWeights, token: tf.Tensor
+    ) -> collections.OrderedDict[str, tf.Tensor]:
         with tf.variable_creator_scope(_zero_initialized):
             model = model_fn()
         return _outcome(model, dataset_fn(token), weights, optimizer_fn(), clip_norm, proximal_mu)
@@ -189,7 +206,14 @@ def client_outcome(
     return outcome
 
 
-def _update_from(model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset):
+def _update_from(
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    optimizer_fn: OptimizerFn,
+    clip_norm: float | None,
+    proximal_mu: float,
+    weights: tff.learning.models.ModelWeights,
+    dataset: tf.data.Dataset,
+) -> ClientOutput:
     """The body of a client's update computation, whatever made its dataset."""
     optimizer = optimizer_fn()
     with tf.variable_creator_scope(_zero_initialized):
@@ -211,7 +235,9 @@ def client_update_from_token(
     weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation(weights_type, np.str_)
-    def client_update_from_token_computation(weights, token):
+    def client_update_from_token_computation(
+        weights: tff.learning.models.ModelWeights, token: tf.Tensor
+    ) -> ClientOutput:
         return _update_from(
             model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset_fn(token)
         )
@@ -238,11 +264,13 @@ def build_client_work(
     weights_type = tff.learning.models.weights_type_from_model(model)
 
     @tff.federated_computation
-    def initialize_fn():
+    def initialize_fn() -> tff.Value:
         return tff.federated_value((), tff.SERVER)
 
     @tff.tensorflow.computation(weights_type, data_type)
-    def client_update_computation(weights, dataset):
+    def client_update_computation(
+        weights: tff.learning.models.ModelWeights, dataset: tf.data.Dataset
+    ) -> ClientOutput:
         return _update_from(model_fn, optimizer_fn, clip_norm, proximal_mu, weights, dataset)
 
     metrics_sum_type = tff.StructType(
@@ -256,7 +284,7 @@ def build_client_work(
     )
 
     @tff.tensorflow.computation(metrics_sum_type)
-    def summarize(sums):
+    def summarize(sums: tff.structure.Struct) -> collections.OrderedDict[str, tf.Tensor]:
         n = tf.maximum(sums.num_examples, 1.0)
         return collections.OrderedDict(
             loss=sums.loss_sum / n,
@@ -271,7 +299,9 @@ def build_client_work(
         tff.FederatedType(weights_type, tff.CLIENTS),
         tff.FederatedType(data_type, tff.CLIENTS),
     )
-    def next_fn(state, weights, client_data):
+    def next_fn(
+        state: tff.Value, weights: tff.Value, client_data: tff.Value
+    ) -> tff.templates.MeasuredProcessOutput:
         outputs = tff.federated_map(client_update_computation, (weights, client_data))
         sums = tff.federated_sum(outputs.metrics)
         train = tff.federated_map(summarize, sums)

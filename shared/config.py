@@ -11,20 +11,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import settings
 from shared.errors import UsageError
 from shared.settings import setting
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 SOURCES = ("default", "emnist")
 PARTITIONS = ("natural", "iid", "dirichlet")
 MODELS = ("linear", "cnn")
 SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls", "fedcompose_unfused")
-BENCH_DEFAULT_SYSTEMS = BENCH_SYSTEMS[:4]
+BENCH_SYSTEMS = (
+    "keras",
+    "tff_local",
+    "fedcompose",
+    "fedcompose_tls",
+    "fedcompose_stratified",
+    "fedcompose_unfused",
+)
+BENCH_NAMED_ONLY = ("fedcompose_stratified", "fedcompose_unfused")
+"""Systems measured only when `--systems` names them."""
 NON_FINITE_POLICIES = ("fail", "drop")
+UNIFORM, STRATIFIED = "uniform", "stratified"
+SAMPLINGS = (UNIFORM, STRATIFIED)
 
 # The learning algorithm's four building blocks and the parameters each choice
 # takes (coordinator/algorithm/ maps every name to TFF's own constructors).
@@ -285,6 +298,16 @@ class TrainingConfig:
         maximum=MAX_SEED,
         fixed_on_resume=True,
     )
+    sampling: str = setting(
+        UNIFORM,
+        "how a round's clients are drawn: uniform: TFF's uniform draw without replacement "
+        "from all clients; stratified: from each worker's clients separately, each worker "
+        "giving a share proportional to the clients it hosts (even shares, so no worker "
+        "waits on a share larger by chance; each client is still drawn with probability "
+        "about clients per round over clients, but the shares are fixed)",
+        choices=SAMPLINGS,
+        fixed_on_resume=True,
+    )
     on_non_finite: str = setting(
         "fail",
         "a client's update or loss, the aggregate, the model or a held-out figure that is "
@@ -535,10 +558,11 @@ class BenchConfig:
     )
     skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
     systems: list = setting(
-        list(BENCH_DEFAULT_SYSTEMS),
+        [s for s in BENCH_SYSTEMS if s not in BENCH_NAMED_ONLY],
         "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
-        "(workers behind mutual TLS), fedcompose_unfused (a worker's share of a round as "
-        "TensorFlow calls per client, the path before fusing; not measured unless named)",
+        "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified), "
+        "fedcompose_unfused (a worker's share of a round as TensorFlow calls per client, "
+        "the path before fusing); the last two are measured only when named",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"
@@ -820,7 +844,7 @@ def resolve(args: argparse.Namespace, command: str) -> RunConfig:
     return config
 
 
-def _not_default(section: object) -> set[str]:
+def _not_default(section: DataclassInstance) -> set[str]:
     """Names of the section's settings set to something other than their default.
 
     "Given" is not enough: a resolved config.toml fed back with --config holds
@@ -828,7 +852,7 @@ def _not_default(section: object) -> set[str]:
     """
     return {
         f.name
-        for f in dataclasses.fields(section)  # type: ignore[arg-type]
+        for f in dataclasses.fields(section)
         if getattr(section, f.name) != settings.field_default(f)
     }
 
@@ -839,6 +863,31 @@ def _applies_only(name: str, kind: str, chosen: str, table: dict[str, tuple[str,
         f"{settings.flag(name)} applies to {settings.flag(kind)} {' / '.join(takers)} "
         f"only, not {chosen}"
     )
+
+
+def _check_aggregator_parameters(a: AlgorithmConfig, changed: set[str]) -> None:
+    """An aggregator parameter set must belong to the chosen aggregator."""
+    aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
+    dp = a.aggregator.startswith("dp_")
+    for name in sorted(changed & aggregator_params):
+        if name == "weighting" and dp and a.weighting == "uniform":
+            continue  # what DP aggregators are; a resolved config.toml says so
+        if name not in AGGREGATOR_PARAMETERS[a.aggregator]:
+            raise UsageError(_applies_only(name, "aggregator", a.aggregator, AGGREGATOR_PARAMETERS))
+
+
+def _check_optimizer_parameters(a: AlgorithmConfig, changed: set[str]) -> None:
+    """An optimizer parameter set must belong to its side's chosen optimizer."""
+    for side in ("client", "server"):
+        chosen = getattr(a, f"{side}_optimizer")
+        for param in sorted({p for ps in OPTIMIZER_PARAMETERS.values() for p in ps}):
+            name = f"{side}_{param}"
+            if name in changed and param not in OPTIMIZER_PARAMETERS[chosen]:
+                takers = [o for o, ps in OPTIMIZER_PARAMETERS.items() if param in ps]
+                raise UsageError(
+                    f"{settings.flag(name)} applies to --{side}-optimizer "
+                    f"{' / '.join(takers)} only, not {chosen}"
+                )
 
 
 def _check_algorithm(config: RunConfig) -> None:
@@ -852,23 +901,9 @@ def _check_algorithm(config: RunConfig) -> None:
     changed = _not_default(a) | config.flagged
     if a.aggregator in REFUSED_AGGREGATORS:
         raise UsageError(f"--aggregator {a.aggregator}: {REFUSED_AGGREGATORS[a.aggregator]}")
-    aggregator_params = {p for params in AGGREGATOR_PARAMETERS.values() for p in params}
     dp = a.aggregator.startswith("dp_")
-    for name in sorted(changed & aggregator_params):
-        if name == "weighting" and dp and a.weighting == "uniform":
-            continue  # what DP aggregators are; a resolved config.toml says so
-        if name not in AGGREGATOR_PARAMETERS[a.aggregator]:
-            raise UsageError(_applies_only(name, "aggregator", a.aggregator, AGGREGATOR_PARAMETERS))
-    for side in ("client", "server"):
-        chosen = getattr(a, f"{side}_optimizer")
-        for param in sorted({p for ps in OPTIMIZER_PARAMETERS.values() for p in ps}):
-            name = f"{side}_{param}"
-            if name in changed and param not in OPTIMIZER_PARAMETERS[chosen]:
-                takers = [o for o, ps in OPTIMIZER_PARAMETERS.items() if param in ps]
-                raise UsageError(
-                    f"{settings.flag(name)} applies to --{side}-optimizer "
-                    f"{' / '.join(takers)} only, not {chosen}"
-                )
+    _check_aggregator_parameters(a, changed)
+    _check_optimizer_parameters(a, changed)
     if a.client_work != "clipped" and "clip_norm" in _not_default(t) | config.flagged:
         raise UsageError(
             f"--clip-norm applies to --client-work clipped only; {a.client_work} does not "
@@ -878,6 +913,12 @@ def _check_algorithm(config: RunConfig) -> None:
         raise UsageError("--zeroing-norm needs --zeroing")
     if not a.clipping and "clipping_norm" in changed:
         raise UsageError("--clipping-norm needs --clipping")
+    if dp and t.sampling == STRATIFIED:
+        raise UsageError(
+            f"--sampling stratified with --aggregator {a.aggregator}: the privacy accounting "
+            "covers uniform sampling only (a client's chance to be drawn differs by worker "
+            "under stratified sampling); use --sampling uniform"
+        )
     if dp:
         # TFF's DP factories are unweighted: every sampled client counts once.
         a.weighting = "uniform"
@@ -899,9 +940,15 @@ def _check_algorithm(config: RunConfig) -> None:
 
 def _check_together(config: RunConfig, command: str) -> None:
     """Rules that involve more than one setting."""
-    d, f, t = config.data, config.federation, config.training
     if command in ("run", "train"):
         _check_algorithm(config)
+    _check_federation(config, command)
+    _check_data(config, command)
+
+
+def _check_federation(config: RunConfig, command: str) -> None:
+    """Workers, ports, addresses and TLS, together."""
+    f = config.federation
     if command == "run" and f.workers > MAX_LOCAL_WORKERS:
         raise UsageError(f"--workers must be <= {MAX_LOCAL_WORKERS} on one machine")
     if 0 < f.worker_memory_mb < MIN_WORKER_MEMORY_MB:
@@ -926,6 +973,11 @@ def _check_together(config: RunConfig, command: str) -> None:
     if len(set(f.addresses)) != len(f.addresses):
         dup = next(a for a in f.addresses if f.addresses.count(a) > 1)
         raise UsageError(f"--addresses: {dup} is listed twice")
+
+
+def _check_data(config: RunConfig, command: str) -> None:
+    """Data settings against the source, the shards and the workers."""
+    d = config.data
     # Set to something other than its default (a resolved config.toml fed back
     # with --config holds every setting, most at their defaults).
     given = {
@@ -934,14 +986,7 @@ def _check_together(config: RunConfig, command: str) -> None:
         if getattr(d, f.name) != settings.field_default(f)
     }
     if command in ("run", "data"):
-        if "alpha" in given and d.partition != "dirichlet":
-            raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
-        if "writers" in given and d.source != "default":
-            raise UsageError("--writers applies to --source default only; EMNIST has its writers")
-        if "emnist_path" in given and d.source != "emnist":
-            raise UsageError("--emnist-path applies to --source emnist only")
-        if not d.only_digits and d.source != "emnist":
-            raise UsageError("--no-only-digits needs --source emnist; the default has digits only")
+        _check_data_source(d, given)
     if command == "run" and d.shards_dir:
         built = (
             "source",
@@ -960,16 +1005,34 @@ def _check_together(config: RunConfig, command: str) -> None:
                 )
     uses_default_data = command == "data" or (command == "run" and not d.shards_dir)
     if uses_default_data and d.source == "default":
-        if f.workers > d.writers:
-            raise UsageError(
-                f"--workers {f.workers} is more than the {d.writers} writers of the data; "
-                "every worker needs at least one; use fewer --workers or more --writers"
-            )
-        if command == "run" and t.clients_per_round > d.writers:
-            raise UsageError(
-                f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
-                "writers of the default data; lower it or raise --writers"
-            )
+        _check_default_data_fits(config, command)
+
+
+def _check_data_source(d: DataConfig, given: set[str]) -> None:
+    """Settings that belong to one source or partition only."""
+    if "alpha" in given and d.partition != "dirichlet":
+        raise UsageError(f"--alpha applies to --partition dirichlet only, not {d.partition}")
+    if "writers" in given and d.source != "default":
+        raise UsageError("--writers applies to --source default only; EMNIST has its writers")
+    if "emnist_path" in given and d.source != "emnist":
+        raise UsageError("--emnist-path applies to --source emnist only")
+    if not d.only_digits and d.source != "emnist":
+        raise UsageError("--no-only-digits needs --source emnist; the default has digits only")
+
+
+def _check_default_data_fits(config: RunConfig, command: str) -> None:
+    """The default data's writers against the workers and clients per round."""
+    d, f, t = config.data, config.federation, config.training
+    if f.workers > d.writers:
+        raise UsageError(
+            f"--workers {f.workers} is more than the {d.writers} writers of the data; "
+            "every worker needs at least one; use fewer --workers or more --writers"
+        )
+    if command == "run" and t.clients_per_round > d.writers:
+        raise UsageError(
+            f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
+            "writers of the default data; lower it or raise --writers"
+        )
 
 
 def resume_conflicts(

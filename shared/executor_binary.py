@@ -11,6 +11,7 @@ import importlib.util
 import signal
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 from shared import loopback, processes
 
@@ -43,7 +44,7 @@ def tff_version() -> str:
 def start(
     port: int,
     cwd: Path,
-    log_file=None,
+    log_file: BinaryIO | None = None,
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
     max_concurrent_calls: int = -1,
 ) -> subprocess.Popen:

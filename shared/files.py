@@ -68,20 +68,6 @@ def atomic_target(path: Path, suffix: str = "", *, sync: bool = False) -> Iterat
         raise
 
 
-def sync_tree(directory: Path) -> None:
-    """Flushes every file under `directory` and the directories themselves to
-    disk, so that a rename that publishes it never publishes a file a power
-    loss could still cut short."""
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        sync_dir(Path(root))
-
-
 def sync_dir(directory: Path) -> None:
     """Flushes a directory's entries (a rename into it) to disk."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -50,7 +50,8 @@ class _ResilientFileHandler(logging.FileHandler):
         try:
             super().close()
         except OSError:
-            # The stream is closed even when its last flush fails.
+            # The stream is closed even when its last flush fails. FileHandler.close
+            # sets None itself; typeshed declares the attribute without None.
             self.stream = None  # type: ignore[assignment]
 
 

@@ -148,6 +148,7 @@ def _socket_inodes(pid: int) -> set[str]:
 def _parse_address(hex_address: str) -> tuple[str, int]:
     host, port = hex_address.split(":")
     raw = bytes.fromhex(host)
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     if len(raw) == 4:
         address = ipaddress.IPv4Address(raw[::-1])
     else:  # four little-endian 32-bit words

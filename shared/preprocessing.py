@@ -124,7 +124,7 @@ def _lean_options() -> tf.data.Options:
     return options
 
 
-def batches_from_arrays(pixels: np.ndarray, labels: np.ndarray, batch_size: int):
+def batches_from_arrays(pixels: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
     """The same preprocessing on in-memory arrays (for Keras baselines and tests)."""
     x = 1.0 - np.asarray(pixels, dtype=np.float32).reshape(-1, shard_format.PIXELS)
     y = np.asarray(labels, dtype=np.int32).reshape(-1, 1)

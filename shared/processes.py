@@ -16,6 +16,7 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
@@ -59,8 +60,8 @@ def spawn(
     *,
     cwd: str | Path | None = None,
     env: dict[str, str] | None = None,
-    stdout=None,
-    stderr=None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
     death_signal: int | None = signal.SIGKILL,
 ) -> subprocess.Popen:
     """Starts `args` as a child that the kernel kills when we die.

@@ -65,7 +65,11 @@ def flag(name: str) -> str:
 
 
 def field_default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"setting {f.name} is declared without a default")
 
 
 def kind_of(f: dataclasses.Field) -> type:
@@ -211,6 +215,13 @@ MAX_CONFIG_BYTES = 1024 * 1024
 def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, Any]]:
     """A config file's tables, checked against the declared sections."""
     where = f"config file {path}"
+    raw = _read_toml(path, where)
+    _check_tables(raw, sections, where)
+    return raw
+
+
+def _read_toml(path: Path, where: str) -> dict[str, Any]:
+    """The file's TOML, read within the size bound; one line for what is wrong."""
     try:
         with open(path, "rb") as f:
             # Bounded: `--config /dev/zero` read until memory ran out.
@@ -232,6 +243,11 @@ def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, A
         raise UsageError(f"{where} is not valid TOML: {e}") from None
     except OSError as e:
         raise UsageError(f"{where} cannot be read ({e.strerror or e})") from None
+    return raw
+
+
+def _check_tables(raw: dict[str, Any], sections: Mapping[str, type], where: str) -> None:
+    """Every top-level key is a declared table and every key in it a declared setting."""
     owners = {f.name: name for name, cls in sections.items() for f in dataclasses.fields(cls)}
     for section, values in raw.items():
         if not isinstance(values, dict):
@@ -255,7 +271,6 @@ def load_file(path: Path, sections: Mapping[str, type]) -> dict[str, dict[str, A
                     f"{where}: unknown setting {section}.{key}; "
                     f"[{section}] takes {', '.join(sorted(known))}"
                 )
-    return raw
 
 
 def _number(text: str, kind: type, name: str) -> Any:
@@ -347,6 +362,52 @@ def check(f: dataclasses.Field, value: Any, name: str | None = None) -> None:
             raise UsageError(f"{name} must be {rule}, got {value:g}")
 
 
+def _flag_values(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The flags given, by section (`section.name` destinations)."""
+    flags: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        # A positional list not given at all comes as None or [].
+        if "." in dest and value is not None and not (isinstance(value, list) and not value):
+            section, name = dest.split(".", 1)
+            flags.setdefault(section, {})[name] = value
+    return flags
+
+
+def _converted(
+    f: dataclasses.Field, value: Any, command: Command, from_file: bool, taken: bool
+) -> Any:
+    """A flag's or config file's value as its declaration's kind: a list of
+    them for a setting the command sweeps (or another command's sweep in the file)."""
+    name = f.name
+    if name in command.sweep:
+        if from_file and isinstance(value, str) and kind_of(f) is not str:
+            items = [value]  # refused below as text, not split as a flag's list
+        else:
+            items = value if isinstance(value, list) else comma_list(value)
+        if not items:
+            raise UsageError(f"{flag(name)} needs at least one value")
+        return [coerce(name, item, kind_of(f), text=not from_file) for item in items]
+    if from_file and not taken and isinstance(value, list) and kind_of(f) is not list:
+        # Another command's sweep (bench's clients_per_round = [10, 100]).
+        return [coerce(name, item, kind_of(f), text=False) for item in value]
+    return coerce(name, value, kind_of(f), text=not from_file)
+
+
+def _check_taken(
+    config: Any, command: Command, sections: Mapping[str, type], given: set[str]
+) -> None:
+    """Every setting the command takes, checked; a required one must be given."""
+    for section, f in command.fields(sections):
+        value = getattr(getattr(config, section), f.name)
+        for item in value if f.name in command.sweep and isinstance(value, list) else [value]:
+            check(f, item)
+        if f.name in command.required and f.name not in given and value in ("", [], None):
+            if f.name == command.positional:
+                what = f.metadata.get("metavar") or f.name.upper()
+                raise UsageError(f"give at least one {what}: fedcompose {command.name} {what}...")
+            raise UsageError(f"{flag(f.name)} is required")
+
+
 def resolve(
     args: argparse.Namespace,
     command: Command,
@@ -365,12 +426,7 @@ def resolve(
     layers: list[dict[str, dict[str, Any]]] = []
     if config_path is not None:
         layers.append(load_file(config_path, sections))
-    flags: dict[str, dict[str, Any]] = {}
-    for dest, value in vars(args).items():
-        # A positional list not given at all comes as None or [].
-        if "." in dest and value is not None and not (isinstance(value, list) and not value):
-            section, name = dest.split(".", 1)
-            flags.setdefault(section, {})[name] = value
+    flags = _flag_values(args)
     layers.append(flags)
     taken = {f.name for _, f in command.fields(sections)}
     for layer in layers:
@@ -380,26 +436,7 @@ def resolve(
             declared = {f.name: f for f in dataclasses.fields(sections[section])}
             for name, value in values.items():
                 f = declared[name]
-                if f.name in command.sweep:
-                    if from_file and isinstance(value, str) and kind_of(f) is not str:
-                        items = [value]  # refused below as text, not split as a flag's list
-                    else:
-                        items = value if isinstance(value, list) else comma_list(value)
-                    if not items:
-                        raise UsageError(f"{flag(name)} needs at least one value")
-                    converted = [
-                        coerce(name, item, kind_of(f), text=not from_file) for item in items
-                    ]
-                elif (
-                    from_file
-                    and name not in taken
-                    and isinstance(value, list)
-                    and kind_of(f) is not list
-                ):
-                    # Another command's sweep (bench's clients_per_round = [10, 100]).
-                    converted = [coerce(name, item, kind_of(f), text=False) for item in value]
-                else:
-                    converted = coerce(name, value, kind_of(f), text=not from_file)
+                converted = _converted(f, value, command, from_file, name in taken)
                 if from_file and name not in taken:
                     # Every table of the file is checked, whatever the command uses
                     # of it: the same file serves every command, and a bad value
@@ -411,15 +448,7 @@ def resolve(
                             check(f, item, label)
                 setattr(target, name, converted)
                 given.add(name)
-    for section, f in command.fields(sections):
-        value = getattr(getattr(config, section), f.name)
-        for item in value if f.name in command.sweep and isinstance(value, list) else [value]:
-            check(f, item)
-        if f.name in command.required and f.name not in given and value in ("", [], None):
-            if f.name == command.positional:
-                what = f.metadata.get("metavar") or f.name.upper()
-                raise UsageError(f"give at least one {what}: fedcompose {command.name} {what}...")
-            raise UsageError(f"{flag(f.name)} is required")
+    _check_taken(config, command, sections, given)
     config.given = frozenset(given)
     config.flagged = frozenset(name for values in flags.values() for name in values)
     if command.sweep:

@@ -145,7 +145,7 @@ class Manifest:
                 task=Task(
                     dataset=str(task["dataset"]),
                     num_classes=int(task["num_classes"]),
-                    image_shape=tuple(task["image_shape"]),  # type: ignore[arg-type]
+                    image_shape=tuple(task["image_shape"]),
                 ),
                 build_id=str(body["build_id"]),
                 shard_index=int(body["shard_index"]),
@@ -185,7 +185,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_client(shard_dir: Path, client_id: str, split: str, pixels, labels) -> str:
+def write_client(
+    shard_dir: Path, client_id: str, split: str, pixels: np.ndarray, labels: np.ndarray
+) -> str:
     """Writes one client's split and returns its checksum."""
     data = encode_records(pixels, labels)
     path = shard_dir / client_path(split, client_id)

@@ -27,8 +27,12 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import UsageError
+
+if TYPE_CHECKING:
+    from cryptography.x509 import Certificate
 
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
@@ -126,13 +130,23 @@ class Revocations:
 def parse_crl(pem: bytes, ca_pem: bytes, where: str = "--tls-dir") -> dict[int, datetime.datetime]:
     """Serial -> revocation time of a CRL, after checking it is the CA's; one-line errors."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x448, x25519
 
     try:
         crl = x509.load_pem_x509_crl(pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError:
         raise UsageError(f"{where}: {CRL_FILE} is not a PEM revocation list") from None
-    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
+    key = ca.public_key()
+    # Key-agreement keys cannot sign: such a CA signed no CRL, and checking with one raises.
+    agreement_only = (
+        x25519.X25519PublicKey,
+        x448.X448PublicKey,
+        mlkem.MLKEM768PublicKey,
+        mlkem.MLKEM1024PublicKey,
+    )
+    signed = not isinstance(key, agreement_only) and crl.is_signature_valid(key)
+    if crl.issuer != ca.subject or not signed:
         raise UsageError(
             f"{where}: {CRL_FILE} is not signed by this federation's CA; copy the {CRL_FILE} "
             "that `fedcompose provision --revoke` wrote"
@@ -179,14 +193,9 @@ def _check_owned(path: Path, what: str, flag: str) -> None:
         )
 
 
-def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
-    """The kit in `directory` for a site of `role`, checked; one-line errors."""
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    path = Path(directory).expanduser()
+def _read_kit(path: Path, role: str, flag: str) -> tuple[dict, bytes, bytes, bytes]:
+    """The kit's description, CA, certificate and key, read from files only
+    this user may change (the key only they may read), for a site of `role`."""
     if not path.is_dir():
         what = "not a directory" if path.exists() else "no such directory"
         raise UsageError(f"{flag} {path}: {what}; give the kit `fedcompose provision` made")
@@ -195,7 +204,7 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
     _check_owned(path / KIT_FILE, "kit description", flag)
     try:
         info = json.loads(raw_info)
-        kit_role, name, coordinator = info["role"], info["name"], info["coordinator"]
+        kit_role, name, _ = info["role"], info["name"], info["coordinator"]
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{flag}: {path / KIT_FILE} is not a fedcompose kit description") from None
     if kit_role != role:
@@ -216,6 +225,18 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
             f"{flag}: private key {key_path} is readable by others (mode {mode:04o}); "
             f"`chmod 600 {key_path}`"
         )
+    return info, ca_pem, cert_pem, key_pem
+
+
+def _kit_certificates(
+    path: Path, flag: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
+) -> tuple[Certificate, Certificate]:
+    """The kit's CA and certificate, checked to belong together and to its key."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    key_path = path / KEY_FILE
     try:
         cas = x509.load_pem_x509_certificates(ca_pem)
         cert = x509.load_pem_x509_certificate(cert_pem)
@@ -255,6 +276,14 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
         raise UsageError(
             f"{flag}: {path / CERT_FILE} was not issued by the kit's {CA_FILE}{why}"
         ) from None
+    return ca, cert
+
+
+def _check_usable(path: Path, role: str, flag: str, ca: Certificate, cert: Certificate) -> None:
+    """The certificate serves `role`, and it and the CA are valid now."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     # A certificate copied in from another kit: a worker's may only serve, the
     # coordinator's only be a client (`provision.issue`), so it would fail at
     # every handshake; say so here, naming whose it is.
@@ -280,6 +309,15 @@ def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
                 f"{flag}: this site's {what} is valid only from "
                 f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
             )
+
+
+def load_kit(directory: str | Path, role: str, flag: str = "--tls-dir") -> Kit:
+    """The kit in `directory` for a site of `role`, checked; one-line errors."""
+    path = Path(directory).expanduser()
+    info, ca_pem, cert_pem, key_pem = _read_kit(path, role, flag)
+    ca, cert = _kit_certificates(path, flag, ca_pem, cert_pem, key_pem)
+    _check_usable(path, role, flag, ca, cert)
+    name, coordinator = info["name"], info["coordinator"]
     # Watched even while absent: a list copied in later is taken without a restart.
     revocations = Revocations(path / CRL_FILE, ca_pem, flag)
     when = revocations.revoked(cert.serial_number)

@@ -76,6 +76,11 @@ def test_non_finite_values_in_a_config_file_are_rejected_too(tmp_path):
             "needs more than 10 clients per round",
         ),
         (["--on-non-finite", "ignore"], "choose one of fail, drop"),
+        (
+            ["--aggregator", "dp_fixed", "--sampling", "stratified"],
+            "privacy accounting covers uniform sampling only",
+        ),
+        (["--sampling", "random"], "choose one of uniform, stratified"),
         # A flag the chosen block does not take is refused even at its default value.
         (["--noise-multiplier", "0.5"], "--noise-multiplier applies to --aggregator dp_fixed"),
         (["--aggregator", "dp_fixed", "--weighting", "examples"], "--weighting applies to"),
@@ -211,7 +216,7 @@ def test_privacy_accountant_composes_rounds_as_dp_accounting_does():
     import dp_accounting
     from dp_accounting import rdp
 
-    from coordinator.algorithm.privacy import PrivacyAccountant, round_event
+    from coordinator.privacy.accountant import PrivacyAccountant, round_event
 
     def spent(z: float, rounds: list[tuple[int, int]]) -> float:
         accountant = PrivacyAccountant(z, 1e-5)

@@ -165,7 +165,7 @@ def test_pinned_grid_runs_each_worker_on_its_own_core(tmp_path):
         tmp_path,
         "--pinned",
         "--systems",
-        "tff_local,fedcompose",
+        "tff_local,fedcompose,fedcompose_stratified",
         "--model",
         "linear",
         "--clients-per-round",
@@ -188,6 +188,10 @@ def test_pinned_grid_runs_each_worker_on_its_own_core(tmp_path):
     found = {t["target"] for t in results["targets"]}
     assert "pinned: W=2 at least 1.8x as fast as W=1" in found
     assert "pinned: W=1 within 5% of TFF on one core" in found
+    assert "pinned: W=2 at least 1.9x as fast as W=1 (stratified sampling)" in found
+    stratified = [r for r in results["rows"] if r["system"] == "fedcompose_stratified"]
+    assert sorted(r["workers"] for r in stratified) == [1, 2]
+    assert all(r["error"] is None for r in stratified)
     assert "PINNED" in result.stdout
 
 

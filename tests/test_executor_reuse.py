@@ -1,7 +1,8 @@
 """Executors kept for reuse stay within their budget, and padding stays bounded.
 
-The policy is pure (`coordinator.rounds.executor_reuse`) and tested without
-gRPC; one test checks that a real worker frees what the policy evicts.
+The policy (`coordinator.rounds.executor_reuse`) is tested without gRPC, freeing
+executors on a fake worker that keeps count of them; one test checks that a real
+worker frees what the policy evicts.
 """
 
 from __future__ import annotations
@@ -64,6 +65,55 @@ def test_warm_up_counts_are_likeliest_first_and_fit_the_budget():
 def test_padding_target_is_a_count_a_worker_can_run(clients):
     policy = ExecutorReuse()
     assert clients <= policy.target(clients) <= padded_count(clients)
+
+
+class FakeWorker:
+    """A worker's executors by client count: built by a call, freed only when
+    the policy says (freeing one it does not have fails the test)."""
+
+    def __init__(self) -> None:
+        self.executors: set[int] = set()
+        self.disposed: list[int] = []
+
+    def dispose_executor(self, num_clients: int) -> None:
+        self.executors.remove(num_clients)
+        self.disposed.append(num_clients)
+
+    def run(self, counts: list[int]) -> None:
+        self.executors |= set(counts)
+
+
+def test_sampled_rounds_keep_the_worker_within_the_budget_and_in_step():
+    rng = np.random.default_rng(0)
+    policy, worker = ExecutorReuse(budget=96), FakeWorker()
+    per_call = 40
+    for clients in rng.hypergeometric(250, 750, 100, size=300):
+        counts = [count for _, count in policy.pieces(int(clients), per_call)]
+        policy.make_room(worker, counts)
+        worker.run(counts)
+        assert worker.executors == policy.kept()
+        assert sum(worker.executors) <= 96
+    # Reuse, not one executor per sampled count: few were ever built.
+    assert len(set(worker.disposed)) + len(worker.executors) < 20
+
+
+def test_a_share_in_pieces_keeps_its_main_count_longest():
+    policy, worker = ExecutorReuse(budget=24, pad=False), FakeWorker()
+    policy.make_room(worker, [8, 8, 5])  # two calls of 8 clients, then one of 5
+    worker.run([8, 5])
+    policy.make_room(worker, [12])  # 8 + 5 + 12 > 24: the less recent, 5, goes
+    assert worker.disposed == [5] and worker.executors == {8} == policy.kept() - {12}
+
+
+def test_a_worker_that_lost_its_executors_is_not_told_to_free_them():
+    policy, worker = ExecutorReuse(budget=16), FakeWorker()
+    policy.make_room(worker, [10])
+    worker.run([10])
+    policy.forget()
+    worker.executors.clear()  # the worker restarted
+    policy.make_room(worker, [12])
+    worker.run([12])
+    assert worker.disposed == [] and worker.executors == {12} == policy.kept()
 
 
 def test_a_disposed_executor_is_gone_and_the_worker_keeps_serving(workers2):

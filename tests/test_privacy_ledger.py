@@ -1,6 +1,6 @@
 """The privacy spent, as the rounds actually drew their clients, kept across resumes.
 
-The trainer's accountant (`coordinator.round_checks.RoundChecks`) against a
+The trainer's accountant (`coordinator.privacy.spending.PrivacySpending`) against a
 federation of three workers of 20 clients each and a real run directory:
 rounds drawn while a worker is down, or from fewer clients than clients per
 round, count as the draw they were; a resumed run composes every round its
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.algorithm.privacy import PrivacyAccountant
-from coordinator.round_checks import RoundChecks
+from coordinator.privacy.accountant import PrivacyAccountant
+from coordinator.privacy.ledger import PrivacyLedger
+from coordinator.privacy.spending import PrivacySpending
 from coordinator.run_dir import RunDirectory
 from shared.config import RunConfig
 
@@ -45,13 +46,13 @@ class _Round:
     sampled: int
 
 
-def _checks(run: RunDirectory, resumed_after: int, aggregator: str = "dp_fixed") -> RoundChecks:
+def _checks(run: RunDirectory, resumed_after: int, aggregator: str = "dp_fixed") -> PrivacySpending:
     config = RunConfig()
     config.algorithm.aggregator = aggregator
     config.algorithm.noise_multiplier = Z
     config.training.clients_per_round = 10
-    checks = RoundChecks(config, executor=None, federation=_Federation())  # type: ignore[arg-type]
-    checks.restore_privacy(run, resumed_after)
+    checks = PrivacySpending(config, _Federation())
+    checks.restore(run, resumed_after)
     return checks
 
 
@@ -93,7 +94,7 @@ def test_a_resumed_run_counts_every_recorded_round_and_reruns_again(tmp_path: Pa
     draws = [([0, 1, 2], 10), ([0, 1], 10), ([0, 1, 2], 10), ([0, 1, 2], 10)]
     for i, (live, sampled) in enumerate(draws, start=1):
         _record(run, i, first.spend(i, _Round(live, sampled)))
-    assert [e["round"] for e in run.privacy_ledger()] == [1, 2, 3, 4]
+    assert [e["round"] for e in PrivacyLedger(run.privacy_jsonl).entries()] == [1, 2, 3, 4]
 
     # The run stopped; its newest checkpoint is after round 2 (rounds 3 and 4
     # were recorded, then cut from metrics.jsonl): they stay spent.
@@ -106,14 +107,20 @@ def test_a_resumed_run_counts_every_recorded_round_and_reruns_again(tmp_path: Pa
     row = resumed.spend(3, _Round([0, 1, 2], 10))
     assert row["epsilon"] == pytest.approx(_expected([*spent, (60, 10)]))
     assert row["rounds_counted"] == 5
-    assert [e["round"] for e in run.privacy_ledger()] == [1, 2, 3, 4, 3]  # as run
+    assert [e["round"] for e in PrivacyLedger(run.privacy_jsonl).entries()] == [
+        1,
+        2,
+        3,
+        4,
+        3,
+    ]  # as run
 
     # A line a crash cut short is dropped on resume, and appends start afresh.
     with open(run.privacy_jsonl, "a") as f:
         f.write('{"round": 4, "po')
     again = _checks(run, 2)
     again.spend(4, _Round([0, 1, 2], 10))
-    assert [e["round"] for e in run.privacy_ledger()] == [1, 2, 3, 4, 3, 4]
+    assert [e["round"] for e in PrivacyLedger(run.privacy_jsonl).entries()] == [1, 2, 3, 4, 3, 4]
 
 
 def test_a_directory_without_a_ledger_is_rebuilt_from_its_rows(tmp_path: Path, caplog):
@@ -124,7 +131,7 @@ def test_a_directory_without_a_ledger_is_rebuilt_from_its_rows(tmp_path: Path, c
         checks = _checks(run, 3)  # and round 3 has no row at all
     assert "2 earlier round(s) were drawn from (rounds 2, 3)" in caplog.text
     assert checks.privacy()["epsilon"] == pytest.approx(_expected([(40, 10), (60, 10), (60, 10)]))
-    assert [e["round"] for e in run.privacy_ledger()] == [1, 2, 3]
+    assert [e["round"] for e in PrivacyLedger(run.privacy_jsonl).entries()] == [1, 2, 3]
 
 
 def test_no_ledger_without_a_dp_aggregator(tmp_path: Path):
@@ -177,7 +184,7 @@ def test_a_dp_run_that_loses_a_worker_and_resumes_counts_every_draw(workers3, tm
     assert "round(s) 3 were recorded after the checkpoint" in resumed.stderr
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == list(range(1, 7))
-    ledger = RunDirectory(run_dir).privacy_ledger()
+    ledger = PrivacyLedger(RunDirectory(run_dir).privacy_jsonl).entries()
     assert [e["round"] for e in ledger] == [1, 2, 3, 3, 4, 5, 6]
     draws = [(e["pool"], e["drawn"]) for e in ledger]
     assert draws == [(60, 10), (60, 10), (down_pool, 10)] + [(60, 10)] * 4

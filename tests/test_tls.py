@@ -403,7 +403,8 @@ def test_expired_certificates_and_tls_against_a_plaintext_worker(kits, tmp_path,
     certificate has expired (its proxy started here with such a kit), and an
     expired coordinator certificate against a valid worker."""
     from client_worker import proxy
-    from coordinator.executor_client.connection import ClientTLS, probe
+    from coordinator.executor_client.connection import ClientTLS
+    from coordinator.executor_client.probe import probe
 
     plain = workers2[0].address
     now = datetime.datetime.now(datetime.UTC)
@@ -481,7 +482,8 @@ def test_a_worker_serving_with_a_certificate_not_its_own_is_named(tmp_path):
     """The coordinator's certificate (client only) or another site's, served by a
     worker: each a final one-line cause, not a bare verification error."""
     from client_worker import proxy
-    from coordinator.executor_client.connection import ClientTLS, probe
+    from coordinator.executor_client.connection import ClientTLS
+    from coordinator.executor_client.probe import probe
 
     kits = tmp_path / "kits"
     provision.provision(kits, provision.parse_sites(["w0=127.0.0.1", "w1=127.0.0.2"]))
@@ -612,7 +614,8 @@ def test_an_ipv6_worker_dialled_in_another_spelling_connects(tmp_path):
     must reach a worker whose certificate names `::1` (as Python's `ssl`, and so
     the probe, already agree it should)."""
     from client_worker import proxy
-    from coordinator.executor_client.connection import ClientTLS, open_channel, probe
+    from coordinator.executor_client.connection import ClientTLS, open_channel
+    from coordinator.executor_client.probe import probe
 
     kits = tmp_path / "kits"
     provision.provision(kits, provision.parse_sites(["w0=0:0:0:0:0:0:0:1"]))
@@ -700,7 +703,8 @@ def test_a_ca_pem_of_several_cas_is_refused_and_refusals_are_told_truly(tmp_path
     from cryptography.x509.oid import NameOID
 
     from client_worker import proxy
-    from coordinator.executor_client.connection import ClientTLS, probe
+    from coordinator.executor_client.connection import ClientTLS
+    from coordinator.executor_client.probe import probe
 
     a, b = tmp_path / "a", tmp_path / "b"
     for kits in (a, b):
@@ -754,3 +758,35 @@ def test_a_ca_pem_of_several_cas_is_refused_and_refusals_are_told_truly(tmp_path
     finally:
         for p in served:
             p.stop()
+
+
+def test_a_revocation_list_against_a_ca_key_that_cannot_sign_is_refused_in_one_line():
+    """A CA certificate carrying a key-agreement key (X25519) signed no list:
+    refused as a usage error, where checking the signature with it used to raise TypeError."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, x25519
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    signer = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcompose CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(x25519.X25519PrivateKey.generate().public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(signer, hashes.SHA256())
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=1))
+        .sign(signer, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    with pytest.raises(UsageError, match=r"crl\.pem is not signed by this federation's CA"):
+        tls.parse_crl(crl.public_bytes(pem), ca.public_bytes(pem))

@@ -17,7 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from coordinator.executor_client.connection import ClientTLS, probe
+from coordinator.executor_client.connection import ClientTLS
+from coordinator.executor_client.probe import probe
 from deploy import provision
 from deploy import workers as workers_lib
 from shared import loopback, tls

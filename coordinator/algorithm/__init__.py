@@ -12,11 +12,11 @@
     dataset_fusion.py  a client's dataset built inside its client update
     fused_share.py  a worker's share of a round (client updates, the aggregator's
                     per-client step, the accumulation) as one TensorFlow call
-    privacy.py      (epsilon, delta) spent so far with a DP aggregator
     user_process.py a learning process the user composed in Python, prepared for
                     the workers (or refused in one line)
 
-The model and the client update, which run on the workers, live in `shared/`.
+The model and the client update, which run on the workers, live in `shared/`; the
+privacy a DP aggregator spends is accounted in `coordinator.privacy`.
 """
 
 from coordinator.algorithm.compose import (

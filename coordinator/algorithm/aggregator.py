@@ -58,13 +58,18 @@ def _adaptive_clipping_norm() -> tff.templates.EstimationProcess:
     )
 
 
-def _mean(spec: AlgorithmSpec, value_sum_factory=None):
+def _mean(
+    spec: AlgorithmSpec,
+    value_sum_factory: tff.aggregators.UnweightedAggregationFactory | None = None,
+) -> tff.aggregators.AggregationFactory:
     if spec.blocks.weighting == "examples":
         return tff.aggregators.MeanFactory(value_sum_factory)
     return tff.aggregators.UnweightedMeanFactory(value_sum_factory)
 
 
-def _with_zeroing(spec: AlgorithmSpec, factory):
+def _with_zeroing(
+    spec: AlgorithmSpec, factory: tff.aggregators.AggregationFactory
+) -> tff.aggregators.AggregationFactory:
     b = spec.blocks
     if not b.zeroing:
         return factory
@@ -72,7 +77,9 @@ def _with_zeroing(spec: AlgorithmSpec, factory):
     return tff.aggregators.zeroing_factory(norm, factory)
 
 
-def _with_clipping(spec: AlgorithmSpec, factory):
+def _with_clipping(
+    spec: AlgorithmSpec, factory: tff.aggregators.AggregationFactory
+) -> tff.aggregators.AggregationFactory:
     b = spec.blocks
     if not b.clipping:
         return factory

@@ -66,7 +66,7 @@ def _test_dataset(spec: AlgorithmSpec, token: tf.Tensor) -> tf.data.Dataset:
 
 def train_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
     @tff.tensorflow.computation(np.str_)
-    def make_dataset(token):
+    def make_dataset(token: tf.Tensor) -> tf.data.Dataset:
         return _train_dataset(spec, token)
 
     return make_dataset
@@ -74,7 +74,7 @@ def train_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
 
 def test_dataset_computation(spec: AlgorithmSpec) -> tff.Computation:
     @tff.tensorflow.computation(np.str_)
-    def make_dataset(token):
+    def make_dataset(token: tf.Tensor) -> tf.data.Dataset:
         return _test_dataset(spec, token)
 
     return make_dataset
@@ -86,7 +86,7 @@ def build_learning_process(spec: AlgorithmSpec) -> tff.learning.templates.Learni
     weights_type = models.weights_type_of(model_fn)
 
     @tff.tensorflow.computation
-    def initial_model_weights_fn():
+    def initial_model_weights_fn() -> tff.learning.models.ModelWeights:
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
     return tff.learning.templates.compose_learning_process(
@@ -104,14 +104,18 @@ def per_client(weights_type: tff.StructType, outcome: tff.Computation) -> tff.Co
     @tff.federated_computation(
         tff.FederatedType(weights_type, tff.SERVER), tff.FederatedType(np.str_, tff.CLIENTS)
     )
-    def per_client(weights, tokens):
+    def per_client(weights: tff.Value, tokens: tff.Value) -> tff.Value:
         return tff.federated_map(outcome, (tff.federated_broadcast(weights), tokens))
 
     return per_client
 
 
 @tf.function
-def held_out_loss(model, weights, dataset):
+def held_out_loss(
+    model: tff.learning.models.VariableModel,
+    weights: tff.learning.models.ModelWeights,
+    dataset: tf.data.Dataset,
+) -> collections.OrderedDict[str, tf.Tensor]:
     model_weights = tff.learning.models.ModelWeights.from_model(model)
     tf.nest.map_structure(lambda v, w: v.assign(w), model_weights, weights)
     loss_sum, examples = tf.constant(0.0), tf.constant(0.0)
@@ -127,9 +131,15 @@ def held_out_loss(model, weights, dataset):
     )
 
 
-def _eval_outcome(spec: AlgorithmSpec, model_fn, weights_type) -> tff.Computation:
+def _eval_outcome(
+    spec: AlgorithmSpec,
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    weights_type: tff.StructType,
+) -> tff.Computation:
     @tff.tensorflow.computation(weights_type, np.str_)
-    def outcome(weights, token):
+    def outcome(
+        weights: tff.learning.models.ModelWeights, token: tf.Tensor
+    ) -> collections.OrderedDict[str, tf.Tensor]:
         return held_out_loss(model_fn(), weights, _test_dataset(spec, token))
 
     return outcome

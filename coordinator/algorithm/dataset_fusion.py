@@ -100,7 +100,7 @@ def _walk(bb: building_blocks.ComputationBuildingBlock) -> Iterator:
         yield from _walk(child)
 
 
-def _mapped_fn_type(value: building_blocks.ComputationBuildingBlock):
+def _mapped_fn_type(value: building_blocks.ComputationBuildingBlock) -> tff.Type | None:
     """The type of `f` if `value` is `federated_map(<f, x>)`, else None."""
     if (
         isinstance(value, building_blocks.Call)
@@ -112,12 +112,18 @@ def _mapped_fn_type(value: building_blocks.ComputationBuildingBlock):
     return None
 
 
-def _is_dataset_map(value, dataset_type) -> bool:
+def _is_dataset_map(
+    value: building_blocks.ComputationBuildingBlock, dataset_type: tff.FunctionType
+) -> bool:
     fn_type = _mapped_fn_type(value)
     return fn_type is not None and fn_type.is_equivalent_to(dataset_type)
 
 
-def _is_client_map(value, dataset_type, fused_type) -> bool:
+def _is_client_map(
+    value: building_blocks.ComputationBuildingBlock,
+    dataset_type: tff.FunctionType,
+    fused_type: tff.FunctionType,
+) -> bool:
     """Whether `value` maps a `(W, dataset) -> R` computation, `fused_type` being
     `(W, token) -> R` (parameter names aside)."""
     fn_type = _mapped_fn_type(value)
@@ -133,7 +139,12 @@ def _is_client_map(value, dataset_type, fused_type) -> bool:
     )
 
 
-def _fuse(next_bb, dataset_type, fused_type, fused_bb):
+def _fuse(
+    next_bb: building_blocks.ComputationBuildingBlock,
+    dataset_type: tff.FunctionType,
+    fused_type: tff.FunctionType,
+    fused_bb: building_blocks.ComputationBuildingBlock,
+) -> building_blocks.Lambda:
     if not (
         isinstance(next_bb, building_blocks.Lambda)
         and isinstance(next_bb.result, building_blocks.Block)

@@ -99,7 +99,7 @@ def client_data_type(process: object) -> tff.SequenceType:
 
 def _dataset_computation(preprocess: Preprocess, split: str) -> tff.Computation:
     @tff.tensorflow.computation(np.str_)
-    def client_dataset(token):
+    def client_dataset(token: tf.Tensor) -> tf.data.Dataset:
         return preprocess(preprocessing.raw_client_dataset(token, split))
 
     return client_dataset
@@ -168,14 +168,20 @@ def _leaves(t: tff.Type) -> list[int]:
     return []
 
 
-def _per_client_loss(model_fn: ModelFn, weights_type: tff.Type, make_dataset) -> tff.Computation:
+def _per_client_loss(
+    model_fn: ModelFn,
+    weights_type: tff.Type,
+    make_dataset: Callable[[tf.Tensor], tf.data.Dataset],
+) -> tff.Computation:
     """`(weights@SERVER, tokens@CLIENTS) -> {<finite, loss, examples>}@CLIENTS`: each
     client's loss at the round's starting weights (naming the clients whose
     data makes the model's loss non-finite)."""
     from coordinator.algorithm import compose
 
     @tff.tensorflow.computation(weights_type, np.str_)
-    def outcome(weights, token):
+    def outcome(
+        weights: tff.learning.models.ModelWeights, token: tf.Tensor
+    ) -> collections.OrderedDict[str, tf.Tensor]:
         return compose.held_out_loss(model_fn(), weights, make_dataset(token))
 
     return compose.per_client(weights_type, outcome)

@@ -5,7 +5,9 @@ client per worker with byte counting, and the coordinator's own server executor.
     wire.py           the gRPC stub, counting bytes on the wire
     worker_client.py  `RemoteWorker`: every call with a deadline, errors naming the worker
     server.py         the coordinator's own executor, also TFF's default context here
-    connection.py     channels (TLS) to workers, and the probe that says why one fails
+    connection.py     channels (TLS) to workers
+    probe.py          the direct probe that says why a channel does not connect
+    certificates.py   what is wrong with a certificate, told from the certificates
 """
 
 from coordinator.executor_client.computations import PreparedComputation

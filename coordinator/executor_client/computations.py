@@ -82,6 +82,8 @@ class PreparedComputation:
 
     def serialize_element(self, index: int, value: object) -> executor_pb2.Value:
         """One element of a struct parameter, serialized on its own."""
+        if self.parameter_type is None:
+            raise ValueError(f"{self.name} takes no argument, so has no element {index}")
         element_type = self.parameter_type[index]
         if is_strings_at_clients(element_type) and isinstance(value, list | tuple):
             return serialize_strings_at_clients(value, element_type)

@@ -72,7 +72,7 @@ class ServerContext(context_base.SyncContext):
         self._worker = worker
         self._prepared: dict[int, tuple[object, PreparedComputation]] = {}
 
-    def invoke(self, comp, arg):
+    def invoke(self, comp: tff.Computation, arg: object) -> object:
         entry = self._prepared.get(id(comp))
         if entry is None or entry[0] is not comp:
             entry = (comp, PreparedComputation(comp, getattr(comp, "name", "comp")))

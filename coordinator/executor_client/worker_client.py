@@ -21,14 +21,15 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeAlias
 
 import grpc
 import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
-from coordinator.executor_client import connection
+from coordinator.executor_client import connection, probe
 from coordinator.executor_client.computations import PreparedComputation
 from coordinator.executor_client.wire import CountingStub, WireStats
 from shared.errors import FederationError, one_line
@@ -51,7 +52,7 @@ _CHANNEL_OPTIONS = [
 _DISPOSE_TIMEOUT = 10.0
 _GONE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
-ValueRef = executor_pb2.ValueRef
+ValueRef: TypeAlias = executor_pb2.ValueRef
 
 
 class WorkerError(FederationError):
@@ -123,7 +124,7 @@ class RemoteWorker:
 
         gRPC alone cannot tell a dead worker from a wrong port, a TLS mismatch or
         a rejected certificate (all "unavailable"). Whenever the channel is not
-        ready after a short wait, a direct probe (`connection.probe`) says why;
+        ready after a short wait, a direct probe (`probe.probe`) says why;
         an answer that waiting cannot change (wrong protocol, any TLS failure,
         and a refused connection unless `retry_refused`: a worker may still be
         starting) fails at once instead of after `timeout`.
@@ -143,10 +144,8 @@ class RemoteWorker:
                 pass
             wait = 1.0
             remaining = deadline - time.monotonic()
-            diagnosis = connection.probe(
-                self.address, self.tls, timeout=min(3.0, max(remaining, 1.0))
-            )
-            if diagnosis.final or (diagnosis.kind == connection.REFUSED and not retry_refused):
+            diagnosis = probe.probe(self.address, self.tls, timeout=min(3.0, max(remaining, 1.0)))
+            if diagnosis.final or (diagnosis.kind == probe.REFUSED and not retry_refused):
                 raise WorkerError(self.label, diagnosis.message)
             if time.monotonic() >= deadline:
                 if diagnosis.ok:
@@ -161,13 +160,13 @@ class RemoteWorker:
     def _check_peer(self, timeout: float) -> None:
         """gRPC checked the worker's certificate against the CA and the address
         only: here, that it is the site provisioned at that address and not
-        revoked (`connection.probe`, which compares both with the coordinator's kit)."""
+        revoked (`probe.probe`, which compares both with the coordinator's kit)."""
         if self.tls is None or not self.tls.checks_peer:
             return
-        diagnosis = connection.probe(self.address, self.tls, timeout=timeout)
+        diagnosis = probe.probe(self.address, self.tls, timeout=timeout)
         # Only these two: the channel is up, so a slow probe (a loaded machine)
         # is no reason to refuse the worker.
-        if diagnosis.kind in (connection.WRONG_SITE, connection.REVOKED):
+        if diagnosis.kind in (probe.WRONG_SITE, probe.REVOKED):
             raise WorkerError(self.label, diagnosis.message)
 
     def _count_call(self) -> None:
@@ -175,7 +174,7 @@ class RemoteWorker:
             self.stats.calls += 1
 
     @contextlib.contextmanager
-    def deadline(self, at: float, why: str):
+    def deadline(self, at: float, why: str) -> Iterator[None]:
         """Calls made by this thread inside the block end by `at` (`time.monotonic()`),
         or sooner by their own deadline; `why` names that deadline in the error."""
         previous = getattr(self._local, "deadline", None)
@@ -185,7 +184,8 @@ class RemoteWorker:
         finally:
             self._local.deadline = previous
 
-    def _rpc(self, method: str, request, timeout: float | None = None):
+    def _rpc(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """`request` and the answer are protobuf messages of `executor_pb2`."""
         call: Callable = getattr(self._stub, method)
         deadline = self.rpc_timeout if timeout is None else timeout
         why = None
@@ -195,11 +195,11 @@ class RemoteWorker:
         try:
             response = call(request, timeout=deadline)
         except grpc.RpcError as e:
-            if e.code() in _GONE:  # type: ignore[attr-defined]
+            if e.code() in _GONE:
                 self.unresponsive = True
-            if why is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            if why is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise WorkerError(self.label, f"no answer to {method} {why}") from None
-            if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:  # type: ignore[attr-defined]
+            if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:
                 raise WorkerError(self.label, f"{method} abandoned: {self.abandoned}") from None
             raise WorkerError(self.label, _describe_rpc_error(e, method, deadline)) from None
         except ValueError:  # "Cannot invoke RPC on closed channel!"

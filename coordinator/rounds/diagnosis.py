@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
+from typing import Any, cast
 
 from coordinator.executor_client import PreparedComputation, WorkerError
 from coordinator.federation import Federation
@@ -61,7 +63,10 @@ class ClientDiagnosis:
             had_executor = len(ids) in worker.client_counts()
             tokens = [preprocessing.make_token(c, seed) for c in ids]
             try:
-                outcomes = worker.call(comp, (weights, tokens), len(ids))
+                # `{<finite, loss, examples>}@CLIENTS` comes back as one mapping per client.
+                outcomes = cast(
+                    list[Mapping[str, Any]], worker.call(comp, (weights, tokens), len(ids))
+                )
             except WorkerError as e:
                 # Naming the clients is a courtesy; a worker lost meanwhile is
                 # the round loop's business, not a reason to stop here.

@@ -9,8 +9,8 @@ kept for reuse within a budget (least recently used go first), and the first
 round with a new number of clients per round builds, ahead, the executors for
 the counts sampling will likely give each worker.
 
-Pure policy, no gRPC: `RoundExecutor` asks it what to run at and what to free,
-and tells the worker's client to do so.
+Policy, no gRPC: `RoundExecutor` asks it what to run at, and it tells the
+worker's client (anything with `dispose_executor`) what to free.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 from shared.errors import UsageError
 
@@ -161,6 +163,12 @@ def likely_counts(clients_per_round: int, hosted: int, total: int, spread: float
     return range(max(1, low), high + 1)
 
 
+class Executors(Protocol):
+    """What the policy frees executors on: a worker's client."""
+
+    def dispose_executor(self, num_clients: int) -> None: ...
+
+
 class ExecutorReuse:
     """One worker's kept executors (by client count), least recently used first."""
 
@@ -196,6 +204,15 @@ class ExecutorReuse:
                 del self._kept[kept]
                 evicted.append(kept)
         return evicted
+
+    def make_room(self, worker: Executors, counts: Sequence[int]) -> None:
+        """Records the calls of a worker's share, at `counts` in call order, and
+        frees on `worker` the executors evicted to make room for them. The
+        first call's count (the share's main one) is recorded last, so it is
+        the last of them to be evicted later."""
+        for count in dict.fromkeys(reversed(counts)):
+            for evicted in self.use(count):
+                worker.dispose_executor(evicted)
 
     def pieces(self, clients: int, per_call: int | None) -> list[tuple[int, int]]:
         """A share of `clients` as calls: (real clients, count run at) each.

@@ -97,8 +97,8 @@ def compile_form(comp: tff.Computation, name: str):  # -> tff's MergeableCompFor
     if not (
         isinstance(param, tff.StructType)
         and len(param) == 2
-        and param[0].placement is tff.SERVER  # type: ignore[union-attr]
-        and param[1].placement is tff.CLIENTS  # type: ignore[union-attr]
+        and param[0].placement is tff.SERVER
+        and param[1].placement is tff.CLIENTS
     ):
         raise TypeError(f"{name}: expected (state@SERVER, data@CLIENTS), got {param}")
     return form
@@ -112,17 +112,17 @@ def prepare_parts(form, name: str) -> dict[str, PreparedComputation]:
     # `merge` takes and returns unplaced values; placed at the server, it
     # takes the partials where they are and yields what `after_merge` takes.
     @tff.federated_computation(partial_type, partial_type)
-    def merge_placed(a, b):
+    def merge_placed(a: tff.Value, b: tff.Value) -> tff.Value:
         return tff.federated_map(form.merge, tff.federated_zip((a, b)))
 
     @tff.tensorflow.computation(member)
-    def done_marker(_):
+    def done_marker(_: object) -> tf.Tensor:
         return tf.constant(True)
 
     # Fetching a bool that depends on a partial tells when the partial is
     # done without fetching the partial itself.
     @tff.federated_computation(partial_type)
-    def partial_done(partial):
+    def partial_done(partial: tff.Value) -> tff.Value:
         return tff.federated_map(done_marker, partial)
 
     comps = {

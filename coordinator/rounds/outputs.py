@@ -12,6 +12,7 @@ kept, flattened, under `measurements`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def scalars(measurements: object, prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     items = measurements.items() if isinstance(measurements, Mapping) else ()
     if not items and hasattr(measurements, "_asdict"):  # a named tuple (ModelWeights, ...)
-        items = measurements._asdict().items()  # type: ignore[union-attr]  # named tuples have it
+        items = measurements._asdict().items()
     for key, value in items:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) or hasattr(value, "_asdict"):
@@ -52,16 +53,18 @@ def _accuracy(flat: dict[str, float], prefix: str) -> float | None:
 def train_metrics(metrics: object, user_defined: bool) -> dict:
     """The round's train figures (`loss`, `accuracy`, `examples`, ...)."""
     if not user_defined:
-        m = metrics["client_work"]["train"]  # type: ignore[index]  # fedcompose's own blocks
+        # fedcompose's own blocks: nested mappings of these names, by construction.
+        own = cast(Mapping[str, Any], metrics)
+        m = own["client_work"]["train"]
         return {
             # Over the clients whose update was finite; none (all dropped): no figure.
             "loss": float(m["loss"]) if m["num_examples"] else None,
             "accuracy": float(m["accuracy"]) if m["num_examples"] else None,
             "examples": int(m["num_examples"]),
-            "update_non_finite": int(metrics["finalizer"]["update_non_finite"]),  # type: ignore[index]
+            "update_non_finite": int(own["finalizer"]["update_non_finite"]),
             "dropped_clients": int(m["dropped_clients"]),
             "dropped_examples": int(m["dropped_examples"]),
-            "aggregator": scalars(metrics["aggregator"]),  # type: ignore[index]
+            "aggregator": scalars(own["aggregator"]),
         }
     flat = scalars(metrics)
     examples = _find(flat, "client_work/train/num_examples", "client_work/num_examples")
@@ -98,7 +101,7 @@ def weight_lists(weights: object) -> tuple[list, list]:
     import tensorflow as tf
 
     if hasattr(weights, "trainable") and hasattr(weights, "non_trainable"):
-        return list(weights.trainable), list(weights.non_trainable)  # type: ignore[attr-defined]  # ModelWeights
+        return list(weights.trainable), list(weights.non_trainable)
     if isinstance(weights, Mapping) and set(weights) == {"trainable", "non_trainable"}:
         return list(weights["trainable"]), list(weights["non_trainable"])
     return [np.asarray(leaf) for leaf in tf.nest.flatten(weights)], []

@@ -38,10 +38,11 @@ class RoundPlan:
     clients_per_round: int
     seed: int
     rules: ResilienceConfig
+    sampling: str = "uniform"
 
     @classmethod
     def of(cls, training: TrainingConfig, rules: ResilienceConfig) -> RoundPlan:
-        return cls(training.clients_per_round, training.seed, rules)
+        return cls(training.clients_per_round, training.seed, rules, training.sampling)
 
 
 def run_round(
@@ -85,7 +86,9 @@ def run_round(
                 report=report,
             )
         live = federation.live()
-        sampled = federation.sample(round_num, plan.clients_per_round, plan.seed, live)
+        sampled = federation.sample(
+            round_num, plan.clients_per_round, plan.seed, live, plan.sampling
+        )
         try:
             result = executor.train_round(
                 state,

@@ -26,6 +26,7 @@ import math
 import threading
 import time
 from concurrent import futures
+from typing import Protocol, cast
 
 from tensorflow_federated.proto.v0 import executor_pb2
 
@@ -87,6 +88,14 @@ def required_clients(clients_per_round: int, min_coverage: float) -> int:
     """Clients a round must include to be applied: `min_coverage` of the
     configured round size, at least one."""
     return max(1, math.ceil(min_coverage * clients_per_round - 1e-9))
+
+
+class _ProcessOutput(Protocol):
+    """What `next` of a learning or an evaluation process returns
+    (`LearningProcessOutput`)."""
+
+    state: object
+    metrics: object
 
 
 @dataclasses.dataclass
@@ -209,14 +218,10 @@ class RoundExecutor:
             pieces.append(piece + [preprocessing.EMPTY_CLIENT_TOKEN] * (count - real))
         return pieces
 
-    def _make_room(self, index: int, clients: int) -> None:
-        """Frees the worker's executors its policy evicts to make room for `clients`."""
-        for count in self.reuse[index].use(clients):
-            self.federation.workers[index].dispose_executor(count)
-
     def _make_room_for(self, index: int, pieces: list[list[str]], runner: MergeableRunner) -> None:
-        for count in dict.fromkeys(runner.count(p) for p in reversed(pieces)):
-            self._make_room(index, count)
+        """Frees the worker's executors its policy evicts to make room for `pieces`."""
+        counts = [runner.count(p) for p in pieces]
+        self.reuse[index].make_room(self.federation.workers[index], counts)
 
     def warm_up(
         self,
@@ -248,7 +253,7 @@ class RoundExecutor:
                 counts = [FUSED_CLIENTS]
             for clients in counts[:max_counts]:
                 if not worker.is_loaded(self._train.after_merge, clients):
-                    self._make_room(index, clients)
+                    self.reuse[index].make_room(worker, [clients])
                     self._train.warm_up(worker, state_proto, clients)
                 progress[index] = time.monotonic()
             self._warmed[index].add(clients_per_round)
@@ -473,11 +478,11 @@ class RoundExecutor:
             for i in outcome.delivered:
                 self.federation.liveness.delivered(i)
         result_proto = outcome.result
-        output = self._train.after_merge.deserialize_result(result_proto)
-        index = self._train.state_index
+        output = cast(_ProcessOutput, self._train.after_merge.deserialize_result(result_proto))
+        state_index = self._train.state_index
         self._known = (
-            _KnownState(output.state, result_proto.struct.element[index].value)
-            if index is not None
+            _KnownState(output.state, result_proto.struct.element[state_index].value)
+            if state_index is not None
             else None
         )
         timing.total = time.perf_counter() - started
@@ -558,7 +563,7 @@ class RoundExecutor:
         if outcome is None:
             log.warning("no worker could evaluate the model: %s", "; ".join(lost.values()))
             return None
-        output = self._eval.after_merge.deserialize_result(outcome.result)
+        output = cast(_ProcessOutput, self._eval.after_merge.deserialize_result(outcome.result))
         evaluation = {
             **outputs.eval_metrics(output.metrics),
             "clients": sum(len(tokens[i]) for i in outcome.delivered),

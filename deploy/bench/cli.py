@@ -120,7 +120,9 @@ def shard_counts(config: config_lib.RunConfig) -> list[int]:
     counts = set()
     if {"keras", "tff_local"} & set(b.systems):
         counts.add(1)  # the single-process baselines read one shard set's files
-    if {"fedcompose", "fedcompose_tls", "fedcompose_unfused"} & set(b.systems):
+    if {"fedcompose", "fedcompose_tls", "fedcompose_stratified", "fedcompose_unfused"} & set(
+        b.systems
+    ):
         counts.update(workers)
     return sorted(counts)
 
@@ -247,7 +249,12 @@ def run(config: config_lib.RunConfig) -> int:
     for workers in config.federation.workers:
         steps += [
             (system, workers)
-            for system in ("fedcompose", "fedcompose_unfused", "fedcompose_tls")
+            for system in (
+                "fedcompose",
+                "fedcompose_unfused",
+                "fedcompose_tls",
+                "fedcompose_stratified",
+            )
             if system in b.systems
         ]
     total = len(list(plan.workloads())) * len(steps) * b.passes
@@ -282,12 +289,7 @@ def run(config: config_lib.RunConfig) -> int:
                         runner.tff_local(shard_sets[1])
                     else:
                         assert workers is not None
-                        runner.fedcompose(
-                            workers,
-                            shard_sets[workers],
-                            tls=system == "fedcompose_tls",
-                            fused=system != "fedcompose_unfused",
-                        )
+                        runner.fedcompose(workers, shard_sets[workers], system)
     finally:
         bar.close()
         if runner is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from deploy.bench import protocol as bench_protocol
 from deploy.bench.plan import Plan
+from shared.config import UNIFORM
 
 
 def _round_event(key: str, round_num: int, sample_seconds: float, result) -> dict:
@@ -104,7 +105,12 @@ def main(config_path: str) -> int:
                 try:
                     for round_num in plan.round_numbers():
                         started = time.perf_counter()
-                        sampled = fed.sample(round_num, clients, plan.seed)
+                        sampled = fed.sample(
+                            round_num,
+                            clients,
+                            plan.seed,
+                            sampling=config.get("sampling", UNIFORM),
+                        )
                         sample_seconds = time.perf_counter() - started
                         result = executor.train_round(state, sampled, plan.shuffle_seed(round_num))
                         state = result.state

@@ -202,16 +202,16 @@ class Runner:
         provision.provision(kits, sites, valid_days=7)
         return kits
 
-    def fedcompose(
-        self, workers: int, shard_dirs: list[Path], tls: bool = False, fused: bool = True
-    ) -> None:
-        """fedcompose with `workers` local workers; with `tls`, every worker serves
-        through its mutual-TLS proxy and the coordinator dials with its kit;
-        without `fused`, a worker's share of a round runs as calls per client."""
+    def fedcompose(self, workers: int, shard_dirs: list[Path], system: str = "fedcompose") -> None:
+        """fedcompose with `workers` local workers; as `fedcompose_tls`, every
+        worker serves through its mutual-TLS proxy and the coordinator dials with
+        its kit; as `fedcompose_stratified`, rounds sample by worker; as
+        `fedcompose_unfused`, a worker's share of a round runs as calls per client."""
         from deploy import workers as workers_lib
         from deploy.bench import pinning
 
-        name = f"fedcompose-{'tls-' if tls else ''}{'' if fused else 'unfused-'}w{workers}"
+        tls = system == "fedcompose_tls"
+        name = f"{system.replace('_', '-')}-w{workers}"
         logs_dir = self.work_dir / name
         kits = self._tls_kits(workers) if tls else None
         started = workers_lib.start_workers(
@@ -243,9 +243,10 @@ class Runner:
                     "log_dir": str(logs_dir),
                     "records_dir": str(logs_dir / "records"),
                     "tls_dir": str(kits / "coordinator") if kits else "",
-                    "fused": fused,
+                    "sampling": "stratified" if system == "fedcompose_stratified" else "uniform",
+                    "fused": system != "fedcompose_unfused",
                 },
-                "fedcompose_tls" if tls else "fedcompose" if fused else "fedcompose_unfused",
+                system,
                 workers,
                 watch,
             )

@@ -29,11 +29,15 @@ import collections
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import dp_accounting
 
-def round_event(noise_multiplier: float, pool: int, drawn: int):
+
+def round_event(noise_multiplier: float, pool: int, drawn: int) -> dp_accounting.DpEvent:
     """One round as a `dp_accounting` event: `drawn` of `pool` clients, without
     replacement, under Gaussian noise of `noise_multiplier` (TFF's)."""
     import dp_accounting
@@ -88,7 +92,7 @@ class PrivacyAccountant:
             return math.inf
         from dp_accounting import rdp
 
-        total = None
+        total: np.ndarray | None = None
         for (pool, drawn), count in collections.Counter(self.rounds).items():
             orders, one_round = _one_round_rdp(self.noise_multiplier, pool, drawn)
             total = count * one_round if total is None else total + count * one_round
