@@ -20,9 +20,11 @@ kernels are the same (tests/test_fused.py).
 
 The client update itself is not imported: its graph creates the model's
 variables, which a loop body cannot. It is traced again from the same Python
-code (`client_step`), the model's variables made once before the loop; every
-client's update overwrites every model weight with the server's first, so
-nothing carries over from one client to the next.
+code (`client_step`), the model's variables made once before the loop, one
+model per lane (`LANES` clients train at once, as TFF's executor runs a
+call's clients concurrently); every client's update overwrites every model
+weight with the server's first, so nothing carries over from one client to
+the next.
 
 Anything the per-client part does that is not per client (a sum, a mean, a
 secure sum across clients before the aggregate, a second aggregate) raises
@@ -31,6 +33,7 @@ secure sum across clients before the aggregate, a second aggregate) raises
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -89,9 +92,11 @@ class _Interpreter:
     the server's); structures as `structure.Struct`, functions as callables.
     """
 
-    def __init__(self, client_type: tff.FunctionType, client_step: ClientStep):
+    def __init__(self, client_type: tff.FunctionType, client_step: Callable[..., Any]):
         self.client_type = client_type
         self.client_step = client_step
+        self.lane: Any = 0
+        """The loop's lane of the client being traced (a tensor in the loop)."""
         self._calls = 0
 
     def eval(self, bb: building_blocks.ComputationBuildingBlock, env: dict[str, _Lazy]) -> Any:
@@ -166,8 +171,23 @@ class _Interpreter:
     def _client(self, arg: Any) -> structure.Struct:
         param = self.client_type.parameter
         weights = type_conversions.type_to_py_container(arg[0], param[0])
-        out = self.client_step(weights, arg[1])
+        out = self.client_step(weights, arg[1], self.lane)
         return structure.from_container(out, recursive=True)
+
+
+LANES = 4
+"""Clients a fused loop trains at once. TFF's executor runs a call's clients
+concurrently; one at a time, a CNN round ran slower fused than unfused on an
+idle 2-core machine. Each lane has a model (variables) of its own."""
+
+
+def _lanes(steps: list[ClientStep]) -> Callable[[Any, tf.Tensor, Any], Any]:
+    """One client step per lane; the lane picks whose model a client trains."""
+
+    def step(weights: Any, token: tf.Tensor, lane: Any) -> Any:
+        return tf.switch_case(lane, [functools.partial(s, weights, token) for s in steps])
+
+    return step
 
 
 def _aggregate_call(bb: building_blocks.Lambda) -> tuple[list, building_blocks.Call]:
@@ -238,7 +258,7 @@ def fuse(
 
     @tff.tensorflow.computation(state_type, tff.TensorType(np.str_, [None]))
     def fused_share(state, tokens):
-        interp = _Interpreter(client_type, make_client_step())
+        interp = _Interpreter(client_type, _lanes([make_client_step() for _ in range(LANES)]))
         if not isinstance(state, tf.Tensor):
             state = structure.from_container(state, recursive=True)
         outside = scope(interp, state, None)
@@ -246,6 +266,7 @@ def fuse(
         report = interp.eval(report_bb, outside)
 
         def body(i, *flat_acc):
+            interp.lane = i % LANES
             inside = scope(interp, state, tokens[i])
             value = interp.eval(values_bb, inside)
             accumulate = interp.eval(accumulate_bb, inside)
@@ -257,8 +278,10 @@ def fuse(
             lambda i, *_: i < count,
             body,
             (tf.constant(0), *_flat(zero)),
-            # One client at a time, in order: the sum's order is the unfused path's.
-            parallel_iterations=1,
+            # At most LANES clients at once, each on a model of its own: client i
+            # starts once client i - LANES is done. The accumulation is carried
+            # from one iteration to the next, so the sum's order is the unfused path's.
+            parallel_iterations=LANES,
         )
         result = report(_pack(zero, list(out[1:])))
         return (
