@@ -281,6 +281,26 @@ class Federation:
     def workers(self) -> list[str]:
         return list(self.session.addresses)
 
+    @property
+    def data_format(self) -> Any:
+        """The workers' `shard_format.DataFormat` (element spec, encoding, label)."""
+        federation = self.session.federation
+        assert federation is not None
+        return federation.data
+
+    def raw_element_spec(self) -> Any:
+        """One raw example as the workers serve it to `preprocess` (tf.TensorSpecs
+        in the structure their manifests record, equal on every worker)."""
+        from shared import preprocessing
+
+        return preprocessing.raw_element_spec(self.data_format)
+
+    def empty_client_dataset(self) -> Any:
+        """A dataset of no examples with `raw_element_spec()`: to trace a preprocess on."""
+        from coordinator.algorithm.user_process import empty_raw_dataset
+
+        return empty_raw_dataset(self.data_format)
+
     def _fixed_settings(self) -> dict[str, Any]:
         """Settings the federation gives every training (its addresses, TLS...)."""
         return {"addresses": self._addresses()}
@@ -302,8 +322,9 @@ class Federation:
         `next` takes client datasets) across the workers, or fedcompose's own
         algorithm from its settings if `process` is None.
 
-        `preprocess` turns a client's raw examples (`fedcompose.raw_element_spec()`:
-        TFF's federated EMNIST element) into the batches the process takes; it
+        `preprocess` turns a client's raw examples (`federation.raw_element_spec()`:
+        what the workers' manifests record; TFF's federated EMNIST element for the
+        default data and EMNIST) into the batches the process takes; it
         runs on the workers. `model_fn` (TFF's model function) is what held-out
         evaluation and non-finite diagnosis use; without it, rounds are trained
         and recorded but not evaluated. Every other keyword is a setting of
@@ -324,9 +345,12 @@ class Federation:
             if preprocess is None:
                 raise UsageError(
                     "train(process, ...) needs preprocess=: a function from a client's raw "
-                    "examples (fedcompose.raw_element_spec()) to the batches the process takes"
+                    "examples (federation.raw_element_spec()) to the batches the process takes"
                 )
-            user = UserAlgorithm(process, preprocess, model_fn, eval_preprocess, name)
+            assert session.federation is not None
+            user = UserAlgorithm(
+                process, preprocess, model_fn, eval_preprocess, name, session.federation.data
+            )
         elif preprocess is not None or model_fn is not None:
             raise UsageError(
                 "preprocess= and model_fn= go with a process; without one, fedcompose's own "

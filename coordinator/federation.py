@@ -176,6 +176,8 @@ class Federation:
     made the workers with, used to probe workers that went down."""
     liveness: Liveness | None = None
     """Which workers are up; None: all, always (nothing tolerates failures)."""
+    data: shard_format.DataFormat = shard_format.EMNIST_FORMAT
+    """The examples' structure and encoding, equal on every worker (`check_consistency`)."""
 
     @property
     def num_clients(self) -> int:
@@ -253,6 +255,13 @@ def check_consistency(descriptions: Sequence[WorkerDescription]) -> shard_format
     """Returns the common task; raises `FederationError` naming the conflict."""
     first = descriptions[0]
     for other in descriptions[1:]:
+        if other.manifest.data != first.manifest.data:
+            raise FederationError(
+                f"workers serve examples of different element specs: {first.address} has "
+                f"{first.manifest.data.describe()}, {other.address} has "
+                f"{other.manifest.data.describe()}; every worker must serve a shard of the "
+                "same data, built by one `fedcompose data` run"
+            )
         if other.manifest.task != first.manifest.task:
             raise FederationError(
                 f"workers serve different tasks: {first.address} has "
@@ -322,4 +331,5 @@ def connect(
         client_ids=sorted(client_worker),
         client_worker=client_worker,
         make_worker=make_worker,
+        data=descriptions[0].manifest.data,
     )

@@ -10,6 +10,7 @@ closes every round executor, the worker channels and the server executor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -88,6 +89,14 @@ class FederationSession:
         `fused`: a worker's share of a round as one TensorFlow call where the
         algorithm allows (coordinator/algorithm/fused_share.py)."""
         assert self.federation is not None and self.server is not None
+        from shared import shard_format
+
+        if self.federation.data.encoding != shard_format.EMNIST_FIXED:
+            raise UsageError(
+                "fedcompose's built-in models take EMNIST-shaped examples; the workers serve "
+                f"{self.federation.data.describe()}: train your own learning process on them "
+                "from Python (federation.train(process, preprocess=...))"
+            )
         started = time.perf_counter()
         memory = MemoryPlan.of(worker_memory_mb, spec.model, spec.blocks.client_optimizer)
         try:
@@ -122,6 +131,8 @@ class FederationSession:
         from coordinator.algorithm import user_process
 
         started = time.perf_counter()
+        if user.data is None:  # the workers' format, unless the caller gave it
+            user = dataclasses.replace(user, data=self.federation.data)
         algorithm = user_process.prepare(user)
         assert algorithm.model_mb is not None
         memory = MemoryPlan.for_model_size(worker_memory_mb, algorithm.model_mb)

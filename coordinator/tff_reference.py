@@ -46,14 +46,15 @@ class ReferenceResult:
     """Each round's measurements, flattened (`name/sub: number`)."""
 
 
-def _token_process(process: Any, preprocess: Any) -> Any:
-    """`process` (a `tff.learning.templates.LearningProcess`), its `next` taking tokens."""
+def _token_process(process: Any, preprocess: Any, data_format: Any = None) -> Any:
+    """`process` (a `tff.learning.templates.LearningProcess`), its `next` taking
+    tokens of clients whose data is in `data_format` (None: emnist-fixed)."""
     import tensorflow_federated as tff
 
     from coordinator.algorithm import user_process
 
     element = user_process.client_data_type(process)
-    data = user_process.traced(preprocess, "train")
+    data = user_process.traced(preprocess, "train", data_format)
     user_process.check_fits(data.type_signature.result.element, element.element, "the process")
     return tff.simulation.compose_dataset_computation_with_learning_process(data, process)
 
@@ -81,7 +82,13 @@ def run(
         raise UsageError("rounds and clients_per_round must be at least 1")
     if sampling not in SAMPLINGS:
         raise UsageError(f"sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
-    composed = _token_process(process, preprocess)
+    from shared import shard_format
+
+    if not shard_dirs:
+        raise UsageError("run_in_tff needs shard_dirs: the directories of the shards to read")
+    # The shards' own format, as the workers serving them would report it.
+    data_format = shard_format.read_manifest(Path(shard_dirs[0])).data
+    composed = _token_process(process, preprocess, data_format)
     with tempfile.TemporaryDirectory(prefix="fedcompose-tff-reference-") as tmp:
         work = Path(tmp)
         for name in _NAMES:

@@ -71,7 +71,26 @@ def given_shards(config: config_lib.RunConfig, workers_given: bool) -> list[Path
             f"--workers {config.federation.workers} but --shards-dir {root} holds "
             f"{len(found)} shards (one per worker); leave out --workers"
         )
+    _same_data(found)
     return found
+
+
+def _same_data(found: list[Path]) -> None:
+    """Shards of one federation hold examples of one element spec and encoding."""
+    from shared import shard_format
+
+    formats = []
+    for shard in found:
+        try:
+            formats.append(shard_format.read_manifest(shard).data)
+        except shard_format.ShardError:
+            return  # the worker's own check names the damaged manifest
+    for shard, data in zip(found[1:], formats[1:], strict=True):
+        if data != formats[0]:
+            raise UsageError(
+                f"shards of different element specs: {found[0]} holds {formats[0].describe()}, "
+                f"{shard} holds {data.describe()}; serve shards made by one build"
+            )
 
 
 def _check_before_changes(config: config_lib.RunConfig, run_dir: Path) -> bool:

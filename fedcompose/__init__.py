@@ -9,8 +9,11 @@ learning process trained across them.
     result.history  # a pandas table, one row per round
     result.plot()
 
-See docs/python-api.md. The implementation lives in `coordinator/` and
-`deploy/`; this package only names what a user imports.
+Your own data: `fedcompose.build_shards(client_data, "shards", workers=3)` (a TFF
+ClientData, a mapping client id -> arrays, or a DataFrame), then
+`LocalFederation(shards_dir="shards")`; `federation.raw_element_spec()` is what
+`preprocess` gets. See docs/python-api.md and docs/data.md. The implementation
+lives in `coordinator/` and `deploy/`; this package only names what a user imports.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "LocalFederation",
     "RemoteFederation",
     "TrainingResult",
+    "build_shards",
     "empty_client_dataset",
     "raw_element_spec",
     "run_in_tff",
@@ -43,6 +47,10 @@ def __getattr__(name: str) -> Any:
         from coordinator import api
 
         return getattr(api, name)
+    if name == "build_shards":
+        from deploy.data.client_data import build_shards
+
+        return build_shards
     if name == "raw_element_spec":
         from shared.preprocessing import raw_element_spec
 

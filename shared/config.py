@@ -134,6 +134,30 @@ class DataConfig:
         metavar="DIR",
     )
     force: bool = setting(False, "replace the shards in a non-empty --shards-dir")
+    from_sqlite: str = setting(
+        "",
+        "data: build from a TFF SQLite client-data file instead of --source (EMNIST, "
+        "CIFAR-100, Shakespeare, Stack Overflow, or save_to_sql_client_data output)",
+        metavar="PATH",
+    )
+    sqlite_splits: str = setting(
+        "",
+        "--from-sqlite: the training split and, after a comma, the test split "
+        "(default: train,test, or the only split)",
+        metavar="TRAIN[,TEST]",
+    )
+    from_table: str = setting(
+        "",
+        "data: build from a table, one row per example, with a client-id column "
+        "(.npz, .csv, .parquet; a 'split' column of train/test marks held-out rows)",
+        metavar="PATH",
+    )
+    client_id_column: str = setting("client_id", "--from-table: the client-id column")
+    label_key: str = setting(
+        "",
+        "--from-sqlite/--from-table: the integer label field (needed by --partition "
+        "dirichlet; checked by the shard check)",
+    )
 
 
 @dataclasses.dataclass
@@ -730,6 +754,10 @@ _COORDINATOR_RESILIENCE = tuple(
     if f.name not in ("worker_restarts", "restart_backoff")
 )
 _PER_PROCESS = ("shard", "port", "log_file")
+_OWN_DATA = ("from_sqlite", "sqlite_splits", "from_table", "client_id_column", "label_key")
+"""`fedcompose data` builds shards of any structure from these; `run` trains the
+built-in models, which take EMNIST-shaped data only."""
+_DATA_COMMAND_ONLY = ("force", *_OWN_DATA)
 _RUN_OUTPUT = (
     "run_dir",
     "checkpoint_every",
@@ -741,7 +769,9 @@ COMMANDS: dict[str, settings.Command] = {
     "run": settings.Command(
         "run",
         {
-            "data": tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "force"),
+            "data": tuple(
+                f.name for f in dataclasses.fields(DataConfig) if f.name not in _DATA_COMMAND_ONLY
+            ),
             "federation": (
                 "workers",
                 "base_port",
@@ -985,6 +1015,7 @@ def _check_data(config: RunConfig, command: str) -> None:
         for f in dataclasses.fields(DataConfig)
         if getattr(d, f.name) != settings.field_default(f)
     }
+    _check_own_data(d, given, command)
     if command in ("run", "data"):
         _check_data_source(d, given)
     if command == "run" and d.shards_dir:
@@ -1003,7 +1034,7 @@ def _check_data(config: RunConfig, command: str) -> None:
                     f"{settings.flag(name)} does not apply with --shards-dir: the shards "
                     "there were built already (their manifests say how)"
                 )
-    uses_default_data = command == "data" or (command == "run" and not d.shards_dir)
+    uses_default_data = _builds_from_source(command, d)
     if uses_default_data and d.source == "default":
         _check_default_data_fits(config, command)
 
@@ -1033,6 +1064,34 @@ def _check_default_data_fits(config: RunConfig, command: str) -> None:
             f"--clients-per-round {t.clients_per_round} is more than the {d.writers} "
             "writers of the default data; lower it or raise --writers"
         )
+
+
+def _builds_from_source(command: str, d: DataConfig) -> bool:
+    """Whether the command builds shards from --source (not --shards-dir, nor own data)."""
+    if command == "data":
+        return not (d.from_sqlite or d.from_table)
+    return command == "run" and not d.shards_dir
+
+
+def _check_own_data(d: DataConfig, given: set[str], command: str) -> None:
+    if command != "data":
+        return  # the other commands do not take these settings
+    if d.from_sqlite and d.from_table:
+        raise UsageError("--from-sqlite and --from-table: give one source of data, not both")
+    own = d.from_sqlite or d.from_table
+    if own:
+        for name in ("source", "emnist_path", "writers", "only_digits"):
+            if name in given:
+                raise UsageError(
+                    f"{settings.flag(name)} does not apply with "
+                    f"{'--from-sqlite' if d.from_sqlite else '--from-table'}"
+                )
+        if d.partition == "dirichlet" and not d.label_key:
+            raise UsageError("--partition dirichlet deals by label: give --label-key FIELD")
+        return
+    for name in _OWN_DATA:
+        if name in given:
+            raise UsageError(f"{settings.flag(name)} applies to --from-sqlite or --from-table only")
 
 
 def resume_conflicts(

@@ -9,11 +9,12 @@ single-process runs comparable.
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from shared import shard_format, worker_dir
+from shared import shard_format, tensor_reader, worker_dir
 
 TOKEN_SEPARATOR = "|"
 
@@ -61,23 +62,32 @@ def _read_client_file(path: tf.Tensor, empty: tf.Tensor) -> collections.OrderedD
     return collections.OrderedDict(x=1.0 - pixels, y=tf.reshape(labels, [-1, 1]))
 
 
-def raw_element_spec() -> collections.OrderedDict:
-    """One example as `raw_client_dataset` yields it: TFF's federated EMNIST
-    element (`tff.simulation.datasets.emnist`), so code written for that
-    ClientData preprocesses the workers' data unchanged."""
-    return collections.OrderedDict(
-        label=tf.TensorSpec(shape=[], dtype=tf.int32),
-        pixels=tf.TensorSpec(shape=list(shard_format.IMAGE_SHAPE), dtype=tf.float32),
-    )
+def raw_element_spec(data: shard_format.DataFormat | None = None) -> Any:
+    """One example as `raw_client_dataset` yields it (TensorSpecs in the
+    recorded structure). Without `data`: TFF's federated EMNIST element
+    (`tff.simulation.datasets.emnist`), what emnist-fixed shards hold, so code
+    written for that ClientData preprocesses the workers' data unchanged."""
+    if data is None or data.encoding == shard_format.EMNIST_FIXED:
+        return collections.OrderedDict(
+            label=tf.TensorSpec(shape=[], dtype=tf.int32),
+            pixels=tf.TensorSpec(shape=list(shard_format.IMAGE_SHAPE), dtype=tf.float32),
+        )
+    return tensor_reader.to_tf(data.spec)
 
 
-def raw_client_dataset(token: tf.Tensor, split: str) -> tf.data.Dataset:
-    """A client's split as stored (ink 0 on a background of 1, unbatched, in
-    file order), read relative to the cwd: what a user's preprocessing takes."""
+def raw_client_dataset(
+    token: tf.Tensor, split: str, data: shard_format.DataFormat | None = None
+) -> tf.data.Dataset:
+    """A client's split as stored (unbatched, in file order, elements exactly
+    `raw_element_spec(data)`), read relative to the cwd: what a user's
+    preprocessing takes. `data` is the shards' format (the manifest's
+    `DataFormat`); None: emnist-fixed (ink 0 on a background of 1)."""
+    data = data or shard_format.EMNIST_FORMAT
     client_id = tf.strings.split(token, sep=TOKEN_SEPARATOR)[0]
-    path = tf.strings.join(
-        [worker_dir.split_dir(split), "/", client_id, shard_format.CLIENT_SUFFIX]
-    )
+    path = tf.strings.join([worker_dir.split_dir(split), "/", client_id, data.suffix])
+    if data.encoding == shard_format.STACKED_TENSORS:
+        ds = tensor_reader.client_examples(path, tf.equal(client_id, ""), data.spec)
+        return ds.with_options(_lean_options())
     raw = tf.cond(
         tf.equal(client_id, ""),
         lambda: tf.zeros([0], tf.uint8),

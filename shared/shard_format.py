@@ -2,14 +2,27 @@
 
 A shard is a directory::
 
-    manifest.json            what the shard holds (see `Manifest`)
-    train/<client_id>.bin    one file per client and split: fixed-length
-    test/<client_id>.bin     records of 784 float32 pixels + one int32 label
+    manifest.json                what the shard holds (see `Manifest`)
+    train/<client_id><suffix>    one file per client and split, in the
+    test/<client_id><suffix>     shard's record encoding
 
-Pixels are stored as TFF's federated EMNIST stores them (28x28, float32 in
-[0, 1], 1.0 is background); labels are class indices. Both the real EMNIST and
-the offline default go through this one format, so the worker-side TensorFlow
-reader and the numpy validator below stay in step.
+Manifest format version 2 records the data's format (`DataFormat`, under
+"data" in the JSON): the raw, unbatched per-example element spec
+(`shared.element_spec`, JSON), the record encoding, and which field is the
+label (if any). Two encodings:
+
+- "emnist-fixed" (`.bin`): fixed-length records of 784 float32 pixels + one
+  int32 label, as TFF's federated EMNIST stores them (28x28, float32 in
+  [0, 1], 1.0 is background; labels are class indices). Its element spec is
+  always TFF-EMNIST's (`element_spec.EMNIST_RAW`). The offline default and
+  the real EMNIST use it: the fastest path for the built-in models.
+- "stacked-tensors" (`.tensors`): any element spec, each leaf stacked over
+  the client's examples (`shared.tensor_records`).
+
+Version 1 manifests (no "data") are read as they are: emnist-fixed with
+TFF-EMNIST's element spec and label "label". The worker-side TensorFlow
+readers (`shared.preprocessing`, `shared.tensor_reader`) and the numpy
+validator (`client_worker.shard_check`) go by this one description.
 """
 
 from __future__ import annotations
@@ -18,18 +31,22 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from shared import files
+from shared import element_spec, files, tensor_records
 from shared.errors import DataError
 
 FORMAT_NAME = "fedcompose-shard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CLIENT_SUFFIX = ".bin"
+EMNIST_FIXED = "emnist-fixed"
+STACKED_TENSORS = tensor_records.ENCODING
+SUFFIXES = {EMNIST_FIXED: CLIENT_SUFFIX, STACKED_TENSORS: tensor_records.SUFFIX}
 SPLITS = ("train", "test")
 IMAGE_SHAPE = (28, 28)
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
@@ -43,6 +60,46 @@ assert RECORD_DTYPE.itemsize == RECORD_BYTES
 
 class ShardError(DataError):
     """A shard or manifest is missing, malformed or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFormat:
+    """How a shard's examples are structured and stored; equal on every worker."""
+
+    encoding: str = EMNIST_FIXED
+    spec: element_spec.ElementSpec = dataclasses.field(
+        default_factory=lambda: element_spec.EMNIST_RAW
+    )
+    label_key: str | None = "label"
+    """The label's path in the element spec (`element_spec.flatten`), or None."""
+
+    @property
+    def suffix(self) -> str:
+        return SUFFIXES[self.encoding]
+
+    def describe(self) -> str:
+        return f"{element_spec.describe(self.spec)} ({self.encoding})"
+
+    def to_json(self) -> dict:
+        return {
+            "encoding": self.encoding,
+            "element_spec": element_spec.to_json(self.spec),
+            "label_key": self.label_key,
+        }
+
+    @classmethod
+    def from_json(cls, body: dict) -> DataFormat:
+        encoding = str(body["encoding"])
+        if encoding not in SUFFIXES:
+            raise ValueError(
+                f"record encoding {encoding!r}, this fedcompose reads {', '.join(SUFFIXES)}"
+            )
+        label = body.get("label_key")
+        return cls(encoding, element_spec.from_json(body["element_spec"]), label and str(label))
+
+
+EMNIST_FORMAT = DataFormat()
+"""Version 1 shards, and every shard of the default data and EMNIST."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +141,7 @@ class Manifest:
     partition: dict
     clients: tuple[ClientEntry, ...]
     format_version: int = FORMAT_VERSION
+    data: DataFormat = EMNIST_FORMAT
 
     @property
     def train_examples(self) -> int:
@@ -102,6 +160,7 @@ class Manifest:
             "shard_index": self.shard_index,
             "num_shards": self.num_shards,
             "partition": self.partition,
+            "data": self.data.to_json(),
             "totals": {
                 "clients": len(self.clients),
                 "train_examples": self.train_examples,
@@ -124,10 +183,11 @@ class Manifest:
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
             raise ShardError(f"{origin}: not a {FORMAT_NAME} manifest")
         version = body.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ShardError(
-                f"{origin}: format version {version!r}, this fedcompose reads version "
-                f"{FORMAT_VERSION}; rebuild the shard with `fedcompose data`"
+                f"{origin}: format version {version!r}, this fedcompose reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the shard with "
+                "`fedcompose data` (or upgrade fedcompose)"
             )
         try:
             task = body["task"]
@@ -153,14 +213,17 @@ class Manifest:
                 partition=dict(body["partition"]),
                 clients=clients,
                 format_version=version,
+                data=DataFormat.from_json(body["data"]) if version >= 2 else EMNIST_FORMAT,
             )
+        except element_spec.SpecError as e:
+            raise ShardError(f"{origin}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
             raise ShardError(f"{origin}: missing or malformed field ({e!r})") from None
 
 
-def client_path(split: str, client_id: str) -> str:
+def client_path(split: str, client_id: str, data: DataFormat = EMNIST_FORMAT) -> str:
     """Path of a client's file relative to the shard directory."""
-    return f"{split}/{client_id}{CLIENT_SUFFIX}"
+    return f"{split}/{client_id}{data.suffix}"
 
 
 def encode_records(pixels: np.ndarray, labels: np.ndarray) -> bytes:
@@ -194,6 +257,22 @@ def write_client(
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomic(path, data)
     return sha256_bytes(data)
+
+
+def write_tensors(
+    shard_dir: Path,
+    client_id: str,
+    split: str,
+    data: DataFormat,
+    columns: Sequence[tensor_records.Column],
+) -> tuple[str, int]:
+    """Writes one client's split in the stacked-tensors encoding (columns in
+    leaf order, see `shared.tensor_records`); returns its checksum and size."""
+    encoded = tensor_records.encode(data.spec, columns)
+    path = shard_dir / client_path(split, client_id, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(path, encoded)
+    return sha256_bytes(encoded), tensor_records.num_examples(data.spec, columns)
 
 
 def write_manifest(shard_dir: Path, manifest: Manifest) -> None:

@@ -8,7 +8,7 @@ relative path. So both sides agree on this layout::
         shard -> /path/to/the/shard      the shard, linked (see shard_format)
         worker.json                      who this worker is (`WorkerInfo`)
 
-Computations read `shard/manifest.json`, `shard/<split>/<client>.bin` and
+Computations read `shard/manifest.json`, `shard/<split>/<client><suffix>` and
 `worker.json`. A launcher knows a worker serves when the worker's log shows
 `READY_MARK`.
 """
@@ -34,9 +34,11 @@ def split_dir(split: str) -> str:
     return f"{SHARD_LINK}/{split}"
 
 
-def client_file(split: str, client_id: str) -> str:
+def client_file(
+    split: str, client_id: str, data: shard_format.DataFormat = shard_format.EMNIST_FORMAT
+) -> str:
     """A client's file relative to the working directory."""
-    return f"{SHARD_LINK}/{shard_format.client_path(split, client_id)}"
+    return f"{SHARD_LINK}/{shard_format.client_path(split, client_id, data)}"
 
 
 @dataclasses.dataclass(frozen=True)

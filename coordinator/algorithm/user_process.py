@@ -8,8 +8,8 @@ function from a client's raw examples to the batches the model takes. Nothing
 of it is installed on the workers: TFF serializes the TensorFlow.
 
 Here the preprocessing becomes a dataset computation that each worker runs on
-its own files (`preprocessing.raw_client_dataset`, TFF's federated EMNIST
-element), composed onto the process with TFF's
+its own files (`preprocessing.raw_client_dataset`, in the element spec the
+workers' manifests record: `UserAlgorithm.data`), composed onto the process with TFF's
 `compose_dataset_computation_with_learning_process`, so that `next` takes
 client tokens. The round is then split into TFF's mergeable form like
 fedcompose's own algorithm. What does not fit is refused before round 1, in
@@ -33,7 +33,7 @@ import tensorflow_federated as tff
 from coordinator.executor_client import PreparedComputation
 from coordinator.rounds.mergeable import compile_parts
 from coordinator.rounds.prepared import PreparedAlgorithm
-from shared import preprocessing
+from shared import preprocessing, shard_format, tensor_reader
 from shared.errors import UsageError
 
 Preprocess = Callable[[tf.data.Dataset], tf.data.Dataset]
@@ -52,11 +52,16 @@ class UserAlgorithm:
     eval_preprocess: Preprocess | None = None
     """Test examples -> batches (default: `preprocess`)."""
     name: str = ""
+    data: shard_format.DataFormat | None = None
+    """The workers' data format (the federation's); None: emnist-fixed."""
 
 
-def empty_raw_dataset() -> tf.data.Dataset:
-    """A dataset of no examples with the workers' raw element spec: what a
-    preprocessing function can be traced on to learn the spec it makes."""
+def empty_raw_dataset(data: shard_format.DataFormat | None = None) -> tf.data.Dataset:
+    """A dataset of no examples with the workers' raw element spec (`data`'s;
+    default: TFF-EMNIST's): what a preprocessing function can be traced on to
+    learn the spec it makes."""
+    if data is not None and data.encoding == shard_format.STACKED_TENSORS:
+        return tensor_reader.client_examples(tf.constant(""), tf.constant(True), data.spec)
     spec = preprocessing.raw_element_spec()
     return tf.data.Dataset.from_tensor_slices(
         collections.OrderedDict((k, tf.zeros([0, *s.shape], s.dtype)) for k, s in spec.items())
@@ -97,21 +102,26 @@ def client_data_type(process: object) -> tff.SequenceType:
     return data.member
 
 
-def _dataset_computation(preprocess: Preprocess, split: str) -> tff.Computation:
+def _dataset_computation(
+    preprocess: Preprocess, split: str, data: shard_format.DataFormat | None
+) -> tff.Computation:
     @tff.tensorflow.computation(np.str_)
     def client_dataset(token: tf.Tensor) -> tf.data.Dataset:
-        return preprocess(preprocessing.raw_client_dataset(token, split))
+        return preprocess(preprocessing.raw_client_dataset(token, split, data))
 
     return client_dataset
 
 
-def traced(preprocess: Preprocess, split: str) -> tff.Computation:
-    """The dataset computation, or one line saying why the function cannot be one."""
-    raw = tff.types.tensorflow_to_type(preprocessing.raw_element_spec())
+def traced(
+    preprocess: Preprocess, split: str, data: shard_format.DataFormat | None = None
+) -> tff.Computation:
+    """The dataset computation over the workers' `data` (None: emnist-fixed),
+    or one line saying why the function cannot be one."""
+    raw = tff.types.tensorflow_to_type(preprocessing.raw_element_spec(data))
     if not callable(preprocess):
         raise UsageError(f"preprocess must be a function of a tf.data.Dataset, got {preprocess!r}")
     try:
-        comp = _dataset_computation(preprocess, split)
+        comp = _dataset_computation(preprocess, split, data)
     except Exception as e:
         raise UsageError(
             f"the preprocessing function cannot run on the workers' {split} data "
@@ -190,7 +200,7 @@ def _per_client_loss(
 def prepare(user: UserAlgorithm) -> PreparedAlgorithm:
     """Every computation a `RoundExecutor` runs, from the user's process."""
     element = client_data_type(user.process)
-    train_data = traced(user.preprocess, "train")
+    train_data = traced(user.preprocess, "train", user.data)
     check_fits(train_data.type_signature.result.element, element.element, "the process")
     process = tff.simulation.compose_dataset_computation_with_learning_process(
         train_data, user.process
@@ -203,7 +213,7 @@ def prepare(user: UserAlgorithm) -> PreparedAlgorithm:
     if user.model_fn is not None:
         model_input = _model_input_type(user.model_fn)
         check_fits(train_data.type_signature.result.element, model_input, "the model")
-        test_data = traced(user.eval_preprocess or user.preprocess, "test")
+        test_data = traced(user.eval_preprocess or user.preprocess, "test", user.data)
         check_fits(test_data.type_signature.result.element, model_input, "the model")
         evaluation = tff.simulation.compose_dataset_computation_with_learning_process(
             test_data,
@@ -217,10 +227,12 @@ def prepare(user: UserAlgorithm) -> PreparedAlgorithm:
             evaluation.set_model_weights, "eval.set_model_weights"
         )
         comps["train_outcome"] = PreparedComputation(
-            _per_client_loss(user.model_fn, weights_type, _raw_then(user.preprocess, "train")),
+            _per_client_loss(
+                user.model_fn, weights_type, _raw_then(user.preprocess, "train", user.data)
+            ),
             "train_outcome",
         )
-        test_dataset = _raw_then(user.eval_preprocess or user.preprocess, "test")
+        test_dataset = _raw_then(user.eval_preprocess or user.preprocess, "test", user.data)
         comps["eval_outcome"] = PreparedComputation(
             _per_client_loss(user.model_fn, weights_type, test_dataset), "eval_outcome"
         )
@@ -232,8 +244,10 @@ def prepare(user: UserAlgorithm) -> PreparedAlgorithm:
     )
 
 
-def _raw_then(preprocess: Preprocess, split: str) -> Callable[[tf.Tensor], tf.data.Dataset]:
-    return lambda token: preprocess(preprocessing.raw_client_dataset(token, split))
+def _raw_then(
+    preprocess: Preprocess, split: str, data: shard_format.DataFormat | None
+) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    return lambda token: preprocess(preprocessing.raw_client_dataset(token, split, data))
 
 
 def _add_mergeable(comps: dict[str, PreparedComputation], name: str, comp: Any) -> None:

@@ -35,7 +35,9 @@ OWN_ENTRIES = re.compile(r"^(shard-\d{3,}|data-spec\.json|\.staging)$")
 DESCRIPTION = (
     "Build one shard directory per worker (shard-000, shard-001, ... in --shards-dir) "
     "from a federated dataset: the offline default (scikit-learn digits as synthetic "
-    "writers) or TFF's federated EMNIST. Whole clients go to shards, balanced by example "
+    "writers), TFF's federated EMNIST, any TFF SQLite client-data file (--from-sqlite) "
+    "or a table with a client-id column (--from-table). Whole clients go to shards, "
+    "balanced by example "
     "count. `fedcompose run --shards-dir` and `fedcompose worker --shard` serve them."
 )
 
@@ -49,6 +51,8 @@ def run(settings: config.RunConfig) -> int:
     if problem:
         raise UsageError(problem)
     timer = PhaseTimer()
+    if data.from_sqlite or data.from_table:
+        return _build_own(data, out, settings.federation.workers, timer)
     _check_writers(data, settings.federation.workers)
     try:
         paths = build.build_shards(
@@ -62,6 +66,68 @@ def run(settings: config.RunConfig) -> int:
     labels = [shard_labels(p, m) for p, m in zip(paths, manifests, strict=True)]
     _print_to_stdout(summary(out, manifests, labels, timer))
     return 0
+
+
+def _build_own(data: config.DataConfig, out: Path, workers: int, timer: PhaseTimer) -> int:
+    """Shards of any structure from a TFF SQLite file or a table (`client_data`)."""
+    from deploy.data import client_data
+
+    if data.from_sqlite:
+        from deploy.data import tff_sqlite
+
+        splits = tuple(s.strip() for s in data.sqlite_splits.split(",") if s.strip()) or None
+        name, train, test = tff_sqlite.load(data.from_sqlite, splits)
+    else:
+        from deploy.data import tables
+
+        train, test = tables.load(data.from_table, data.client_id_column)
+        name = Path(data.from_table).stem
+    try:
+        paths = client_data.build_shards(
+            train,
+            out,
+            workers=workers,
+            test=test,
+            partition=data.partition,
+            label_key=data.label_key or None,
+            alpha=data.alpha,
+            seed=data.data_seed,
+            dataset=name,
+        )
+    except OSError as e:
+        if not str(e.filename or "").startswith(str(out)):
+            raise
+        raise FedcomposeError(f"cannot write the shards: {files.failure(e)}") from None
+    manifests = [shard_format.read_manifest(p) for p in paths]
+    _print_to_stdout(own_summary(out, manifests, timer))
+    return 0
+
+
+def own_summary(out: Path, manifests: list[shard_format.Manifest], timer: PhaseTimer) -> str:
+    first = manifests[0]
+    info = first.partition
+    lines = [
+        f"{len(manifests)} shards in {out} (build {first.build_id})",
+        f"source: {info.get('source_description')}",
+        f"examples: {first.data.describe()}"
+        + (f", label {first.data.label_key!r}" if first.data.label_key else ""),
+        f"partition: {info['scheme']}"
+        + (f", alpha {info['alpha']}" if info.get("alpha") is not None else "")
+        + f", seed {info['seed']}",
+    ]
+    if info.get("writers_left_out"):
+        lines.append(
+            f"left out: {info['writers_left_out']} test-only client(s) "
+            f"({info.get('examples_left_out', 0)} test examples)"
+        )
+    lines += ["", f"{'shard':<10}{'clients':>9}{'train':>10}{'test':>9}"]
+    for m in manifests:
+        lines.append(
+            f"shard-{m.shard_index:03d} {len(m.clients):>9}{m.train_examples:>10}"
+            f"{m.test_examples:>9}"
+        )
+    lines += ["", f"time: {timer.report()}"]
+    return "\n".join(lines)
 
 
 def _print_to_stdout(text: str) -> None:

@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from deploy.data.sources import FederatedSource
 from shared import files, shard_format, worker_dir
 
 SHARD_PREFIX = "shard-"
@@ -21,23 +21,44 @@ def shard_dir(root: Path, index: int) -> Path:
     return root / f"{SHARD_PREFIX}{index:03d}"
 
 
-def _build_id(source: FederatedSource, partition: dict, entries: list) -> str:
+def _build_id(source: Any, partition: dict, entries: list, data: shard_format.DataFormat) -> str:
     digest = hashlib.sha256()
-    digest.update(
-        json.dumps([source.dataset, source.num_classes, partition], sort_keys=True).encode()
-    )
+    described = [source.dataset, source.num_classes, partition]
+    if data != shard_format.EMNIST_FORMAT:  # emnist-fixed builds keep their ids
+        described.append(data.to_json())
+    digest.update(json.dumps(described, sort_keys=True).encode())
     for entry in sorted(entries, key=lambda e: e.id):
         digest.update(f"{entry.id}:{entry.train_sha256}:{entry.test_sha256}".encode())
     return digest.hexdigest()[:16]
 
 
+ClientWriter = Callable[[Path, Any], shard_format.ClientEntry]
+"""Writes one client's train and test files under a shard directory."""
+
+
+def write_emnist_client(target: Path, client: Any) -> shard_format.ClientEntry:
+    return shard_format.ClientEntry(
+        id=client.id,
+        train_examples=client.num_train,
+        test_examples=client.num_test,
+        train_sha256=shard_format.write_client(
+            target, client.id, "train", client.train_pixels, client.train_labels
+        ),
+        test_sha256=shard_format.write_client(
+            target, client.id, "test", client.test_pixels, client.test_labels
+        ),
+    )
+
+
 def write_shards(
-    source: FederatedSource,
+    source: Any,
     assignment: Sequence[Sequence[int]],
     out_dir: Path,
     partition: dict,
     progress: Callable[[int], None] | None = None,
     recipe: dict | None = None,
+    data: shard_format.DataFormat = shard_format.EMNIST_FORMAT,
+    write_client: ClientWriter = write_emnist_client,
 ) -> list[shard_format.Manifest]:
     """Writes one shard directory per entry of `assignment` under `out_dir`,
     and `recipe` (what they were built from) once all are in place.
@@ -53,7 +74,9 @@ def write_shards(
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        return _write_staged(source, assignment, out_dir, staging, partition, progress, recipe)
+        return _write_staged(
+            source, assignment, out_dir, staging, partition, progress, recipe, data, write_client
+        )
     except BaseException:
         # A full disk or an interrupt: give the space back now, not at the next build.
         shutil.rmtree(staging, ignore_errors=True)
@@ -61,38 +84,26 @@ def write_shards(
 
 
 def _write_staged(
-    source: FederatedSource,
+    source: Any,
     assignment: Sequence[Sequence[int]],
     out_dir: Path,
     staging: Path,
     partition: dict,
     progress: Callable[[int], None] | None,
     recipe: dict | None,
+    data: shard_format.DataFormat,
+    write_client: ClientWriter,
 ) -> list[shard_format.Manifest]:
     per_shard: list[list[shard_format.ClientEntry]] = []
     for clients in assignment:
         entries = []
         index = len(per_shard)
         for i in clients:
-            client = source.clients[i]
-            target = staging / f"{index}"
-            entries.append(
-                shard_format.ClientEntry(
-                    id=client.id,
-                    train_examples=client.num_train,
-                    test_examples=client.num_test,
-                    train_sha256=shard_format.write_client(
-                        target, client.id, "train", client.train_pixels, client.train_labels
-                    ),
-                    test_sha256=shard_format.write_client(
-                        target, client.id, "test", client.test_pixels, client.test_labels
-                    ),
-                )
-            )
+            entries.append(write_client(staging / f"{index}", source.clients[i]))
             if progress is not None:
                 progress(1)
         per_shard.append(entries)
-    build_id = _build_id(source, partition, [e for es in per_shard for e in es])
+    build_id = _build_id(source, partition, [e for es in per_shard for e in es], data)
     manifests = []
     for index, entries in enumerate(per_shard):
         manifest = shard_format.Manifest(
@@ -102,6 +113,7 @@ def _write_staged(
             num_shards=len(per_shard),
             partition=partition,
             clients=tuple(entries),
+            data=data,
         )
         shard_format.write_manifest(staging / f"{index}", manifest)
         manifests.append(manifest)
@@ -150,8 +162,10 @@ def merged_view(shard_dirs: Sequence[Path]) -> Path:
         (root / worker_dir.split_dir(split)).mkdir(parents=True)
     for shard in shard_dirs:
         shard = shard.resolve()
-        for client in shard_format.read_manifest(shard).clients:
+        manifest = shard_format.read_manifest(shard)
+        for client in manifest.clients:
             for split in shard_format.SPLITS:
-                target = shard / shard_format.client_path(split, client.id)
-                (root / worker_dir.client_file(split, client.id)).symlink_to(target)
+                target = shard / shard_format.client_path(split, client.id, manifest.data)
+                link = root / worker_dir.client_file(split, client.id, manifest.data)
+                link.symlink_to(target)
     return root
