@@ -113,7 +113,7 @@ class _Interpreter:
         if isinstance(bb, building_blocks.Block):
             scope = dict(env)
             for name, value in bb.locals:
-                scope[name] = _Lazy(lambda v=value, s=scope: self.eval(v, s))
+                scope[name] = _Lazy(functools.partial(self.eval, value, scope))
             return self.eval(bb.result, scope)
         if isinstance(bb, building_blocks.Lambda):
             return self._lambda(bb, env)
@@ -240,11 +240,11 @@ def fuse(
     if not (
         isinstance(param, tff.StructType)
         and len(param) == 2
-        and param[1].member.is_equivalent_to(tff.TensorType(np.str_))  # type: ignore[union-attr]
+        and param[1].member.is_equivalent_to(tff.TensorType(np.str_))
     ):
         raise NotFusable(f"up_to_merge takes {param}, not (state, client tokens)")
-    state_type = param[0].member  # type: ignore[union-attr]
-    partial_type = up_to_merge.type_signature.result.member  # type: ignore[union-attr]
+    state_type = param[0].member
+    partial_type = up_to_merge.type_signature.result.member
     locals_, aggregate = _aggregate_call(bb)
     values_bb, zero_bb, accumulate_bb, _, report_bb = list(aggregate.argument)
     names = [n for n, _ in structure.iter_elements(param)]
@@ -253,11 +253,11 @@ def fuse(
         arg = structure.Struct([(names[0], state), (names[1], token)])
         env = {bb.parameter_name: _Lazy(lambda: arg)}
         for name, value in locals_:
-            env[name] = _Lazy(lambda v=value, s=env: interp.eval(v, s))
+            env[name] = _Lazy(functools.partial(interp.eval, value, env))
         return env
 
     @tff.tensorflow.computation(state_type, tff.TensorType(np.str_, [None]))
-    def fused_share(state, tokens):
+    def fused_share(state: Any, tokens: tf.Tensor) -> Any:
         interp = _Interpreter(client_type, _lanes([make_client_step() for _ in range(LANES)]))
         if not isinstance(state, tf.Tensor):
             state = structure.from_container(state, recursive=True)
@@ -265,7 +265,7 @@ def fuse(
         zero = interp.eval(zero_bb, outside)
         report = interp.eval(report_bb, outside)
 
-        def body(i, *flat_acc):
+        def body(i: tf.Tensor, *flat_acc: tf.Tensor) -> tuple:
             interp.lane = i % LANES
             inside = scope(interp, state, tokens[i])
             value = interp.eval(values_bb, inside)
@@ -297,7 +297,7 @@ def fuse(
         tff.FederatedType(state_type, tff.SERVER),
         tff.FederatedType(tff.TensorType(np.str_, [None]), tff.SERVER),
     )
-    def fused(state, tokens):
+    def fused(state: Any, tokens: Any) -> Any:
         return tff.federated_map(fused_share, tff.federated_zip((state, tokens)))
 
     return fused

@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
@@ -89,7 +89,7 @@ def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputa
     return prepare_parts(compile_form(comp, name), name)
 
 
-def compile_form(comp: tff.Computation, name: str):  # -> tff's MergeableCompForm
+def compile_form(comp: tff.Computation, name: str) -> Any:  # tff's MergeableCompForm
     """`comp` split by TFF's mergeable-form compiler (which raises for a
     computation it cannot split)."""
     form = tff.backends.native.compile_to_mergeable_comp_form(comp)
@@ -104,7 +104,7 @@ def compile_form(comp: tff.Computation, name: str):  # -> tff's MergeableCompFor
     return form
 
 
-def prepare_parts(form, name: str) -> dict[str, PreparedComputation]:
+def prepare_parts(form: Any, name: str) -> dict[str, PreparedComputation]:
     """The parts of a mergeable form, prepared for the workers."""
     member = form.up_to_merge.type_signature.result.member
     partial_type = tff.FederatedType(member, tff.SERVER)
