@@ -169,3 +169,25 @@ def test_the_bench_reports_both_paths_against_the_floor():
     assert found["linear"]["per_client_ms"] == pytest.approx([1.0, 0.2])
     assert not found["cnn"]["met"]  # fused slower than unfused here
     assert "unfused -> fused" in report.targets_text(list(found.values()))
+
+
+@pytest.mark.slow
+def test_stochastic_rounding_is_not_fused():
+    """Its random draws in one loop would differ from a call per client's."""
+    from coordinator import algorithm
+    from coordinator.algorithm import AlgorithmSpec
+    from coordinator.rounds.mergeable import compile_form
+
+    spec = AlgorithmSpec.from_dict(
+        {
+            "blocks": {
+                "aggregator": "compression",
+                "quantization_rounding": "stochastic",
+                # Below the linear model's 7,840 weights: quantized, so rounded at random.
+                "quantization_threshold": 1000,
+            }
+        }
+    )
+    form = compile_form(algorithm.build_process(spec).next, "train")
+    with pytest.raises(fused_share.NotFusable, match="random numbers"):
+        algorithm.fused_train_share(spec, form.up_to_merge)

@@ -27,7 +27,9 @@ weight with the server's first, so nothing carries over from one client to
 the next.
 
 Anything the per-client part does that is not per client (a sum, a mean, a
-secure sum across clients before the aggregate, a second aggregate) raises
+secure sum across clients before the aggregate, a second aggregate), and any
+per-client step that draws random numbers (compression's stochastic
+rounding: the draws would differ from a call per client's), raises
 `NotFusable`, and the caller runs the unfused path.
 """
 
@@ -44,6 +46,7 @@ from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs
 from tensorflow_federated.python.core.impl.types import type_conversions
 from tensorflow_federated.python.core.impl.utils import tensorflow_utils
+from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 
 class NotFusable(ValueError):
@@ -151,6 +154,12 @@ class _Interpreter:
         if fn_type.is_equivalent_to(self.client_type):
             return self._client
 
+        random = _random_ops(bb.proto)
+        if random:
+            # Drawn in one loop, the numbers differ from those of a call per
+            # client (stochastic rounding, say): the unfused path's, not these.
+            raise NotFusable(f"{bb.name} draws random numbers ({', '.join(random)})")
+
         def call(arg: Any = None) -> Any:
             self._calls += 1
             init_op, result = tensorflow_utils.deserialize_and_call_tf_computation(
@@ -188,6 +197,15 @@ def _lanes(steps: list[ClientStep]) -> Callable[[Any, tf.Tensor, Any], Any]:
         return tf.switch_case(lane, [functools.partial(s, weights, token) for s in steps])
 
     return step
+
+
+def _random_ops(proto: Any) -> list[str]:
+    """The random-number ops of a compiled TensorFlow computation's graph."""
+    graph_def = serialization_utils.unpack_graph_def(proto.tensorflow.graph_def)
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes += list(function.node_def)
+    return sorted({n.op for n in nodes if "Random" in n.op or n.op.startswith(("Rng", "Stateful"))})
 
 
 def _aggregate_call(bb: building_blocks.Lambda) -> tuple[list, building_blocks.Call]:
