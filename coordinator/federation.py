@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import fractions
 import logging
 import math
 from collections.abc import Callable, Collection, Sequence
@@ -24,7 +25,7 @@ from coordinator.executor_client import PreparedComputation, RemoteWorker, Worke
 from coordinator.executor_client.connection import ClientTLS
 from coordinator.liveness import Liveness
 from shared import shard_format, worker_dir
-from shared.config import STRATIFIED
+from shared.config import SAMPLINGS, STRATIFIED
 from shared.errors import FederationError
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -87,16 +88,34 @@ def sample_clients(
     return [client_ids[i] for i in chosen]
 
 
-def stratum_quotas(sizes: Sequence[int], drawn: int) -> list[int]:
-    """How many of `drawn` clients each stratum of `sizes` clients gives:
-    proportional to its size, rounded by largest remainder (ties to the
-    earlier stratum), so the quotas sum to `drawn` and none exceeds its size."""
+def stratum_quotas(sizes: Sequence[int], drawn: int, offset: float) -> list[int]:
+    """How many of `drawn` clients each stratum of `sizes` clients gives: its
+    proportional share `drawn * n / total` rounded down, plus one for the
+    strata that systematic sampling at `offset` (in [0, 1)) picks among those
+    with a remainder. Over a uniform `offset`, a stratum gets the extra client
+    with chance equal to its remainder, so its expected quota is exactly its
+    proportional share and every client's chance to be drawn is `drawn / total`.
+    A fixed rounding (largest remainder) gave the same strata the extra client
+    every round and left a stratum whose share rounded to 0 never drawn.
+    The quotas sum to `drawn` and none exceeds its size."""
     total = sum(sizes)
-    exact = [drawn * n / total for n in sizes]
-    quotas = [math.floor(q) for q in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (quotas[i] - exact[i], i))
-    for i in by_remainder[: drawn - sum(quotas)]:
-        quotas[i] += 1
+    # Integers: remainders are numerators over `total`, exact whatever the sizes.
+    quotas = [drawn * n // total for n in sizes]
+    extra = drawn - sum(quotas)
+    # Exact: a float offset near 1 put the last point past the end in floats.
+    point = fractions.Fraction(offset) * total
+
+    def below(end: int) -> int:
+        # How many of the points `point + m * total` (m < extra), one per
+        # `total` over [0, extra * total), lie below `end`.
+        return min(extra, max(0, math.ceil((end - point) / total)))
+
+    upper = 0
+    for i, n in enumerate(sizes):
+        # Remainders laid end to end; each is shorter than `total`, so it holds
+        # at most one point, and the counts add up to `extra` exactly.
+        lower, upper = upper, upper + drawn * n % total
+        quotas[i] += below(upper) - below(lower)
     return quotas
 
 
@@ -104,17 +123,20 @@ def sample_stratified(
     strata: Sequence[Sequence[str]], round_num: int, clients_per_round: int, seed: int
 ) -> list[str]:
     """A round's clients drawn stratum by stratum: each stratum (a worker's
-    sorted clients) gives its `stratum_quotas` share, uniformly without
-    replacement within it. Strata are taken in the order of their first
-    client id, so the draw depends on which clients share a worker, not on
-    the workers' order; a pure function of its arguments, like
-    `sample_clients`."""
+    sorted clients) gives its `stratum_quotas` share, at an offset drawn anew
+    each round, uniformly without replacement within it. Strata are taken in
+    the order of their first client id, so the draw depends on which clients
+    share a worker, not on the workers' order; a pure function of its
+    arguments, like `sample_clients`."""
     strata = sorted((sorted(s) for s in strata if s), key=lambda s: s[0])
     sizes = [len(s) for s in strata]
     drawn = min(clients_per_round, sum(sizes))
+    # Its own stream, so the clients' draw uses the one `sample_clients` does
+    # and one stratum draws exactly what uniform sampling draws.
+    offset = float(np.random.default_rng([seed, round_num, 1]).random())
     rng = np.random.default_rng([seed, round_num])
     chosen: list[str] = []
-    for stratum, quota in zip(strata, stratum_quotas(sizes, drawn), strict=True):
+    for stratum, quota in zip(strata, stratum_quotas(sizes, drawn, offset), strict=True):
         picks = np.sort(rng.choice(len(stratum), size=quota, replace=False))
         chosen.extend(stratum[i] for i in picks)
     return sorted(chosen)
@@ -144,6 +166,8 @@ def sample_live(
     instead (`sample_stratified`): every worker gets a share proportional to
     the clients it hosts, so no worker's share is larger by chance.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {sampling!r}: one of {', '.join(SAMPLINGS)}")
     if live is None:
         pool = list(client_ids)
     else:

@@ -326,9 +326,9 @@ class TrainingConfig:
         UNIFORM,
         "how a round's clients are drawn: uniform: TFF's uniform draw without replacement "
         "from all clients; stratified: from each worker's clients separately, each worker "
-        "giving a share proportional to the clients it hosts (even shares, so no worker "
-        "waits on a share larger by chance; each client is still drawn with probability "
-        "about clients per round over clients, but the shares are fixed)",
+        "giving a share proportional to the clients it hosts, rounded down or up at random "
+        "(even shares, so no worker waits on a share larger by chance; each client is "
+        "still drawn with probability clients per round over clients)",
         choices=SAMPLINGS,
         fixed_on_resume=True,
     )
@@ -946,8 +946,8 @@ def _check_algorithm(config: RunConfig) -> None:
     if dp and t.sampling == STRATIFIED:
         raise UsageError(
             f"--sampling stratified with --aggregator {a.aggregator}: the privacy accounting "
-            "covers uniform sampling only (a client's chance to be drawn differs by worker "
-            "under stratified sampling); use --sampling uniform"
+            "covers uniform sampling only (stratified sampling draws the clients of one worker "
+            "together less or more often than uniform sampling); use --sampling uniform"
         )
     if dp:
         # TFF's DP factories are unweighted: every sampled client counts once.

@@ -4,6 +4,8 @@ grouped by the worker hosting each client, the same in every run."""
 from __future__ import annotations
 
 import collections
+import itertools
+from fractions import Fraction
 
 import pytest
 
@@ -62,16 +64,47 @@ def _strata(sizes: list[int]) -> dict[str, int]:
     [
         ([50, 50], 100, [50, 50]),
         ([30, 30], 10, [5, 5]),
-        ([42, 58], 10, [4, 6]),
-        ([1, 1, 1], 2, [1, 1, 0]),  # equal remainders: the earlier strata
         ([7, 3], 10, [7, 3]),
-        ([100, 1], 5, [5, 0]),
+        ([20, 40], 12, [4, 8]),
     ],
 )
-def test_stratum_quotas_are_proportional_and_sum_to_the_draw(sizes, drawn, expected):
-    quotas = stratum_quotas(sizes, drawn)
-    assert quotas == expected
-    assert sum(quotas) == drawn and all(q <= n for q, n in zip(quotas, sizes, strict=True))
+@pytest.mark.parametrize("offset", [0.0, 0.5, 1 - 2**-53])
+def test_whole_shares_are_exact_at_any_offset(sizes, drawn, expected, offset):
+    assert stratum_quotas(sizes, drawn, offset) == expected
+
+
+def test_rounded_shares_are_right_on_average_over_the_offset():
+    # A share kN_w/N that is not whole is rounded up with chance equal to its
+    # remainder: offsets evenly spread over [0, 1), one per N, average to the
+    # exact share, so every client's chance to be drawn is k/N. (A fixed
+    # rounding gave [1, 1, 0] for three workers of 20 and k = 2 every round:
+    # the third worker's clients were never drawn.)
+    for sizes in itertools.product(range(1, 7), repeat=3):
+        total = sum(sizes)
+        for drawn in range(1, total + 1):
+            summed = [0, 0, 0]
+            for j in range(total):
+                quotas = stratum_quotas(list(sizes), drawn, (j + 0.5) / total)
+                assert sum(quotas) == drawn, (sizes, drawn, quotas)
+                for i, (q, n) in enumerate(zip(quotas, sizes, strict=True)):
+                    assert drawn * n // total <= q <= -(-drawn * n // total) and q <= n
+                    summed[i] += q
+            assert [Fraction(x, total) for x in summed] == [
+                Fraction(drawn * n, total) for n in sizes
+            ], (sizes, drawn)
+    # Offsets next to 1 once lost a client to float rounding.
+    assert stratum_quotas([1, 1, 2], 3, 1 - 2**-53) == [0, 1, 2]
+
+
+def test_no_worker_is_left_out_by_rounding():
+    owner = _strata([20, 20, 20])
+    counts = collections.Counter(
+        owner[c]
+        for r in range(1, 301)
+        for c in sample_live(sorted(owner), owner, None, r, 2, 0, "stratified")
+    )
+    # 300 rounds x 2 clients: 200 a worker on average.
+    assert all(150 < counts[w] < 250 for w in range(3)), counts
 
 
 def test_stratified_sampling_gives_each_worker_its_proportional_share_every_round():
@@ -123,3 +156,11 @@ def test_stratified_sampling_draws_only_from_live_workers():
     # Asked for more than the live workers host: every live client.
     everyone = sample_live(sorted(owner), owner, [0], 7, 50, 1, "stratified")
     assert everyone == sorted(c for c, w in owner.items() if w == 0)
+
+
+def test_an_unknown_sampling_is_refused_not_drawn_uniformly():
+    # A misspelt name (a bench child's config, a caller of the API) must not
+    # quietly give uniform draws labelled as another scheme.
+    owner = _strata([3, 3])
+    with pytest.raises(ValueError, match="Stratified"):
+        sample_live(sorted(owner), owner, None, 1, 2, 0, "Stratified")

@@ -43,9 +43,10 @@ TLS_TARGET = 0.10
 
 OVERHEAD_TARGET_S = 0.100
 SCALING_TARGET = 1.8
-STRATIFIED_SCALING_TARGET = 1.9
-"""Even shares remove the wait on a share larger by chance (issue 22)."""
 """Pinned mode: W = 2 over W = 1, i.e. 90% scaling efficiency."""
+STRATIFIED_SCALING_TARGET = 1.9
+"""Pinned mode with stratified sampling: even shares remove the wait on a share
+larger by chance (issue 22)."""
 PINNED_TFF_MARGIN = 0.05
 """Pinned mode: fedcompose W = 1 against TFF's local context, both on one core."""
 
