@@ -82,10 +82,12 @@ class FederationSession:
         self.close()
 
     def round_executor(
-        self, spec: algorithm_lib.AlgorithmSpec, worker_memory_mb: int = 0
+        self, spec: algorithm_lib.AlgorithmSpec, worker_memory_mb: int = 0, fused: bool = True
     ) -> RoundExecutor:
         """The composed algorithm for `spec`, ready to drive rounds on this
-        federation, each worker's calls sized to `worker_memory_mb` (0: none)."""
+        federation, each worker's calls sized to `worker_memory_mb` (0: none);
+        `fused`: a worker's share of a round as one TensorFlow call where the
+        algorithm allows (coordinator/algorithm/fused_share.py)."""
         assert self.federation is not None and self.server is not None
         from shared import shard_format
 
@@ -107,7 +109,9 @@ class FederationSession:
                 f"({one_line(e, 300)}); "
                 "choose other blocks (`fedcompose blocks`)"
             ) from e
-        executor = RoundExecutor(algorithm, self.federation, self.server, memory=memory)
+        executor = RoundExecutor(
+            algorithm, self.federation, self.server, memory=memory, fused=fused
+        )
         self._executors.append(executor)
         log.info(
             "composed %s model algorithm in %.1fs%s%s",

@@ -39,6 +39,9 @@ ClientOutput = collections.namedtuple("ClientOutput", ["result", "metrics"])
 
 OptimizerFn = Callable[[], tff.learning.optimizers.Optimizer]
 
+ClientStep = Callable[[object, tf.Tensor], ClientOutput]
+"""`(model weights, token) -> ClientOutput`: one client's update, in a loop's body."""
+
 
 def clip_gradients(grads: list[tf.Tensor], clip_norm: float) -> tuple[list[tf.Tensor], tf.Tensor]:
     """Scales `grads` so that their global norm is at most `clip_norm`."""
@@ -319,3 +322,31 @@ def build_clipped_client_work(
         lambda: tff.learning.optimizers.build_sgdm(learning_rate=client_learning_rate),
         clip_norm,
     )
+
+
+def client_step(
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    optimizer_fn: OptimizerFn,
+    clip_norm: float | None,
+    proximal_mu: float,
+    dataset_fn: Callable[[tf.Tensor], tf.data.Dataset],
+) -> Callable[[], ClientStep]:
+    """What `client_update_from_token` computes, for a loop over many clients in
+    one graph (coordinator/algorithm/fused_share.py): calling the result makes
+    the model's variables (once, before the loop) and gives
+    `(weights, token) -> ClientOutput` for one client."""
+    _check(clip_norm, proximal_mu)
+
+    def make() -> ClientStep:
+        optimizer = optimizer_fn()
+        with tf.variable_creator_scope(_zero_initialized):
+            model = model_fn()
+
+        def step(weights: object, token: tf.Tensor) -> ClientOutput:
+            return client_update(
+                model, dataset_fn(token), weights, optimizer, clip_norm, proximal_mu
+            )
+
+        return step
+
+    return make

@@ -27,7 +27,16 @@ TASKS = ("none", "emnist62", "cifar100", "shakespeare", "stackoverflow-words", "
 """TFF's baseline tasks (`coordinator.tasks`, docs/tasks.md); none: fedcompose's own model."""
 SHARD_CHECKS = ("full", "quick")
 BENCH_CURVES = ("memory", "scale")
-BENCH_SYSTEMS = ("keras", "tff_local", "fedcompose", "fedcompose_tls", "fedcompose_stratified")
+BENCH_SYSTEMS = (
+    "keras",
+    "tff_local",
+    "fedcompose",
+    "fedcompose_tls",
+    "fedcompose_stratified",
+    "fedcompose_unfused",
+)
+BENCH_NAMED_ONLY = ("fedcompose_stratified", "fedcompose_unfused")
+"""Systems measured only when `--systems` names them."""
 NON_FINITE_POLICIES = ("fail", "drop")
 UNIFORM, STRATIFIED = "uniform", "stratified"
 SAMPLINGS = (UNIFORM, STRATIFIED)
@@ -597,10 +606,11 @@ class BenchConfig:
     )
     skip: list = setting([], "workloads to leave out, as MODEL/CLIENTS (e.g. cnn/1000)")
     systems: list = setting(
-        [s for s in BENCH_SYSTEMS if s != "fedcompose_stratified"],
+        [s for s in BENCH_SYSTEMS if s not in BENCH_NAMED_ONLY],
         "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
-        "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified; "
-        "not measured unless named)",
+        "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified), "
+        "fedcompose_unfused (a worker's share of a round as TensorFlow calls per client, "
+        "the path before fusing); the last two are measured only when named",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"

@@ -10,7 +10,8 @@ of each written to one .npz file.
 RUNS_JSON is a list of {"name", "spec" (AlgorithmSpec.from_dict), "rounds",
 "clients_per_round", "seed", "pad": "auto" | "off" | "forced"}; "forced" pads
 even an aggregator that counts clients (a control showing that it matters).
-Optional: "clients_per_call" (a worker's share runs as calls of at most that
+Optional: "fused" (false: a worker's share of a round as calls per client, the
+path before fusing), "clients_per_call" (a worker's share runs as calls of at most that
 many clients, merged on the worker, as a memory budget makes it), "evaluate"
 (the final model's held-out figures go into the report).
 """
@@ -54,6 +55,7 @@ def main() -> None:
                 session.federation,
                 session.server,
                 pad_clients=run.get("pad", "auto") != "off",
+                fused=run.get("fused", True),
             )
             if run.get("pad") == "forced":
                 executor.reuse = [

@@ -298,15 +298,19 @@ def test_padding_changes_no_result_for_any_aggregator(workers2, tmp_path):
         harmless = aggregator.empty_clients_harmless(AlgorithmSpec.from_dict({"blocks": blocks}))
         assert harmless == (name in PADDED), name
 
+    # Padding is the unfused path's: a fused share runs at one client count,
+    # never padded (tests/test_fused.py).
     runs = []
     for name, blocks in AGGREGATORS.items():
         for pad in ("auto", "off"):
             run = _run(f"{name}_{pad}", blocks)
             run["pad"] = pad
+            run["fused"] = False
             runs.append(run)
     # A control: padding an unweighted mean anyway changes its result.
     control = _run("mean_uniform_forced", AGGREGATORS["mean_uniform"])
     control["pad"] = "forced"
+    control["fused"] = False
     runs.append(control)
     dist, report = distributed(workers2, runs, tmp_path, "padding", processes=2)
 

@@ -70,7 +70,9 @@ def test_three_rounds_over_two_workers_match_tff_local_context(workers2, shards2
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     assert all(len(r["workers"]) == 2 for r in rows)
-    # Some worker ran its clients padded with empty ones (see coordinator/rounds/executor_reuse.py),
-    # so the match covers padding too.
-    padded = [w for r in rows for w in r["workers"].values() if w["padded_to"] > w["clients"]]
-    assert padded, rows
+    # Each worker's share ran as one fused TensorFlow call (coordinator/algorithm/
+    # fused_share.py), said once in the log, at one client count: never padded.
+    # Padding (the unfused path's) is matched with TFF in tests/test_blocks_match_tff.py.
+    log = (run_dir / "logs" / "coordinator.log").read_text()
+    assert log.count("one TensorFlow call per worker per round (fused share)") == 1
+    assert all(w["padded_to"] == w["clients"] for r in rows for w in r["workers"].values())

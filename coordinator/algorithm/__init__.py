@@ -10,6 +10,8 @@
     compose.py      the four blocks, composed, with the dataset computations
                     that let `next` take client tokens
     dataset_fusion.py  a client's dataset built inside its client update
+    fused_share.py  a worker's share of a round (client updates, the aggregator's
+                    per-client step, the accumulation) as one TensorFlow call
     user_process.py a learning process the user composed in Python, prepared for
                     the workers (or refused in one line)
 
@@ -17,7 +19,20 @@ The model and the client update, which run on the workers, live in `shared/`; th
 privacy a DP aggregator spends is accounted in `coordinator.privacy`.
 """
 
-from coordinator.algorithm.compose import Algorithm, build, build_learning_process, build_process
+from coordinator.algorithm.compose import (
+    Algorithm,
+    build,
+    build_learning_process,
+    build_process,
+    fused_train_share,
+)
 from coordinator.algorithm.spec import AlgorithmSpec
 
-__all__ = ["Algorithm", "AlgorithmSpec", "build", "build_learning_process", "build_process"]
+__all__ = [
+    "Algorithm",
+    "AlgorithmSpec",
+    "build",
+    "build_learning_process",
+    "build_process",
+    "fused_train_share",
+]

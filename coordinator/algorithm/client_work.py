@@ -85,3 +85,15 @@ def update_from_token_computation(
     return client_update.client_update_from_token(
         model_fn, _optimizer_fn(spec), _clip_norm(spec), spec.blocks.proximal_mu, dataset_fn
     )
+
+
+def client_step(
+    spec: AlgorithmSpec,
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    dataset_fn: Callable[[tf.Tensor], tf.data.Dataset],
+) -> Callable[[], client_update.ClientStep]:
+    """The client work's per-client computation on `dataset_fn(token)`, for a
+    loop over a worker's clients in one graph (see fused_share.py)."""
+    return client_update.client_step(
+        model_fn, _optimizer_fn(spec), _clip_norm(spec), spec.blocks.proximal_mu, dataset_fn
+    )

@@ -7,7 +7,8 @@ takes client tokens instead of datasets: each worker builds a client's
 dataset from its own files, and only tokens and weights cross the wire.
 Training builds each client's dataset inside its client update
 (dataset_fusion.py): one TensorFlow call per client instead of two and no
-dataset serialization between them.
+dataset serialization between them; `fused_train_share` goes further and
+makes a worker's whole share of a round one call (fused_share.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from coordinator.algorithm import (
     dataset_fusion,
     distributor,
     finalizer,
+    fused_share,
 )
 from coordinator.algorithm.spec import AlgorithmSpec
 from shared import models, preprocessing
@@ -157,6 +159,22 @@ def build_process(spec: AlgorithmSpec) -> tff.learning.templates.LearningProcess
     )
 
 
+def fused_train_share(spec: AlgorithmSpec, up_to_merge: tff.Computation) -> tff.Computation:
+    """The training round's `up_to_merge` as one TensorFlow call over a vector of
+    client tokens (fused_share.py); raises `fused_share.NotFusable`."""
+    model_fn = models.model_fn_for(spec.model, spec.num_classes)
+
+    def dataset_fn(token: tf.Tensor) -> tf.data.Dataset:
+        return _train_dataset(spec, token)
+
+    client_type = client_work.update_from_token_computation(
+        spec, model_fn, dataset_fn
+    ).type_signature
+    return fused_share.fuse(
+        up_to_merge, client_type, client_work.client_step(spec, model_fn, dataset_fn)
+    )
+
+
 def build(spec: AlgorithmSpec) -> Algorithm:
     model_fn = models.model_fn_for(spec.model, spec.num_classes)
     weights_type = models.weights_type_of(model_fn)
@@ -181,4 +199,4 @@ def build(spec: AlgorithmSpec) -> Algorithm:
     )
 
 
-__all__ = ["Algorithm", "build", "build_learning_process", "build_process"]
+__all__ = ["Algorithm", "build", "build_learning_process", "build_process", "fused_train_share"]

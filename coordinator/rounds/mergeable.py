@@ -35,8 +35,9 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
@@ -77,10 +78,20 @@ class _Partial:
 PARTS = ("up_to_merge", "merge", "after_merge", "partial_done")
 """The prepared computations a `MergeableRunner` runs."""
 
+FUSED_CLIENTS = 1
+"""The client count every fused call runs at: its clients are one tensor of
+tokens, so the worker keeps one executor whatever the number of clients."""
+
 
 def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputation]:
     """`comp` split by TFF's mergeable-form compiler, each part prepared for the
     workers; raises what the compiler raises for a computation it cannot split."""
+    return prepare_parts(compile_form(comp, name), name)
+
+
+def compile_form(comp: tff.Computation, name: str) -> Any:  # tff's MergeableCompForm
+    """`comp` split by TFF's mergeable-form compiler (which raises for a
+    computation it cannot split)."""
     form = tff.backends.native.compile_to_mergeable_comp_form(comp)
     param = form.up_to_merge.type_signature.parameter
     if not (
@@ -90,6 +101,11 @@ def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputa
         and param[1].placement is tff.CLIENTS
     ):
         raise TypeError(f"{name}: expected (state@SERVER, data@CLIENTS), got {param}")
+    return form
+
+
+def prepare_parts(form: Any, name: str) -> dict[str, PreparedComputation]:
+    """The parts of a mergeable form, prepared for the workers."""
     member = form.up_to_merge.type_signature.result.member
     partial_type = tff.FederatedType(member, tff.SERVER)
 
@@ -121,16 +137,46 @@ def compile_parts(comp: tff.Computation, name: str) -> dict[str, PreparedComputa
 class MergeableRunner:
     """Runs one mergeable computation over workers, finishing on one of them."""
 
-    def __init__(self, parts: dict[str, PreparedComputation], name: str):
+    def __init__(
+        self,
+        parts: dict[str, PreparedComputation],
+        name: str,
+        fused: PreparedComputation | None = None,
+    ):
         self.name = name
         self.up_to_merge = parts["up_to_merge"]
+        self.fused = fused
+        """`up_to_merge` as one TensorFlow call over a vector of tokens
+        (coordinator/algorithm/fused_share.py), or None: a call per client."""
+        self.share = fused or self.up_to_merge
+        """What a worker's piece of a share calls."""
         self.merge = parts["merge"]
         self.after_merge = parts["after_merge"]
         self.partial_done = parts["partial_done"]
         self.arg_names = element_names(self.up_to_merge.parameter_type)
+        self.share_names = element_names(self.share.parameter_type)
         self.after_merge_names = element_names(self.after_merge.parameter_type)
         names = element_names(self.after_merge.result_type)
         self.state_index = names.index("state") if "state" in names else None
+
+    def count(self, tokens: list[str]) -> int:
+        """The client count (executor) a piece of these tokens runs at: a fused
+        call holds its tokens in one value, so every piece runs at one count."""
+        return FUSED_CLIENTS if self.fused is not None else len(tokens)
+
+    def tokens_value(self, tokens: list[str]) -> executor_pb2.Value:
+        """A piece's tokens as the share computation takes them."""
+        if self.fused is not None:
+            return self.fused.serialize_element(1, np.array(tokens, dtype=object))
+        return self.up_to_merge.serialize_element(1, tokens)
+
+    def finish_tokens(self, tokens: list[str]) -> executor_pb2.Value:
+        """The clients `after_merge`'s original argument holds. `after_merge`
+        computes nothing from them (its result is the state and metrics); a
+        fused share runs it at its one client count, with one empty client."""
+        if self.fused is not None:
+            tokens = [preprocessing.EMPTY_CLIENT_TOKEN] * FUSED_CLIENTS
+        return self.up_to_merge.serialize_element(1, tokens)
 
     def _share(
         self,
@@ -156,14 +202,12 @@ class MergeableRunner:
         as bytes and everything made is freed.
         """
         started = time.perf_counter()
-        main = len(pieces[0])
-        call = CallTiming(new_executor=not worker.is_loaded(self.up_to_merge, main))
+        main = self.count(pieces[0])
+        call = CallTiming(new_executor=not worker.is_loaded(self.share, main))
         if keep is None and len(pieces) == 1:
             # One call carries state and clients: the cheapest way for most rounds.
-            arg = self.up_to_merge.struct_arg(
-                [state, self.up_to_merge.serialize_element(1, pieces[0])]
-            )
-            proto = worker.call_proto(self.up_to_merge, arg, main, call)
+            arg = self.share.struct_arg([state, self.tokens_value(pieces[0])])
+            proto = worker.call_proto(self.share, arg, main, call)
             return _Partial(index, proto, None, time.perf_counter() - started, call, pieces=1)
         held: list[ValueRef] = keep if keep is not None else []
         comps = self._share_computations(finisher=keep is not None)
@@ -196,7 +240,7 @@ class MergeableRunner:
 
     def _share_computations(self, finisher: bool) -> list[PreparedComputation]:
         """What a share run in pieces calls: the finisher also runs `after_merge`."""
-        comps = [self.up_to_merge, self.partial_done, self.merge]
+        comps = [self.share, self.partial_done, self.merge]
         if finisher:
             comps.append(self.after_merge)
         return comps
@@ -213,10 +257,10 @@ class MergeableRunner:
         """Runs a share's pieces, grouped by client count, and merges them into one
         partial in the main count's executor; returns it with the first piece's
         argument when `finisher` (else None). What stays on the worker is in `held`."""
-        main = len(pieces[0])
+        main = self.count(pieces[0])
         groups: dict[int, list[list[str]]] = {}
         for tokens in pieces:
-            groups.setdefault(len(tokens), []).append(tokens)
+            groups.setdefault(self.count(tokens), []).append(tokens)
         merged: ValueRef | None = None
         original_arg: ValueRef | None = None
         moved: list[executor_pb2.Value] = []
@@ -289,22 +333,28 @@ class MergeableRunner:
         `group_merged`; returns the new merged partial, and the piece's argument
         when `keep` is given (it then stays, added to `keep`)."""
         t0 = time.perf_counter()
-        tokens_ref = worker.create_value(self.up_to_merge.serialize_element(1, tokens), count)
+        tokens_ref = worker.create_value(self.tokens_value(tokens), count)
         arg_ref = worker.create_struct(
-            list(zip(self.arg_names, [state_ref, tokens_ref], strict=True)), count
+            list(zip(self.share_names, [state_ref, tokens_ref], strict=True)), count
         )
         t1 = time.perf_counter()
         call.upload += t1 - t0
-        partial_ref = worker.create_call(self.up_to_merge, arg_ref, count)
+        partial_ref = worker.create_call(self.share, arg_ref, count)
         # What this piece made is freed as soon as it is merged: a partial (and
         # a merged one) is model-sized, and keeping every piece's would grow the
         # worker with the number of pieces.
         spent = [tokens_ref, arg_ref]
         kept_arg: ValueRef | None = None
-        if keep is not None:
+        if keep is not None and self.fused is None:
             kept_arg = arg_ref  # `after_merge` takes it: it stays
             spent = []
             keep += [tokens_ref, arg_ref]
+        elif keep is not None:
+            clients_ref = worker.create_value(self.finish_tokens(tokens), count)
+            kept_arg = worker.create_struct(
+                list(zip(self.arg_names, [state_ref, clients_ref], strict=True)), count
+            )
+            keep += [clients_ref, kept_arg]
         # One piece at a time: wait until this one is done.
         done_ref = worker.create_call(self.partial_done, partial_ref, count)
         worker.compute(done_ref, count)
@@ -326,16 +376,16 @@ class MergeableRunner:
         """Builds the worker's executor for `clients` clients and every session the
         finisher's part of a round needs, on empty clients; the result is dropped."""
         kept: list[ValueRef] = []
+        tokens = [preprocessing.EMPTY_CLIENT_TOKEN] * clients
+        count = self.count(tokens)
         try:
-            partial = self._share(
-                worker, -1, state, [[preprocessing.EMPTY_CLIENT_TOKEN] * clients], kept
-            )
+            partial = self._share(worker, -1, state, [tokens], kept)
             assert partial.ref is not None and partial.original_arg is not None
-            merged = self._merge_on(worker, partial.ref, partial.ref, clients, kept)
+            merged = self._merge_on(worker, partial.ref, partial.ref, count, kept)
             # No weight at all: the mean is 0/0. Harmless, and never used.
-            self._finish_on(worker, partial.original_arg, merged, clients, kept)
+            self._finish_on(worker, partial.original_arg, merged, count, kept)
         finally:
-            worker.dispose(kept, clients)
+            worker.dispose(kept, count)
 
     def _merge_on(
         self,
@@ -469,7 +519,7 @@ class MergeableRunner:
             sizes = {i: [t for p in ps for t in p] for i, ps in pieces_by_worker.items()}
             index = _busiest(delivered, sizes)
             worker = federation.workers[index]
-            clients = len(pieces_by_worker[index][0])
+            clients = self.count(pieces_by_worker[index][0])
             log.warning(
                 "the round's finisher was lost; finishing on worker %s from %d partials",
                 worker.label,
@@ -528,7 +578,7 @@ class _Round:
         self.order = [i for i, tokens in sorted(self.tokens_by_worker.items()) if tokens]
         self.finisher_index = _busiest(self.order, self.tokens_by_worker)
         self.finisher = federation.workers[self.finisher_index]
-        self.clients = len(pieces_by_worker[self.finisher_index][0])
+        self.clients = runner.count(pieces_by_worker[self.finisher_index][0])
         self.deadline = None if phase_timeout is None else time.monotonic() + phase_timeout
         self.merge_by = self.deadline
         """Until when a merge step on the finisher may run: the delivery deadline,
@@ -554,7 +604,7 @@ class _Round:
         for index in self.order:
             pieces = self.pieces_by_worker[index]
             # What another worker needs to finish the round in this one's place.
-            self.token_protos[index] = self.runner.up_to_merge.serialize_element(1, pieces[0])
+            self.token_protos[index] = self.runner.finish_tokens(pieces[0])
             if index == self.finisher_index:
                 future = pool.submit(
                     self.runner._share, self.finisher, index, state_proto, pieces, self.kept_by_call

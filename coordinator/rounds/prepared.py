@@ -31,9 +31,9 @@ import zipfile
 from pathlib import Path
 
 from coordinator import algorithm as algorithm_lib
-from coordinator.algorithm import aggregator
+from coordinator.algorithm import aggregator, fused_share
 from coordinator.executor_client import PreparedComputation
-from coordinator.rounds.mergeable import PARTS, compile_parts
+from coordinator.rounds.mergeable import PARTS, compile_form, prepare_parts
 from shared import files
 
 log = logging.getLogger("fedcompose.coordinator")
@@ -55,6 +55,9 @@ SINGLE = (
     "eval_outcome",
 )
 NAMES = (*(f"{m}.{p}" for m in MERGEABLE for p in PARTS), *SINGLE)
+FUSED = "train.fused"
+"""A training share as one TensorFlow call per worker (absent when not fusable)."""
+FUSED_NOTE = "fused_note"
 
 
 @dataclasses.dataclass
@@ -74,6 +77,8 @@ class PreparedAlgorithm:
     """One line naming the algorithm (the spec's blocks, or the user's process)."""
     model_mb: float | None = None
     """A user model's weights in MB (what its memory plan is sized by)."""
+    fused_note: str = ""
+    """Why training has no fused share (`FUSED`), if it has none."""
 
     @property
     def empty_clients_harmless(self) -> bool:
@@ -105,13 +110,20 @@ def build(spec: algorithm_lib.AlgorithmSpec) -> PreparedAlgorithm:
     split across workers)."""
     alg = algorithm_lib.build(spec)
     comps: dict[str, PreparedComputation] = {}
+    note = ""
     for mergeable, process in (("train", alg.process), ("eval", alg.evaluation)):
         try:
-            parts = compile_parts(process.next, mergeable)
+            form = compile_form(process.next, mergeable)
         except Exception as e:  # the compiler raises several kinds
             raise NotMergeable(mergeable) from e
-        for part, prepared in parts.items():
+        for part, prepared in prepare_parts(form, mergeable).items():
             comps[f"{mergeable}.{part}"] = prepared
+        if mergeable == "train":
+            try:
+                fused = algorithm_lib.fused_train_share(spec, form.up_to_merge)
+                comps[FUSED] = PreparedComputation(fused, FUSED)
+            except fused_share.NotFusable as e:
+                note = str(e)
     singles = {
         "initialize": alg.process.initialize,
         "eval.initialize": alg.evaluation.initialize,
@@ -122,7 +134,7 @@ def build(spec: algorithm_lib.AlgorithmSpec) -> PreparedAlgorithm:
     }
     for name, comp in singles.items():
         comps[name] = PreparedComputation(comp, name)
-    return PreparedAlgorithm(spec, comps, description=spec.describe())
+    return PreparedAlgorithm(spec, comps, description=spec.describe(), fused_note=note)
 
 
 def cache_dir() -> Path | None:
@@ -169,12 +181,16 @@ def _load(path: Path, spec: algorithm_lib.AlgorithmSpec) -> PreparedAlgorithm | 
                 if f"{name}/{key}" in entries
             }
             comps[name] = PreparedComputation.from_bytes(name, parts)
+        if f"{FUSED}/value" in entries:
+            parts = {k: entries[f"{FUSED}/{k}"] for k in ("value", "parameter", "result")}
+            comps[FUSED] = PreparedComputation.from_bytes(FUSED, parts)
+        note = entries.get(FUSED_NOTE, b"").decode()
     except FileNotFoundError:
         return None
     except Exception as e:  # a damaged entry of any kind is rebuilt
         log.warning("compile cache entry %s cannot be read (%s); building it again", path, e)
         return None
-    return PreparedAlgorithm(spec, comps, cached=True, description=spec.describe())
+    return PreparedAlgorithm(spec, comps, cached=True, description=spec.describe(), fused_note=note)
 
 
 def _save(path: Path, prepared: PreparedAlgorithm) -> None:
@@ -191,6 +207,7 @@ def _save(path: Path, prepared: PreparedAlgorithm) -> None:
                 return
             for key, data in parts.items():
                 archive.writestr(f"{name}/{key}", data)
+        archive.writestr(FUSED_NOTE, prepared.fused_note.encode())
     try:
         files.write_atomic(path, buffer.getvalue())
         _prune(path.parent)

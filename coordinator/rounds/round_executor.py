@@ -39,8 +39,8 @@ from coordinator.executor_client.server import ServerExecutor
 from coordinator.federation import Federation
 from coordinator.rounds import outputs
 from coordinator.rounds.executor_reuse import EXECUTOR_BUDGET, ExecutorReuse, MemoryPlan
-from coordinator.rounds.mergeable import MergeableRunner, MergeOutcome, NotEnough
-from coordinator.rounds.prepared import PreparedAlgorithm
+from coordinator.rounds.mergeable import FUSED_CLIENTS, MergeableRunner, MergeOutcome, NotEnough
+from coordinator.rounds.prepared import FUSED, PreparedAlgorithm
 from coordinator.rounds.timing import RoundResult, RoundTiming
 from shared import pause_points, preprocessing
 from shared.errors import FederationError
@@ -67,6 +67,21 @@ REJOIN_WARM_UP_COUNTS = 4
 counts only (about 86 % of its rounds with 3 workers of 20 clients and 10 per
 round). All of them (8 there) took 9 to 39 s on a loaded 2-core machine, the
 worker out all along; a rarer count is built in the round that meets it."""
+
+
+def _log_share_kind(algorithm: PreparedAlgorithm, wanted: bool, fused: bool) -> None:
+    """Says once per run how a worker's share of a round runs, and if not
+    fused, why."""
+    if fused:
+        log.info("training: one TensorFlow call per worker per round (fused share)")
+        return
+    if not wanted:
+        why = "the fused share is turned off"
+    elif algorithm.user_defined:
+        why = "a user's process is not fused"
+    else:
+        why = algorithm.fused_note or "no fused share was built"
+    log.info("training: TensorFlow calls per client, not fused (%s)", why)
 
 
 def required_clients(clients_per_round: int, min_coverage: float) -> int:
@@ -103,6 +118,7 @@ class RoundExecutor:
         pad_clients: bool = True,
         executor_budget: int = EXECUTOR_BUDGET,
         memory: MemoryPlan | None = None,
+        fused: bool = True,
     ):
         self.algorithm = algorithm
         self.memory = memory or MemoryPlan(0, 0.0, None)
@@ -111,11 +127,17 @@ class RoundExecutor:
         # that counts clients (an unweighted mean, DP, adaptive clipping or
         # zeroing): pad only when the aggregator has nothing of the kind.
         pad_clients = pad_clients and algorithm.empty_clients_harmless
+        fused_share = algorithm.computations.get(FUSED) if fused else None
+        if fused_share is not None:
+            # A fused call runs at one client count whatever its clients: no
+            # executor to reuse, nothing to pad for.
+            pad_clients = False
+        _log_share_kind(algorithm, fused, fused_share is not None)
         self.reuse = [ExecutorReuse(executor_budget, pad_clients) for _ in federation.workers]
         self.federation = federation
         self.server = server
         comps = algorithm.computations
-        self._train = MergeableRunner(algorithm.parts("train"), "train")
+        self._train = MergeableRunner(algorithm.parts("train"), "train", fused_share)
         # A user's process without a model to evaluate has no evaluation.
         self._eval = (
             MergeableRunner(algorithm.parts("eval"), "eval") if algorithm.evaluates else None
@@ -196,9 +218,10 @@ class RoundExecutor:
             pieces.append(piece + [preprocessing.EMPTY_CLIENT_TOKEN] * (count - real))
         return pieces
 
-    def _make_room_for(self, index: int, pieces: list[list[str]]) -> None:
+    def _make_room_for(self, index: int, pieces: list[list[str]], runner: MergeableRunner) -> None:
         """Frees the worker's executors its policy evicts to make room for `pieces`."""
-        self.reuse[index].make_room(self.federation.workers[index], [len(p) for p in pieces])
+        counts = [runner.count(p) for p in pieces]
+        self.reuse[index].make_room(self.federation.workers[index], counts)
 
     def warm_up(
         self,
@@ -226,6 +249,8 @@ class RoundExecutor:
             hosted = len(self.federation.descriptions[index].manifest.clients)
             per_call = self.memory.clients_per_call
             counts = self.reuse[index].warm_up_counts(clients_per_round, hosted, total, per_call)
+            if self._train.fused is not None:
+                counts = [FUSED_CLIENTS]
             for clients in counts[:max_counts]:
                 if not worker.is_loaded(self._train.after_merge, clients):
                     self.reuse[index].make_room(worker, [clients])
@@ -412,7 +437,7 @@ class RoundExecutor:
         outcome: MergeOutcome | None = None
         try:
             for i, pieces in tokens.items():
-                self._make_room_for(i, pieces)
+                self._make_room_for(i, pieces, self._train)
             if tokens:
                 outcome = self._train.run(
                     self.federation,
@@ -519,7 +544,7 @@ class RoundExecutor:
         outcome = None
         try:
             for i, worker_pieces in pieces.items():
-                self._make_room_for(i, worker_pieces)
+                self._make_room_for(i, worker_pieces, self._eval)
             if pieces:
                 outcome = self._eval.run(
                     self.federation,

@@ -120,7 +120,9 @@ def shard_counts(config: config_lib.RunConfig) -> list[int]:
     counts = set()
     if {"keras", "tff_local"} & set(b.systems):
         counts.add(1)  # the single-process baselines read one shard set's files
-    if {"fedcompose", "fedcompose_tls", "fedcompose_stratified"} & set(b.systems):
+    if {"fedcompose", "fedcompose_tls", "fedcompose_stratified", "fedcompose_unfused"} & set(
+        b.systems
+    ):
         counts.update(workers)
     return sorted(counts)
 
@@ -242,12 +244,17 @@ def run(config: config_lib.RunConfig) -> int:
     steps: list[tuple[str, int | None]] = [
         (system, None) for system in ("keras", "tff_local") if system in b.systems
     ]
-    # With and without TLS interleaved, per worker count, so that both see the
-    # same machine load (it is shared and noisy).
+    # With and without TLS (and fused and unfused) interleaved, per worker
+    # count, so that both see the same machine load (it is shared and noisy).
     for workers in config.federation.workers:
         steps += [
             (system, workers)
-            for system in ("fedcompose", "fedcompose_tls", "fedcompose_stratified")
+            for system in (
+                "fedcompose",
+                "fedcompose_unfused",
+                "fedcompose_tls",
+                "fedcompose_stratified",
+            )
             if system in b.systems
         ]
     total = len(list(plan.workloads())) * len(steps) * b.passes

@@ -91,6 +91,7 @@ def main(config_path: str) -> int:
             executor = session.round_executor(
                 algorithm.AlgorithmSpec(**plan.algorithm_options(model_name)),
                 plan.worker_memory_mb,
+                fused=config.get("fused", True),
             )
             state = executor.initialize()
             bench_protocol.emit(

@@ -23,14 +23,21 @@ FEDCOMPOSE_TLS = "fedcompose_tls"
 """fedcompose with every worker behind its mutual-TLS proxy (`client_worker.proxy`)."""
 FEDCOMPOSE_STRATIFIED = "fedcompose_stratified"
 """fedcompose with `--sampling stratified`: each worker's share proportional to its clients."""
-FEDCOMPOSE_SYSTEMS = (FEDCOMPOSE, FEDCOMPOSE_TLS, FEDCOMPOSE_STRATIFIED)
+FEDCOMPOSE_UNFUSED = "fedcompose_unfused"
+"""fedcompose with a worker's share of a round as TensorFlow calls per client
+(the path before `coordinator/algorithm/fused_share.py`)."""
+FEDCOMPOSE_SYSTEMS = (FEDCOMPOSE, FEDCOMPOSE_TLS, FEDCOMPOSE_STRATIFIED, FEDCOMPOSE_UNFUSED)
 SYSTEM_NAMES = {
     KERAS: "Keras floor",
     TFF: "TFF 1 process",
     FEDCOMPOSE: "fedcompose",
     FEDCOMPOSE_TLS: "fedcompose+TLS",
     FEDCOMPOSE_STRATIFIED: "fedcompose stratified",
+    FEDCOMPOSE_UNFUSED: "fedcomp unfused",
 }
+FUSED_FLOOR_TARGET = 2.0
+"""The linear model at 1,000 clients per round on one worker: at most this
+many times the Keras floor (issue 22)."""
 TLS_TARGET = 0.10
 """TLS may add at most this share to a CNN round at 100 clients per round."""
 
@@ -187,6 +194,14 @@ def add_ratios(rows: Sequence[Row], summaries: dict[tuple, dict]) -> None:
         summary["ratio_vs_floor"] = (
             _ratio(seconds, summaries[floor.key]["seconds_per_round"]) if floor else None
         )
+        floor_seconds = summaries[floor.key]["seconds_per_round"] if floor else None
+        # What a round costs beyond the floor's compute, per client: the fixed
+        # cost of running a client (calls, sessions, variables), not its examples.
+        summary["per_client_ms"] = (
+            (seconds - floor_seconds) / row.clients_per_round * 1e3
+            if row.system != KERAS and seconds is not None and floor_seconds is not None
+            else None
+        )
         if row.system == FEDCOMPOSE_TLS:
             plain = _find(rows, row.model, row.clients_per_round, FEDCOMPOSE, row.workers)
             ratio = (
@@ -323,6 +338,7 @@ def targets(rows: Sequence[Row], summaries: dict[tuple, dict], pinned: bool = Fa
                         "met": s["overhead"] < OVERHEAD_TARGET_S,
                     }
                 )
+    found += fused_targets(rows, summaries)
     for r in rows:
         s = summaries[r.key]
         limit = GAP_TARGETS.get((r.model, r.clients_per_round))
@@ -356,6 +372,53 @@ def targets(rows: Sequence[Row], summaries: dict[tuple, dict], pinned: bool = Fa
     return found
 
 
+def fused_targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
+    """Issue 22's targets, where the run measured both paths: the linear model at
+    1,000 clients per round on one worker within 2x the Keras floor, the CNN at
+    100 no slower fused than unfused; with the per-client cost before and after."""
+    found = []
+    for r in rows:
+        unfused = _find(rows, r.model, r.clients_per_round, FEDCOMPOSE_UNFUSED, r.workers)
+        if r.system != FEDCOMPOSE or r.error or unfused is None or unfused.error:
+            continue
+        s, u = summaries[r.key], summaries[unfused.key]
+        figures = {
+            "model": r.model,
+            "workers": r.workers,
+            "clients": r.clients_per_round,
+            "seconds": [u["seconds_per_round"], s["seconds_per_round"]],
+            "xfloor": [u.get("ratio_vs_floor"), s.get("ratio_vs_floor")],
+            "per_client_ms": [u.get("per_client_ms"), s.get("per_client_ms")],
+        }
+        if (r.model, r.clients_per_round, r.workers) == ("linear", 1000, 1):
+            ratio = s.get("ratio_vs_floor")
+            found.append(
+                {
+                    "target": f"fused: linear at 1000 clients/round, W=1, at most "
+                    f"{FUSED_FLOOR_TARGET:g}x the Keras floor",
+                    **figures,
+                    "met": ratio is not None and ratio <= FUSED_FLOOR_TARGET,
+                }
+            )
+        elif (r.model, r.clients_per_round) == ("cnn", 100):
+            found.append(
+                {
+                    "target": "fused: CNN at 100 clients/round no slower than unfused",
+                    **figures,
+                    "met": s["seconds_per_round"] <= u["seconds_per_round"],
+                }
+            )
+        else:
+            found.append(
+                {
+                    "target": "fused against unfused (no target here)",
+                    **figures,
+                    "met": s["seconds_per_round"] <= u["seconds_per_round"],
+                }
+            )
+    return found
+
+
 def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     if value is None:
         return "-"
@@ -380,6 +443,7 @@ COLUMNS = (
     ("wrk MB", ">7"),
     ("xTFF", ">6"),
     ("xfloor", ">7"),
+    ("ms/cl", ">6"),
     ("load", ">5"),
 )
 
@@ -388,7 +452,14 @@ def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
     """The table the command prints: one line per system and workload."""
     header = "  ".join(f"{name:{align}}" for name, align in COLUMNS)
     lines = [header, "-" * len(header)]
-    order = {KERAS: 0, TFF: 1, FEDCOMPOSE: 2, FEDCOMPOSE_TLS: 3, FEDCOMPOSE_STRATIFIED: 4}
+    order = {
+        KERAS: 0,
+        TFF: 1,
+        FEDCOMPOSE: 2,
+        FEDCOMPOSE_UNFUSED: 3,
+        FEDCOMPOSE_TLS: 4,
+        FEDCOMPOSE_STRATIFIED: 5,
+    }
     for row in sorted(
         rows, key=lambda r: (r.model, r.clients_per_round, order[r.system], r.workers or 0)
     ):
@@ -429,6 +500,7 @@ def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
             worker_text,
             _fmt(s.get("ratio_vs_tff"), ".2f"),
             _fmt(s.get("ratio_vs_floor"), ".1f"),
+            _fmt(s.get("per_client_ms"), ".2f"),
             _fmt(row.load_average_at_end, ".1f"),
         ]
         lines.append(
@@ -471,6 +543,9 @@ def targets_text(found: Sequence[dict]) -> str:
                 f"{t['model']} W={t['workers']} {t['clients']} clients: gap "
                 f"{t['gap_s']:.3f} s, round {t['round_s']:.3f} s (x{t['gap_per_round']:.2f})"
             )
+        elif t["target"].startswith("fused"):
+            verdict = verdict if "no target" not in t["target"] else "info"
+            detail = _fused_detail(t)
         elif t["target"].startswith("faster"):
             detail = f"{t['model']} W={t['workers']}: x{t['ratio_vs_tff']:.2f} of TFF's time"
         else:
@@ -481,6 +556,17 @@ def targets_text(found: Sequence[dict]) -> str:
             )
         lines.append(f"[{verdict:>7}] {t['target']}: {detail}")
     return "\n".join(lines)
+
+
+def _fused_detail(t: dict) -> str:
+    def pair(values: list, spec: str) -> str:
+        return " -> ".join(_fmt(v, spec) for v in values)
+
+    return (
+        f"{t['model']} W={t['workers']} {t['clients']} clients, unfused -> fused: "
+        f"{pair(t['seconds'], '.3f')} s/round, x{pair(t['xfloor'], '.2f')} the floor, "
+        f"{pair(t['per_client_ms'], '.3f')} ms per client beyond it"
+    )
 
 
 def assemble(rows: Sequence[Row], meta: dict, elapsed_seconds: float) -> dict:

@@ -205,7 +205,8 @@ class Runner:
     def fedcompose(self, workers: int, shard_dirs: list[Path], system: str = "fedcompose") -> None:
         """fedcompose with `workers` local workers; as `fedcompose_tls`, every
         worker serves through its mutual-TLS proxy and the coordinator dials with
-        its kit; as `fedcompose_stratified`, rounds sample by worker."""
+        its kit; as `fedcompose_stratified`, rounds sample by worker; as
+        `fedcompose_unfused`, a worker's share of a round runs as calls per client."""
         from deploy import workers as workers_lib
         from deploy.bench import pinning
 
@@ -243,6 +244,7 @@ class Runner:
                     "records_dir": str(logs_dir / "records"),
                     "tls_dir": str(kits / "coordinator") if kits else "",
                     "sampling": "stratified" if system == "fedcompose_stratified" else "uniform",
+                    "fused": system != "fedcompose_unfused",
                 },
                 system,
                 workers,
