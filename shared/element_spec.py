@@ -176,17 +176,6 @@ def describe(spec: ElementSpec) -> str:
     return "(" + ", ".join(describe(v) for v in spec) + ")"
 
 
-def require_same(
-    found: ElementSpec, found_where: str, wanted: ElementSpec, wanted_where: str
-) -> None:
-    """Refuses, in one line naming both, a spec that is not the one wanted."""
-    if found != wanted:
-        raise SpecError(
-            f"element specs differ: {found_where} has {describe(found)}, {wanted_where} has "
-            f"{describe(wanted)}; build the shards from data of the same structure"
-        )
-
-
 def leaf_at(spec: ElementSpec, path: str) -> Leaf:
     """The leaf at `path` (as `flatten` names it), or a one-line refusal."""
     for p, leaf in flatten(spec):

@@ -287,12 +287,3 @@ def test_a_shards_dir_of_mixed_specs_is_refused(tmp_path):
     with pytest.raises(UsageError) as e:
         _same_data([mine, theirs])
     assert "{image: uint8[4]}" in _one_line(e)
-
-
-def test_a_task_expecting_another_spec_is_refused_naming_both():
-    cifar = collections.OrderedDict(image=Leaf("uint8", (32, 32, 3)), label=Leaf("int64", ()))
-    with pytest.raises(element_spec.SpecError) as e:
-        element_spec.require_same(SPEC, "the workers' shards", cifar, "the CIFAR-100 task")
-    text = _one_line(e)
-    assert element_spec.describe(SPEC) in text and element_spec.describe(cifar) in text
-    element_spec.require_same(cifar, "a", collections.OrderedDict(cifar), "b")

@@ -183,3 +183,25 @@ def test_the_command_line_trains_a_task_from_its_stand_in(tmp_path):
     assert rows[-1]["eval"]["loss"] < rows[0]["train"]["loss"], result.stdout
     algorithm = json.loads((tmp_path / "run" / "algorithm.json").read_text())
     assert algorithm["description"] == "task emnist62"
+
+
+def test_workers_serving_other_data_than_the_task_takes_are_refused_naming_both():
+    import collections
+
+    from coordinator import tasks
+    from coordinator.tasks import configured
+    from shared import element_spec, tensor_reader
+    from shared.errors import UsageError
+    from shared.shard_format import STACKED_TENSORS, DataFormat
+
+    emnist = DataFormat()  # what the default data and --source emnist serve
+    configured.check_data("emnist62", emnist)  # TFF's EMNIST element: accepted
+    with pytest.raises(UsageError) as refused:
+        configured.check_data("cifar100", emnist)
+    text = str(refused.value)
+    cifar = tensor_reader.from_tf(tasks.raw_element_spec("cifar100"))
+    assert element_spec.describe(cifar) in text and element_spec.describe(emnist.spec) in text
+    assert "\n" not in text
+    # The order of a dict's fields does not matter, only names, dtypes and shapes.
+    reordered = collections.OrderedDict(reversed(list(cifar.items())))
+    configured.check_data("cifar100", DataFormat(encoding=STACKED_TENSORS, spec=reordered))

@@ -19,9 +19,34 @@ from shared.errors import UsageError
 from shared.shard_format import DataFormat
 
 
+def _canonical(spec: Any) -> Any:
+    """A spec with its dicts' keys sorted: the preprocessing reads fields by
+    name, so only names, dtypes and shapes must agree, not the order."""
+    if isinstance(spec, dict):
+        return tuple(sorted((k, _canonical(v)) for k, v in spec.items()))
+    if isinstance(spec, tuple):
+        return tuple(_canonical(v) for v in spec)
+    return spec
+
+
+def check_data(name: str, data: DataFormat) -> None:
+    """Refuses, naming both specs, workers whose examples are not the task's."""
+    from shared import element_spec, tensor_reader
+
+    wanted = tensor_reader.from_tf(tasks.raw_element_spec(name))
+    if _canonical(data.spec) != _canonical(wanted):
+        raise UsageError(
+            f"--task {name} takes examples {element_spec.describe(wanted)}, but the workers' "
+            f"shards hold {element_spec.describe(data.spec)}; serve shards of the task's data "
+            f"(`fedcompose data --task {name}` for its stand-in) or choose another --task"
+        )
+
+
 def user_algorithm(config: RunConfig, data: DataFormat | None) -> UserAlgorithm:
     """The task's process over the workers' data (`data`: their format)."""
     m, t, a = config.model, config.training, config.algorithm
+    if data is not None:
+        check_data(m.task, data)
     options: dict[str, Any] = {}
     if m.task_model:
         if "model" not in tasks.entry(m.task).options:
