@@ -108,7 +108,8 @@ class Task:
 
     dataset: str
     num_classes: int
-    image_shape: tuple[int, int] = IMAGE_SHAPE
+    image_shape: tuple[int, ...] = IMAGE_SHAPE
+    """The EMNIST image's shape; () for data of any other structure."""
 
     def describe(self) -> str:
         return f"{self.dataset} ({self.num_classes} classes)"

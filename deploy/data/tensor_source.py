@@ -73,7 +73,7 @@ class TensorSource:
         return iter(self.clients)
 
     def task(self) -> shard_format.Task:
-        return shard_format.Task(self.dataset, self.num_classes, ())  # type: ignore[arg-type]
+        return shard_format.Task(self.dataset, self.num_classes, ())
 
     def pooled(self, split: str) -> Columns:
         return concat([c.columns(split) for c in self.clients], self.data.spec)
