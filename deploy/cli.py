@@ -13,8 +13,10 @@ place where errors become what the user sees: a `FedcomposeError` (or an
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
+import signal
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -34,12 +36,24 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:
+        from shared import exit_guard
+
+        exit_guard.arm(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     if argv is None:  # the program itself, not a caller in its own process (a test)
         from shared import scratch
 
         # Before anything imports TensorFlow, which writes a module per converted
         # function to the temporary directory and leaves them there when killed.
         scratch.private_tempdir()
+        # `kill -USR1 PID` prints every thread's stack: what a process that
+        # seems stuck is doing, without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     argv = sys.argv[1:] if argv is None else argv
     # Before anything imports TensorFlow: its C++ log level is read once, at load.
     from shared.quiet import quiet_tensorflow

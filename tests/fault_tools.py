@@ -7,8 +7,10 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 # The contract of shared/pause_points.py, spelled out so these helpers load anywhere.
 PAUSE_AT = "FEDCOMPOSE_PAUSE_AT"
 PAUSE_FILE = "FEDCOMPOSE_PAUSE_FILE"
+EXIT_GUARD_MARKER = "fedcompose: still exiting after"  # shared/exit_guard.py
 
 
 def error_lines(stderr: str, command: str) -> list[str]:
@@ -105,6 +108,25 @@ class Pause:
 
     def release(self) -> None:
         self.marker.unlink(missing_ok=True)
+
+
+def communicate_or_explain(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`proc.communicate(timeout)`; a process that does not end in time is
+    asked for every thread's stack (`kill -USR1`, see `deploy/cli.py`), and
+    the test fails showing them: where it hung, not only that it did."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(3)
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        stacks = err[-12000:]
+        raise AssertionError(f"still running after {timeout} s; its stacks:\n{stacks}") from None
+    if EXIT_GUARD_MARKER in err:  # it left, with its code, but late: say where it waited
+        warnings.warn(f"exit held: {err[err.index(EXIT_GUARD_MARKER) :][:12000]}", stacklevel=2)
+    return out, err
 
 
 def status(run_dir: Path) -> dict:

@@ -25,6 +25,7 @@ from tests.fault_tools import (
     assert_consistent,
     assert_one_line_error,
     checkpoints,
+    communicate_or_explain,
     csv_rounds,
     fill,
     metric_rounds,
@@ -128,7 +129,7 @@ def test_second_coordinator_is_refused_and_the_first_finishes_intact(workers2, r
             assert time.monotonic() - started < 60
         assert snapshot(run_dir) == before
         pause.release()
-        _, stderr = first.communicate(timeout=300)
+        _, stderr = communicate_or_explain(first, 300)
     finally:
         kill_tree(first)
     assert first.returncode == 0, stderr[-3000:]
@@ -142,6 +143,13 @@ def test_a_sigkilled_holder_leaves_no_stuck_lock(workers2, reference, tmp_path):
     proc = _start_train(workers2, run_dir, pause)
     try:
         pause.wait(proc)
+        # The record writer lags the trainer (rounds of a linear model take
+        # milliseconds; a loaded machine writes slower): round 3's checkpoint
+        # is in place before the kill, so the resume point is known.
+        deadline = time.monotonic() + 120
+        while 3 not in checkpoints(run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint 3"
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -281,7 +289,7 @@ def test_full_disk_mid_run_fails_cleanly_and_resumes(shards2, reference, tmp_pat
             pause.wait(proc)
             filler = fill(fs)
             pause.release()
-            _, stderr = proc.communicate(timeout=300)
+            _, stderr = communicate_or_explain(proc, 300)
         finally:
             kill_tree(proc)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
@@ -347,7 +355,7 @@ def test_signals_at_each_phase_leave_a_resumable_run(workers2, reference, tmp_pa
             os.kill(proc.pid, sig)
             if stopped is not None:
                 stopped.resume()
-            _, stderr = proc.communicate(timeout=120)
+            _, stderr = communicate_or_explain(proc, 120)
         finally:
             if stopped is not None and stopped.is_running():
                 stopped.resume()
@@ -390,10 +398,11 @@ def test_a_sigkilled_workers_directory_is_swept_by_the_next_worker(shards2, tmp_
 
 
 def test_pause_points_contract_matches_the_helpers():
-    from shared import pause_points
+    from shared import exit_guard, pause_points
     from tests import fault_tools
 
     assert (pause_points.ENV_POINT, pause_points.ENV_FILE) == (
         fault_tools.PAUSE_AT,
         fault_tools.PAUSE_FILE,
     )
+    assert exit_guard.MARKER == fault_tools.EXIT_GUARD_MARKER
