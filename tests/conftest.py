@@ -99,9 +99,20 @@ def fedcompose(
     return result
 
 
-def start_fedcompose(*args: str, **kwargs) -> subprocess.Popen:
+# `python -m deploy.cli` with SIGHUP at its default, as a shell in a terminal
+# starts it: a suite run under `nohup` would otherwise hand its ignoring on.
+AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "sys.argv[0] = 'deploy.cli'; runpy.run_module('deploy.cli', run_name='__main__')"
+)
+
+
+def start_fedcompose(*args: str, terminal: bool = False, **kwargs) -> subprocess.Popen:
+    """`fedcompose ARGS` in a session of its own; `terminal`: with SIGHUP at
+    its default whatever this process does with it."""
+    command = ["-c", AS_FROM_A_TERMINAL] if terminal else ["-m", "deploy.cli"]
     return subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", *args],
+        [sys.executable, *command, *args],
         cwd=kwargs.pop("cwd", ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -40,7 +40,9 @@ def _descendants(pid: int) -> list[psutil.Process]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupting_a_run_stops_every_process(tmp_path, sig):
     run_dir = tmp_path / "run"
-    proc = start_fedcompose("run", "--rounds", "500", "--workers", "2", "--run-dir", str(run_dir))
+    proc = start_fedcompose(
+        "run", "--rounds", "500", "--workers", "2", "--run-dir", str(run_dir), terminal=True
+    )
     try:
         _wait_for_round(run_dir, proc)
         children = _descendants(proc.pid)
@@ -60,8 +62,8 @@ def test_interrupting_a_run_stops_every_process(tmp_path, sig):
 INSTALL = """
 import signal, sys
 from shared import interrupts
-if sys.argv[1] == "nohup":
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# As a terminal starts it, or `nohup`; not as the test runner was started.
+signal.signal(signal.SIGHUP, signal.SIG_IGN if sys.argv[1] == "nohup" else signal.SIG_DFL)
 interrupts.install()
 handler = signal.getsignal(signal.SIGHUP)
 print({signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}.get(handler, "handled"))
