@@ -63,6 +63,43 @@ class WorkerError(FederationError):
         self.worker = worker
 
 
+class ComputationFailed(FederationError):
+    """TensorFlow raised an error inside a computation on a worker that is
+    itself fine: the model, the preprocessing or a client's data is at fault.
+    Not a `WorkerError`: the worker is not lost, and running the same clients
+    again (a retry) would fail the same way."""
+
+    def __init__(self, worker: str, method: str, details: str):
+        super().__init__(
+            f"the computation failed on worker {worker} (the worker itself is fine): "
+            f"{one_line(details, 400)}"
+        )
+        self.worker = worker
+        self.method = method
+
+
+_COMPUTATION_FAILED = "Failed to run computation"
+"""How TFF's C++ executor begins the message of an error TensorFlow raised in
+a computation (INTERNAL, whatever TensorFlow's own code was)."""
+
+
+def _failed_computation(e: grpc.RpcError) -> str | None:
+    """The TensorFlow error a worker's computation raised, if that is what `e` is."""
+    if not isinstance(e, grpc.Call) or e.code() not in (
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ):
+        return None
+    details = e.details() or ""
+    if _COMPUTATION_FAILED not in details or "ancelled" in details:
+        return None  # a call cancelled under it (a stop) is no error of the computation
+    message = details.split(_COMPUTATION_FAILED, 1)[1].lstrip(": ")
+    # What follows is where in TFF's and TensorFlow's graphs: noise to a user.
+    for tail in (" [[{{", " while evaluating "):
+        message = message.split(tail, 1)[0]
+    return message
+
+
 @dataclasses.dataclass
 class CallTiming:
     """Where one call's time went, as seen from the coordinator."""
@@ -199,6 +236,9 @@ class RemoteWorker:
                 self.unresponsive = True
             if why is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise WorkerError(self.label, f"no answer to {method} {why}") from None
+            failure = _failed_computation(e)
+            if failure is not None:
+                raise ComputationFailed(self.label, method, failure) from None
             if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:
                 raise WorkerError(self.label, f"{method} abandoned: {self.abandoned}") from None
             raise WorkerError(self.label, _describe_rpc_error(e, method, deadline)) from None

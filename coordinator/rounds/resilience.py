@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 
+from coordinator.executor_client.worker_client import ComputationFailed
 from coordinator.federation import Federation
 from coordinator.rounds import outage
 from coordinator.rounds.round_executor import RoundExecutor, RoundIncomplete, required_clients
@@ -98,6 +99,17 @@ def run_round(
                 required=needed,
                 round_timeout=rules.round_timeout,
             )
+        except ComputationFailed as e:
+            again = (
+                f"train again with the same run directory to resume after round {round_num - 1}"
+                if round_num > 1
+                else "train again"
+            )
+            e.args = (
+                f"round {round_num}: {e}; mend the model, the preprocessing or the data, "
+                f"then {again}",
+            )
+            raise
         except RoundIncomplete as e:
             failures.append(str(e))
             log.warning("round %d, attempt %d fell short: %s", round_num, len(failures), e)
