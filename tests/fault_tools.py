@@ -157,6 +157,27 @@ def checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1]) for p in d.iterdir() if p.name.startswith("round_"))
 
 
+def wait_recorded(
+    run_dir: Path, rows: int, checkpoint: int | None, proc: subprocess.Popen, timeout: float = 120
+) -> None:
+    """Waits until `run_dir` holds the metrics of rounds 1..`rows` and the
+    checkpoint of round `checkpoint`. The record writer lags the trainer (by
+    up to two rounds, more on a loaded machine: a round of the linear model
+    takes milliseconds), so a test that SIGKILLs a coordinator at a pause
+    point must wait for what it will resume from, or it resumes from less."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done = len(metric_rounds(run_dir)) >= rows
+        except ValueError:  # a row half written
+            done = False
+        if done and (checkpoint is None or checkpoint in checkpoints(run_dir)):
+            return
+        assert proc.poll() is None, f"exited {proc.returncode}"
+        assert time.monotonic() < deadline, f"rounds 1-{rows}, checkpoint {checkpoint}: not there"
+        time.sleep(0.05)
+
+
 def temporaries(run_dir: Path) -> list[str]:
     """What a killed writer leaves: `.x.tmp-PID` and TFF's `x_tempNNNN`."""
     return sorted(

@@ -33,6 +33,7 @@ from tests.fault_tools import (
     status,
     temporaries,
     tmpfs,
+    wait_recorded,
 )
 
 pytestmark = pytest.mark.slow
@@ -143,13 +144,7 @@ def test_a_sigkilled_holder_leaves_no_stuck_lock(workers2, reference, tmp_path):
     proc = _start_train(workers2, run_dir, pause)
     try:
         pause.wait(proc)
-        # The record writer lags the trainer (rounds of a linear model take
-        # milliseconds; a loaded machine writes slower): round 3's checkpoint
-        # is in place before the kill, so the resume point is known.
-        deadline = time.monotonic() + 120
-        while 3 not in checkpoints(run_dir):
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint 3"
-            time.sleep(0.05)
+        wait_recorded(run_dir, 3, 3, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -151,6 +151,7 @@ def test_a_dp_run_that_loses_a_worker_and_resumes_counts_every_draw(workers3, tm
     import signal
 
     from tests.conftest import fedcompose, kill_tree
+    from tests.fault_tools import wait_recorded
     from tests.test_worker_failures import _paused, _restart, _rows, _train
 
     run_dir = tmp_path / "run"
@@ -166,6 +167,7 @@ def test_a_dp_run_that_loses_a_worker_and_resumes_counts_every_draw(workers3, tm
         os.killpg(victim.process.pid, signal.SIGKILL)
         kill_at.unlink()
         _paused(coordinator_at, proc)
+        wait_recorded(run_dir, 3, 2, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

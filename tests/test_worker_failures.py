@@ -24,6 +24,7 @@ from deploy import workers as workers_lib
 from shared import shard_format
 from shared.pause_points import ENV_POINT as PAUSE_ENV
 from tests.conftest import ROOT, fedcompose, kill_tree, start_fedcompose
+from tests.fault_tools import wait_recorded
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -338,6 +339,7 @@ def test_coordinator_killed_while_a_worker_is_down_resumes_and_completes(workers
         os.killpg(victim.process.pid, signal.SIGKILL)
         kill_at.unlink()
         _paused(coordinator_at, proc)  # round 5 sampled without it; nothing sent yet
+        wait_recorded(run_dir, 4, 4, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
