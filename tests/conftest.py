@@ -173,14 +173,6 @@ def workers2(shards2, tmp_path):
     yield from _serving(shards2, tmp_path)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first, each file's tests kept together (its
-    module fixtures are made once): the pytest workers start the long tests
-    early instead of one of them finishing minutes after the others."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
-
-
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
     # TFF's import-time default context owns a service manager whose __del__
