@@ -186,6 +186,7 @@ class Soak:
         # (fewer than two workers serving each time), it comes on its own by
         # then, so that every soak resumes once.
         kill_by = min(quiet_from, (kill_coordinator_at or 0) + self.plan.every)
+        training_after = 0  # rows recorded when the running coordinator started
         try:
             while True:
                 code = proc.poll()
@@ -194,10 +195,13 @@ class Soak:
                     if self.coordinator_kill is not None and proc is self.coordinator_kill["proc"]:
                         proc = self._start()
                         self.coordinator_kill["proc"] = None
+                        # Its workers are starting: faults wait for its first round (a
+                        # worker killed before it is ready fails the start, by design).
+                        training_after = done
                         continue
                     break
                 fault = None
-                if done >= next_fault and done < quiet_from:
+                if done >= next_fault and done < quiet_from and done > training_after:
                     time.sleep(self.rng.uniform(0.0, 0.3))  # mid-round or between rounds
                     fault = self._inject(proc, done)
                     # A fault that could not be made (fewer than two workers
