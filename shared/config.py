@@ -34,8 +34,9 @@ BENCH_SYSTEMS = (
     "fedcompose_tls",
     "fedcompose_stratified",
     "fedcompose_unfused",
+    "client_loop",
 )
-BENCH_NAMED_ONLY = ("fedcompose_stratified", "fedcompose_unfused")
+BENCH_NAMED_ONLY = ("fedcompose_stratified", "fedcompose_unfused", "client_loop")
 """Systems measured only when `--systems` names them."""
 NON_FINITE_POLICIES = ("fail", "drop")
 UNIFORM, STRATIFIED = "uniform", "stratified"
@@ -610,7 +611,9 @@ class BenchConfig:
         "systems to measure: keras (compute floor), tff_local, fedcompose, fedcompose_tls "
         "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified), "
         "fedcompose_unfused (a worker's share of a round as TensorFlow calls per client, "
-        "the path before fusing); the last two are measured only when named",
+        "the path before fusing), client_loop (each client's own tf.data dataset and update "
+        "in one tf.function in one process, no executor: the floor of TFF's client-dataset "
+        "contract); the last three are measured only when named",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"

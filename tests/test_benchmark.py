@@ -155,6 +155,58 @@ def test_cost_curves_write_every_point_and_picture(tmp_path):
     assert "worker memory against clients per round" in result.stdout
 
 
+def test_both_paths_and_what_bounds_them_are_measured_in_one_run(tmp_path):
+    """Issue 22: the fused and unfused paths, the Keras floor batched client by
+    client, and the client loop (no executor) on the same examples."""
+    run_dir = tmp_path / "bench"
+    result = fedcompose(
+        "bench",
+        "--systems",
+        "keras,client_loop,fedcompose,fedcompose_unfused",
+        "--model",
+        "linear",
+        "--workers",
+        "1",
+        "--clients-per-round",
+        "6",
+        "--hosted-clients",
+        "24",
+        "--examples-per-client",
+        "6",
+        "--rounds",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--data-cache",
+        str(tmp_path / "data"),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    rows = {r["system"]: r for r in results["rows"]}
+    assert set(rows) == {"keras", "client_loop", "fedcompose", "fedcompose_unfused"}
+    floor = rows["keras"]["summary"]
+    for system, row in rows.items():
+        assert row["error"] is None, system
+        assert row["summary"]["examples_per_round"] == floor["examples_per_round"], system
+    # Each client's last batch is partial: never fewer batches client by client.
+    assert floor["client_batches"] >= floor["batches"] > 0
+    assert floor["client_batches_seconds"] > 0
+    loop = rows["client_loop"]["summary"]
+    assert loop["seconds_per_round"] > 0 and loop["no_shuffle_seconds"] > 0
+    assert loop["input_seconds"] > 0
+    (fused,) = [t for t in results["targets"] if t.get("bounds")]
+    assert set(fused["bounds"]) == {
+        "client_batches",
+        "batch_count",
+        "client_loop_no_shuffle",
+        "client_loop",
+        "client_input",
+    }
+    assert all(v > 0 for v in fused["bounds"].values()), fused
+    assert "client loop" in result.stdout
+
+
 def test_pinned_grid_runs_each_worker_on_its_own_core(tmp_path):
     import os
 

@@ -146,14 +146,25 @@ def test_the_log_says_once_why_a_share_is_not_fused(caplog):
 def test_the_bench_reports_both_paths_against_the_floor():
     from deploy.bench import report
 
-    def row(model: str, clients: int, system: str, seconds: float) -> report.Row:
-        workers = None if system == report.KERAS else 1
+    def row(model: str, clients: int, system: str, seconds: float, **more) -> report.Row:
+        workers = None if system in (report.KERAS, report.CLIENT_LOOP) else 1
         r = report.Row(model, clients, system, workers)
-        r.rounds = [{"round": n, "seconds": seconds, "examples": 24 * clients} for n in (0, 1)]
+        r.rounds = [
+            {"round": n, "seconds": seconds, "examples": 24 * clients, **more} for n in (0, 1)
+        ]
         return r
 
     rows = [
-        row("linear", 1000, report.KERAS, 0.25),
+        row(
+            "linear",
+            1000,
+            report.KERAS,
+            0.25,
+            client_batches_seconds=0.3,
+            batches=1200,
+            client_batches=3000,
+        ),
+        row("linear", 1000, report.CLIENT_LOOP, 0.4, no_shuffle_seconds=0.35, input_seconds=0.3),
         row("linear", 1000, report.FEDCOMPOSE, 0.45),
         row("linear", 1000, report.FEDCOMPOSE_UNFUSED, 1.25),
         row("cnn", 100, report.KERAS, 2.0),
@@ -168,7 +179,23 @@ def test_the_bench_reports_both_paths_against_the_floor():
     assert found["linear"]["met"] and found["linear"]["xfloor"] == pytest.approx([5.0, 1.8])
     assert found["linear"]["per_client_ms"] == pytest.approx([1.0, 0.2])
     assert not found["cnn"]["met"]  # fused slower than unfused here
-    assert "unfused -> fused" in report.targets_text(list(found.values()))
+    # What bounds the fused path from below, as multiples of the floor.
+    assert found["linear"]["bounds"] == pytest.approx(
+        {
+            "client_batches": 1.2,
+            "batch_count": 2.5,
+            "client_loop_no_shuffle": 1.4,
+            "client_loop": 1.6,
+            "client_input": 1.2,
+        }
+    )
+    assert "cnn" not in found or not found["cnn"].get("bounds", {}).get("client_loop")
+    text = report.targets_text(list(found.values()))
+    assert "unfused -> fused" in text
+    assert (
+        "bounds: batched client by client x1.20, clients' datasets read alone x1.20, "
+        "client loop without shuffle x1.40" in text
+    )
 
 
 @pytest.mark.slow

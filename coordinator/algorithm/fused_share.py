@@ -190,7 +190,7 @@ concurrently; one at a time, a CNN round ran slower fused than unfused on an
 idle 2-core machine. Each lane has a model (variables) of its own."""
 
 
-def _lanes(steps: list[ClientStep]) -> Callable[[Any, tf.Tensor, Any], Any]:
+def lanes(steps: list[ClientStep]) -> Callable[[Any, tf.Tensor, Any], Any]:
     """One client step per lane; the lane picks whose model a client trains."""
 
     def step(weights: Any, token: tf.Tensor, lane: Any) -> Any:
@@ -276,7 +276,7 @@ def fuse(
 
     @tff.tensorflow.computation(state_type, tff.TensorType(np.str_, [None]))
     def fused_share(state: Any, tokens: tf.Tensor) -> Any:
-        interp = _Interpreter(client_type, _lanes([make_client_step() for _ in range(LANES)]))
+        interp = _Interpreter(client_type, lanes([make_client_step() for _ in range(LANES)]))
         if not isinstance(state, tf.Tensor):
             state = structure.from_container(state, recursive=True)
         outside = scope(interp, state, None)

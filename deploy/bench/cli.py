@@ -118,7 +118,7 @@ def shard_counts(config: config_lib.RunConfig) -> list[int]:
     if b.curves:
         return [workers[0]] if "memory" in b.curves else []
     counts = set()
-    if {"keras", "tff_local"} & set(b.systems):
+    if {"keras", "tff_local", "client_loop"} & set(b.systems):
         counts.add(1)  # the single-process baselines read one shard set's files
     if {"fedcompose", "fedcompose_tls", "fedcompose_stratified", "fedcompose_unfused"} & set(
         b.systems
@@ -242,7 +242,7 @@ def run(config: config_lib.RunConfig) -> int:
     if b.curves:
         return _curves(config, plan, shard_sets, run_dir)
     steps: list[tuple[str, int | None]] = [
-        (system, None) for system in ("keras", "tff_local") if system in b.systems
+        (system, None) for system in ("keras", "client_loop", "tff_local") if system in b.systems
     ]
     # With and without TLS (and fused and unfused) interleaved, per worker
     # count, so that both see the same machine load (it is shared and noisy).
@@ -282,11 +282,14 @@ def run(config: config_lib.RunConfig) -> int:
             runner = Runner(plan, run_dir, bar, sampler, pinned=b.pinned)
             for number in range(b.passes):
                 runner.current_pass = number
+                baselines = {
+                    "keras": runner.keras,
+                    "client_loop": runner.client_loop,
+                    "tff_local": runner.tff_local,
+                }
                 for system, workers in steps if number % 2 == 0 else reversed(steps):
-                    if system == "keras":
-                        runner.keras(shard_sets[1])
-                    elif system == "tff_local":
-                        runner.tff_local(shard_sets[1])
+                    if system in baselines:
+                        baselines[system](shard_sets[1])
                     else:
                         assert workers is not None
                         runner.fedcompose(workers, shard_sets[workers], system)

@@ -9,6 +9,12 @@ the round's floor. Nothing federated happens: this is how fast the same model
 learns from the same examples on this machine, the floor that any federated
 runtime's round time is measured against.
 
+Each round also times the compiled loop once more over the same examples
+batched client by client (`client_batches_seconds`), as federated training
+batches them: each client's last batch is partial, so there are more, smaller
+batches (`client_batches` against `batches`). What that costs is federated
+learning's own, not any runtime's.
+
     python -m deploy.bench.keras_floor CONFIG_JSON
 """
 
@@ -35,6 +41,32 @@ def _train_pass_fn(model):
             model.train_step(batch)
 
     return train_pass
+
+
+def _client_batches(shard_dirs, clients, batch_size: int):
+    """The clients' examples batched client by client, in client order, cached."""
+    import tensorflow as tf
+
+    from deploy.data import synthetic as bench_data
+    from shared import preprocessing
+
+    xs, ys = [], []
+    for pixels, labels in bench_data.client_arrays(shard_dirs, clients):
+        for batch in preprocessing.batches_from_arrays(pixels, labels, batch_size):
+            xs.append(batch["x"].numpy())
+            ys.append(batch["y"].numpy())
+
+    def batches():
+        yield from zip(xs, ys, strict=True)
+
+    spec = (
+        tf.TensorSpec([None, xs[0].shape[1]], tf.float32),
+        tf.TensorSpec([None, 1], tf.int32),
+    )
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).cache()
+    for _ in dataset:
+        pass
+    return dataset, len(xs)
 
 
 def main(config_path: str) -> int:
@@ -73,6 +105,13 @@ def main(config_path: str) -> int:
                 for _ in range(plan.local_epochs):
                     train_pass(dataset)
                 loop_seconds = time.perf_counter() - started
+                by_client, client_batches = _client_batches(
+                    shard_dirs, plan.sampled(round_num, clients), plan.batch_size
+                )
+                started = time.perf_counter()
+                for _ in range(plan.local_epochs):
+                    train_pass(by_client)
+                client_batches_seconds = time.perf_counter() - started
                 bench_protocol.emit(
                     "round",
                     workload=key,
@@ -80,6 +119,9 @@ def main(config_path: str) -> int:
                     seconds=min(fit_seconds, loop_seconds),
                     fit_seconds=fit_seconds,
                     loop_seconds=loop_seconds,
+                    client_batches_seconds=client_batches_seconds,
+                    batches=-(-len(labels) // plan.batch_size),
+                    client_batches=client_batches,
                     examples=len(labels) * plan.local_epochs,
                     clients=clients,
                     ended_at=time.perf_counter(),

@@ -26,9 +26,13 @@ FEDCOMPOSE_STRATIFIED = "fedcompose_stratified"
 FEDCOMPOSE_UNFUSED = "fedcompose_unfused"
 """fedcompose with a worker's share of a round as TensorFlow calls per client
 (the path before `coordinator/algorithm/fused_share.py`)."""
+CLIENT_LOOP = "client_loop"
+"""Each client's own tf.data dataset and update in one tf.function, no executor
+(client_loop.py): the floor of any path that keeps TFF's client-dataset contract."""
 FEDCOMPOSE_SYSTEMS = (FEDCOMPOSE, FEDCOMPOSE_TLS, FEDCOMPOSE_STRATIFIED, FEDCOMPOSE_UNFUSED)
 SYSTEM_NAMES = {
     KERAS: "Keras floor",
+    CLIENT_LOOP: "client loop",
     TFF: "TFF 1 process",
     FEDCOMPOSE: "fedcompose",
     FEDCOMPOSE_TLS: "fedcompose+TLS",
@@ -85,8 +89,14 @@ def _median(values: Iterable[float | None]) -> float | None:
 def round_gaps(rounds: Sequence[dict]) -> list[float]:
     """Seconds between consecutive round ends (`ended_at`: when the system
     could start its next round, records written or handed over), for each
-    measured round: what a user waits per round, beside the round's own time."""
-    ends = sorted((r["round"], r["ended_at"]) for r in rounds if r.get("ended_at") is not None)
+    measured round: what a user waits per round, beside the round's own time.
+    Ordered by time, not by round number: with --passes the same round numbers
+    come once per pass, and only a pass's own next round follows a round end
+    (`ended_at` is `time.perf_counter`, one monotonic clock for all processes)."""
+    ends = sorted(
+        ((r["round"], r["ended_at"]) for r in rounds if r.get("ended_at") is not None),
+        key=lambda pair: pair[1],
+    )
     return [
         b - a
         for (before, a), (after, b) in itertools.pairwise(ends)
@@ -161,6 +171,16 @@ def summarize(row: Row) -> dict:
         summary["server_executor_hwm"] = row.memory_hwm.get("server_executor")
         summary["worker_executor_hwm_max"] = _role_max(row.memory_hwm, "worker", executor=True)
     else:
+        # The floors' second timings of the same examples (keras_floor.py, client_loop.py).
+        for name in (
+            "client_batches_seconds",
+            "batches",
+            "client_batches",
+            "no_shuffle_seconds",
+            "input_seconds",
+        ):
+            if any(name in r for r in rounds):
+                summary[name] = _median(r.get(name) for r in rounds)
         summary["process_rss"] = row.memory.get("process")
         summary["executor_rss"] = row.memory.get("process_executor")
     return summary
@@ -372,6 +392,32 @@ def targets(rows: Sequence[Row], summaries: dict[tuple, dict], pinned: bool = Fa
     return found
 
 
+def _bounds(
+    rows: Sequence[Row], summaries: dict[tuple, dict], model: str, clients: int
+) -> dict[str, float | None]:
+    """What bounds a federated round from below, as multiples of the Keras floor:
+    the same examples batched client by client (Keras, no per-client cost but the
+    batching), and every client's own tf.data dataset and update in one
+    tf.function without and with the shuffle (the client loop, no executor),
+    and those datasets read and iterated alone, without training."""
+    floor = _find(rows, model, clients, KERAS)
+    loop = _find(rows, model, clients, CLIENT_LOOP)
+    if floor is None or floor.error:
+        return {}
+    f = summaries[floor.key]
+    found = {"client_batches": _ratio(f.get("client_batches_seconds"), f["seconds_per_round"])}
+    if f.get("batches"):
+        found["batch_count"] = _ratio(f.get("client_batches"), f["batches"])
+    if loop is not None and not loop.error:
+        c = summaries[loop.key]
+        found["client_loop_no_shuffle"] = _ratio(
+            c.get("no_shuffle_seconds"), f["seconds_per_round"]
+        )
+        found["client_loop"] = _ratio(c["seconds_per_round"], f["seconds_per_round"])
+        found["client_input"] = _ratio(c.get("input_seconds"), f["seconds_per_round"])
+    return found
+
+
 def fused_targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dict]:
     """Issue 22's targets, where the run measured both paths: the linear model at
     1,000 clients per round on one worker within 2x the Keras floor, the CNN at
@@ -389,6 +435,7 @@ def fused_targets(rows: Sequence[Row], summaries: dict[tuple, dict]) -> list[dic
             "seconds": [u["seconds_per_round"], s["seconds_per_round"]],
             "xfloor": [u.get("ratio_vs_floor"), s.get("ratio_vs_floor")],
             "per_client_ms": [u.get("per_client_ms"), s.get("per_client_ms")],
+            "bounds": _bounds(rows, summaries, r.model, r.clients_per_round),
         }
         if (r.model, r.clients_per_round, r.workers) == ("linear", 1000, 1):
             ratio = s.get("ratio_vs_floor")
@@ -454,6 +501,7 @@ def table(rows: Sequence[Row], summaries: dict[tuple, dict]) -> str:
     lines = [header, "-" * len(header)]
     order = {
         KERAS: 0,
+        CLIENT_LOOP: 0.5,
         TFF: 1,
         FEDCOMPOSE: 2,
         FEDCOMPOSE_UNFUSED: 3,
@@ -562,11 +610,22 @@ def _fused_detail(t: dict) -> str:
     def pair(values: list, spec: str) -> str:
         return " -> ".join(_fmt(v, spec) for v in values)
 
-    return (
+    detail = (
         f"{t['model']} W={t['workers']} {t['clients']} clients, unfused -> fused: "
         f"{pair(t['seconds'], '.3f')} s/round, x{pair(t['xfloor'], '.2f')} the floor, "
         f"{pair(t['per_client_ms'], '.3f')} ms per client beyond it"
     )
+    bounds = t.get("bounds") or {}
+    named = [
+        ("client_batches", "batched client by client"),
+        ("client_input", "clients' datasets read alone"),
+        ("client_loop_no_shuffle", "client loop without shuffle"),
+        ("client_loop", "client loop"),
+    ]
+    shown = [f"{label} x{bounds[k]:.2f}" for k, label in named if bounds.get(k) is not None]
+    if shown:
+        detail += "; bounds: " + ", ".join(shown)
+    return detail
 
 
 def assemble(rows: Sequence[Row], meta: dict, elapsed_seconds: float) -> dict:

@@ -181,6 +181,17 @@ class Runner:
             self._baseline_prefix(),
         )
 
+    def client_loop(self, shard_dirs: list[Path]) -> None:
+        self._child(
+            "client_loop",
+            "deploy.bench.client_loop",
+            {"shard_dirs": [str(p) for p in shard_dirs]},
+            "client_loop",
+            None,
+            lambda pid: self.sampler.watch("process", pid),
+            self._baseline_prefix(),
+        )
+
     def tff_local(self, shard_dirs: list[Path]) -> None:
         self._child(
             "tff_local",

@@ -15,7 +15,7 @@ determines their content, and reused by later runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,18 +120,22 @@ def client_ids(spec: SyntheticSpec) -> list[str]:
     return sorted(f"synth_{w:05d}" for w in range(spec.writers))
 
 
-def read_clients(shard_dirs: Sequence[Path], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The training examples of `ids`, concatenated in the given order."""
+def client_arrays(
+    shard_dirs: Sequence[Path], ids: Sequence[str]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each of `ids`' training examples (pixels, labels), in the given order."""
     where: dict[str, Path] = {}
     for d in shard_dirs:
         for c in shard_format.read_manifest(d).clients:
             where[c.id] = d
-    pixels, labels = [], []
     for cid in ids:
         path = where[cid] / shard_format.client_path("train", cid)
-        p, y = shard_format.decode_records(path.read_bytes(), str(path))
-        pixels.append(p)
-        labels.append(y)
+        yield shard_format.decode_records(path.read_bytes(), str(path))
+
+
+def read_clients(shard_dirs: Sequence[Path], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The training examples of `ids`, concatenated in the given order."""
+    pixels, labels = zip(*client_arrays(shard_dirs, ids), strict=True)
     return np.concatenate(pixels), np.concatenate(labels)
 
 
