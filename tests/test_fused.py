@@ -218,3 +218,30 @@ def test_stochastic_rounding_is_not_fused():
     form = compile_form(algorithm.build_process(spec).next, "train")
     with pytest.raises(fused_share.NotFusable, match="random numbers"):
         algorithm.fused_train_share(spec, form.up_to_merge)
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 4, 5, 9])
+def test_the_lane_loop_folds_every_client_once_in_client_order(count):
+    """`LANES` clients trained at once, added in client order; the ones left
+    over one at a time. An order-sensitive fold (acc * 3 + index + 1) gives
+    the sequential left fold's result only if every client is added once, in
+    order."""
+    import tensorflow as tf
+
+    lanes_traced = []
+
+    def client(lane, index):
+        lanes_traced.append(lane)
+        value = tf.cast(index, tf.int64) + 1
+        return lambda acc: [acc[0] * 3 + value]
+
+    @tf.function
+    def fold(n):
+        return fused_share.lane_loop(n, [tf.constant(0, tf.int64)], client)[0]
+
+    expected = 0
+    for index in range(count):
+        expected = expected * 3 + index + 1
+    assert int(fold(tf.constant(count))) == expected
+    # Every lane has a model of its own in the grouped loop; the rest use lane 0.
+    assert lanes_traced == [*range(fused_share.LANES), 0]

@@ -6,7 +6,7 @@ worker, less everything TFF adds around it: each client's dataset is the
 workers' own `tf.data` pipeline built from its token (its file read, the
 shuffle, per-client batches, the dataset type TFF's client work takes), its
 update is fedcompose's clipped client update, and the weighted updates are
-summed, `LANES` clients at a time as the fused loop runs them. So this is the
+summed, `LANES` clients at a time in the fused loop's `lane_loop`. So this is the
 least any path that keeps TFF's client-dataset contract can cost; the Keras
 floor (keras_floor.py) is the same examples with no per-client anything.
 
@@ -47,7 +47,7 @@ def _round_fn(spec, model_fn, shuffle_buffer: int):
 
     spec = dataclasses.replace(spec, shuffle_buffer=shuffle_buffer)
     make = client_work.client_step(spec, model_fn, dataset_fn)
-    step = fused_share.lanes([make() for _ in range(fused_share.LANES)])
+    steps = [make() for _ in range(fused_share.LANES)]
 
     @tf.function
     def one_round(trainable, non_trainable, tokens):
@@ -55,43 +55,45 @@ def _round_fn(spec, model_fn, shuffle_buffer: int):
 
         weights = tff.learning.models.ModelWeights(list(trainable), list(non_trainable))
 
-        def body(i, examples, *acc):
-            out = step(weights, tokens[i], i % fused_share.LANES)
+        def client(lane, index):
+            out = steps[lane](weights, tokens[index])
             weight = out.result.update_weight
-            acc = [a + weight * u for a, u in zip(acc, out.result.update, strict=True)]
-            return (i + 1, examples + weight, *acc)
 
-        zeros = [tf.zeros_like(t) for t in trainable]
-        out = tf.while_loop(
-            lambda i, *_: i < tf.shape(tokens)[0],
-            body,
-            (tf.constant(0), tf.constant(0.0), *zeros),
-            parallel_iterations=fused_share.LANES,
-        )
-        return out[1], out[2:]
+            def add(acc):
+                examples, *sums = acc
+                summed = [a + weight * u for a, u in zip(sums, out.result.update, strict=True)]
+                return [examples + weight, *summed]
+
+            return add
+
+        zero = [tf.constant(0.0), *(tf.zeros_like(t) for t in trainable)]
+        total = fused_share.lane_loop(tf.shape(tokens)[0], zero, client)
+        return total[0], total[1:]
 
     return one_round
 
 
 def _input_fn(spec):
-    """`tokens -> examples`: every client's dataset read and iterated, nothing else."""
+    """`tokens -> examples`: every client's dataset read and iterated as the
+    client update iterates it (a loop over an iterator), `LANES` at a time,
+    nothing else."""
     import tensorflow as tf
 
+    from coordinator.algorithm import fused_share
     from shared import preprocessing
 
     @tf.function
     def read_all(tokens):
-        def body(i, examples):
+        def client(lane, index):
             dataset = preprocessing.client_dataset(
-                tokens[i], "train", spec.batch_size, spec.local_epochs, spec.shuffle_buffer
+                tokens[index], "train", spec.batch_size, spec.local_epochs, spec.shuffle_buffer
             )
-            count = dataset.reduce(0, lambda n, batch: n + tf.shape(batch["y"])[0])
-            return i + 1, examples + count
+            examples = tf.constant(0)
+            for batch in iter(dataset):
+                examples += tf.shape(batch["y"])[0]
+            return lambda acc: [acc[0] + examples]
 
-        out = tf.while_loop(
-            lambda i, _: i < tf.shape(tokens)[0], body, (tf.constant(0), tf.constant(0))
-        )
-        return out[1]
+        return fused_share.lane_loop(tf.shape(tokens)[0], [tf.constant(0)], client)[0]
 
     return read_all
 
