@@ -612,8 +612,8 @@ class BenchConfig:
         "(workers behind mutual TLS), fedcompose_stratified (--sampling stratified), "
         "fedcompose_unfused (a worker's share of a round as TensorFlow calls per client, "
         "the path before fusing), client_loop (each client's own tf.data dataset and update "
-        "in one tf.function in one process, no executor: the floor of TFF's client-dataset "
-        "contract); the last three are measured only when named",
+        "in one tf.function in one process, no executor: what the clients' own work costs "
+        "under TFF's client-dataset contract); the last three are measured only when named",
     )
     data_cache: str = setting(
         "bench-results/data", "where synthetic shards are built and cached", metavar="DIR"

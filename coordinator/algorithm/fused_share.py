@@ -198,33 +198,45 @@ def lane_loop(
     trains `LANES` clients, one per lane: independent ops, which the executor
     runs concurrently, as TFF's runs a call's clients. It then adds them in
     client order, so the sum's order is a call per client's. The clients left
-    over (`count % LANES`) follow one at a time on lane 0.
+    over (`count % LANES`) train the same way after the loop, on as many lanes.
 
-    One iteration at a time (`parallel_iterations=1`): a lane's next client
-    starts once the previous one is added. A loop of one client per
-    iteration, its lane switched by the index and up to `LANES` iterations in
-    flight, ran 10% slower than a call per client for the CNN in
-    `worker_binary` on an idle 2-core machine (1.55 cores busy against 1.8).
+    One iteration at a time (`parallel_iterations=1`), and the leftover group
+    after the loop: a lane's next client starts once the previous one is
+    added. A loop of one client per iteration, its lane switched by the index
+    and up to `LANES` iterations in flight, ran 10% slower than a call per
+    client for the CNN in `worker_binary` on an idle 2-core machine (1.55
+    cores busy against 1.8).
     """
 
-    def run(acc: list[tf.Tensor], start: tf.Tensor, stop: tf.Tensor, width: int) -> list:
-        def body(i: tf.Tensor, *flat: tf.Tensor) -> tuple:
-            adds = [client(lane, i + lane) for lane in range(width)]
-            out = list(flat)
-            for add in adds:
-                # Each addition behind a branch of its own, as when each was a
-                # loop iteration: chained in one body, the results differed
-                # from a call per client's by 1.5e-8 (Grappler's arithmetic
-                # rewrites, a chain of adds into one AddN say, reorder sums);
-                # behind the branch they are equal bit for bit (test_fused.py).
-                out = tf.cond(i >= 0, functools.partial(add, out), functools.partial(list, out))
-            return (i + width, *out)
+    def group(first: tf.Tensor, width: int, acc: list) -> list:
+        adds = [client(lane, first + lane) for lane in range(width)]
+        out = list(acc)
+        for add in adds:
+            # Each addition behind a branch of its own, as when each was a
+            # loop iteration. Chained in one body, the results differed from
+            # a call per client's by 1.5e-8, the same on every run; the cause
+            # is not proven (a rewrite of the chain of adds into one AddN, by
+            # Grappler, would do it). Behind the branch they are equal bit for
+            # bit (tests/test_fused.py).
+            out = tf.cond(first >= 0, functools.partial(add, out), functools.partial(list, out))
+        return out
 
-        done = tf.while_loop(lambda i, *_: i < stop, body, (start, *acc), parallel_iterations=1)
-        return list(done[1:])
+    def body(i: tf.Tensor, *flat: tf.Tensor) -> tuple:
+        return (i + LANES, *group(i, LANES, list(flat)))
 
     grouped = count // LANES * LANES
-    return run(run(zero, tf.constant(0), grouped, LANES), grouped, count, 1)
+    done = tf.while_loop(
+        lambda i, *_: i < grouped, body, (tf.constant(0), *zero), parallel_iterations=1
+    )
+    acc = list(done[1:])
+    # TFF runs this as a plain graph, without automatic control dependencies:
+    # the leftover group must start from the loop's results, or its clients
+    # train on lanes the loop is still training on.
+    with tf.control_dependencies(acc):
+        first = tf.identity(done[0])
+    branches: list[Callable[[], list]] = [functools.partial(list, acc)]
+    branches += [functools.partial(group, first, width, acc) for width in range(1, LANES)]
+    return list(tf.switch_case(count - first, branches))
 
 
 def _random_ops(proto: Any) -> list[str]:

@@ -69,13 +69,12 @@ class ComputationFailed(FederationError):
     Not a `WorkerError`: the worker is not lost, and running the same clients
     again (a retry) would fail the same way."""
 
-    def __init__(self, worker: str, method: str, details: str):
+    def __init__(self, worker: str, details: str):
         super().__init__(
             f"the computation failed on worker {worker} (the worker itself is fine): "
             f"{one_line(details, 400)}"
         )
         self.worker = worker
-        self.method = method
 
 
 _COMPUTATION_FAILED = "Failed to run computation"
@@ -238,7 +237,7 @@ class RemoteWorker:
                 raise WorkerError(self.label, f"no answer to {method} {why}") from None
             failure = _failed_computation(e)
             if failure is not None:
-                raise ComputationFailed(self.label, method, failure) from None
+                raise ComputationFailed(self.label, failure) from None
             if e.code() == grpc.StatusCode.CANCELLED and self.abandoned:
                 raise WorkerError(self.label, f"{method} abandoned: {self.abandoned}") from None
             raise WorkerError(self.label, _describe_rpc_error(e, method, deadline)) from None

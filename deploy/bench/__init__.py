@@ -5,6 +5,7 @@ plan.py              what every measured system runs (same clients, data, settin
 runner.py            one child process per system; memory sampling; collecting rounds
 protocol.py          how the children report (JSON lines on stdout)
 keras_floor.py       child: plain Keras over the same examples (compute floor)
+client_loop.py       child: every client's own dataset and update in one tf.function, no executor
 tff_local.py         child: TFF's single-process local context (also the tests' reference)
 fedcompose_child.py  child: the coordinator, against worker processes
 memory.py            peak memory of every process

@@ -6,9 +6,11 @@ worker, less everything TFF adds around it: each client's dataset is the
 workers' own `tf.data` pipeline built from its token (its file read, the
 shuffle, per-client batches, the dataset type TFF's client work takes), its
 update is fedcompose's clipped client update, and the weighted updates are
-summed, `LANES` clients at a time in the fused loop's `lane_loop`. So this is the
-least any path that keeps TFF's client-dataset contract can cost; the Keras
-floor (keras_floor.py) is the same examples with no per-client anything.
+summed, `LANES` clients at a time in the fused loop's `lane_loop`. So this is
+what the clients' own work costs under TFF's client-dataset contract with no
+executor at all (a reference, not a lower bound: the fused call in a worker
+can be faster); the Keras floor (keras_floor.py) is the same examples with
+no per-client anything.
 
 Each round is timed three times: with the plan's shuffle buffer (what
 fedcompose runs, `seconds`), without a shuffle (`no_shuffle_seconds`), which

@@ -48,7 +48,7 @@ def _client_batches(shard_dirs, clients, batch_size: int):
     import tensorflow as tf
 
     from deploy.data import synthetic as bench_data
-    from shared import preprocessing
+    from shared import preprocessing, shard_format
 
     xs, ys = [], []
     for pixels, labels in bench_data.client_arrays(shard_dirs, clients):
@@ -60,7 +60,7 @@ def _client_batches(shard_dirs, clients, batch_size: int):
         yield from zip(xs, ys, strict=True)
 
     spec = (
-        tf.TensorSpec([None, xs[0].shape[1]], tf.float32),
+        tf.TensorSpec([None, shard_format.PIXELS], tf.float32),
         tf.TensorSpec([None, 1], tf.int32),
     )
     dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).cache()
