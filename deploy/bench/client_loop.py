@@ -1,5 +1,5 @@
-"""The clients' loop floor: every sampled client's own dataset and update, in
-one `tf.function`, in this process, with no TFF executor.
+"""The client loop: every sampled client's own dataset and update, in one
+`tf.function`, in this process, with no TFF executor.
 
 What the fused path (coordinator/algorithm/fused_share.py) computes on a
 worker, less everything TFF adds around it: each client's dataset is the

@@ -53,6 +53,10 @@ def machine() -> dict:
     }
 
 
+BASELINE_MODULES = {"keras": "keras_floor", "client_loop": "client_loop"}
+"""The single-process baselines' child modules, by system."""
+
+
 class Runner:
     """Runs the measured systems one after another and collects their rows."""
 
@@ -170,27 +174,23 @@ class Runner:
 
         return pinning.prefix([pinning.single_core()]) if self.pinned else None
 
-    def keras(self, shard_dirs: list[Path]) -> None:
+    def _single_process(self, system: str, shard_dirs: list[Path]) -> None:
+        """A baseline that trains in its own one process (no workers)."""
         self._child(
-            "keras",
-            "deploy.bench.keras_floor",
+            system,
+            f"deploy.bench.{BASELINE_MODULES[system]}",
             {"shard_dirs": [str(p) for p in shard_dirs]},
-            "keras",
+            system,
             None,
             lambda pid: self.sampler.watch("process", pid),
             self._baseline_prefix(),
         )
 
+    def keras(self, shard_dirs: list[Path]) -> None:
+        self._single_process("keras", shard_dirs)
+
     def client_loop(self, shard_dirs: list[Path]) -> None:
-        self._child(
-            "client_loop",
-            "deploy.bench.client_loop",
-            {"shard_dirs": [str(p) for p in shard_dirs]},
-            "client_loop",
-            None,
-            lambda pid: self.sampler.watch("process", pid),
-            self._baseline_prefix(),
-        )
+        self._single_process("client_loop", shard_dirs)
 
     def tff_local(self, shard_dirs: list[Path]) -> None:
         self._child(
