@@ -51,11 +51,17 @@ def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
         elif path.is_dir():
             found[rel] = ("dir",)
         else:
-            found[rel] = (
-                "file",
-                path.stat().st_size,
-                hashlib.sha256(path.read_bytes()).hexdigest(),
-            )
+            try:
+                found[rel] = (
+                    "file",
+                    path.stat().st_size,
+                    hashlib.sha256(path.read_bytes()).hexdigest(),
+                )
+            except FileNotFoundError:
+                # Renamed or removed between the listing and the read (a
+                # writer's staging file): recorded as such, so a snapshot taken
+                # while a writer works differs from the next, never crashes.
+                found[rel] = ("vanished",)
     return found
 
 
